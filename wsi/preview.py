@@ -1,0 +1,73 @@
+"""Pictures for people: thumbnails with the tissue outline, tile grid and heatmaps drawn on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+
+def draw_tissue_overlay(
+    thumbnail: np.ndarray,
+    mask: np.ndarray,
+    boxes_xywh: np.ndarray | None = None,
+    *,
+    mask_rgb: tuple[int, int, int] = (0, 170, 0),
+    box_rgb: tuple[int, int, int] = (30, 60, 220),
+    tint: float = 0.25,
+) -> np.ndarray:
+    """Thumbnail with the tissue mask tinted and outlined and tile boxes drawn.
+
+    Parameters
+    ----------
+    thumbnail : (H, W, 3) uint8 array
+    mask : (H, W) bool array, same size as ``thumbnail``
+    boxes_xywh : (N, 4) array, optional
+        Tile boxes in thumbnail pixels (float allowed).
+    """
+    out = thumbnail.astype(np.float32)
+    m = mask.astype(bool)
+    out[m] = out[m] * (1 - tint) + np.asarray(mask_rgb, np.float32) * tint
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.ascontiguousarray(out)
+    cv2.drawContours(out, contours, -1, mask_rgb, 1)
+    if boxes_xywh is not None and len(boxes_xywh):
+        for x, y, w, h in np.asarray(boxes_xywh, np.float64):
+            p0 = (int(round(x)), int(round(y)))
+            p1 = (int(round(x + w)) - 1, int(round(y + h)) - 1)
+            cv2.rectangle(out, p0, p1, box_rgb, 1)
+    return out
+
+
+def heatmap_overlay(
+    thumbnail: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """Blend a [0, 1] heatmap (any size; resized to the thumbnail) onto a thumbnail with a jet colour map."""
+    h, w = thumbnail.shape[:2]
+    heat = np.clip(np.nan_to_num(heat.astype(np.float32)), 0, 1)
+    if heat.shape != (h, w):
+        heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    a = np.full((h, w, 1), alpha, np.float32)
+    if valid is not None:
+        v = valid.astype(np.float32)
+        if v.shape != (h, w):
+            v = cv2.resize(v, (w, h), interpolation=cv2.INTER_NEAREST)
+        a = a * v[..., None]
+    out = thumbnail.astype(np.float32) * (1 - a) + colour.astype(np.float32) * a
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def save_png(path: str | Path, image: np.ndarray, *, max_side: int | None = None) -> None:
+    """Save an RGB or grey uint8 array as PNG, shrunk to ``max_side`` if larger."""
+    img = np.asarray(image)
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if max_side and max(img.shape[:2]) > max_side:
+        f = max_side / max(img.shape[:2])
+        size = (max(1, int(img.shape[1] * f)), max(1, int(img.shape[0] * f)))
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    Image.fromarray(img).save(str(path), optimize=False)

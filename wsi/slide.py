@@ -1,0 +1,390 @@
+"""Opening slides, finding their resolution, choosing pyramid levels, reading pixels.
+
+OpenSlide is the universal reader and the source of metadata. Pixels it returns
+are premultiplied RGBA with transparent (alpha 0) areas outside the scanned
+region; :func:`read_region_rgb` composites them onto white explicitly so they
+never turn into black, tissue-like pixels.
+
+OpenSlide errors are sticky: after one failed read a handle refuses everything.
+Callers therefore open a handle per unit of work (:func:`open_slide`) and never
+reuse one after an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openslide
+import tifffile
+
+SLIDE_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
+    ".svslide", ".bif", ".dcm", ".czi",
+)
+
+
+class SlideError(Exception):
+    """A slide cannot be processed; the message names the file and the fix."""
+
+
+class MissingMppError(SlideError):
+    """The slide's micrometres per pixel could not be determined."""
+
+
+def slide_id_for(path: str | Path) -> str:
+    """The slide id used in stores, labels and reports: the file name without its extension."""
+    name = Path(path).name
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def open_slide(path: str | Path) -> openslide.OpenSlide:
+    """Open a slide with OpenSlide, turning its errors into one clear :class:`SlideError`."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: file not found")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError(
+            f"{path}: not a slide OpenSlide can read (unsupported format or not an image); "
+            "check the file is a complete whole-slide image"
+        ) from None
+    except openslide.OpenSlideError as exc:
+        raise SlideError(f"{path}: OpenSlide could not open it ({exc}); the file may be damaged") from None
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def load_mpp_csv(path: str | Path) -> dict[str, float]:
+    """Read a per-slide override file with columns ``slide_id,mpp``."""
+    path = Path(path)
+    out: dict[str, float] = {}
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not {"slide_id", "mpp"} <= set(reader.fieldnames):
+                raise SlideError(f"{path}: an mpp override file needs the header 'slide_id,mpp'")
+            for n, row in enumerate(reader, start=2):
+                try:
+                    mpp = float(row["mpp"])
+                except (TypeError, ValueError):
+                    raise SlideError(f"{path}, line {n}: mpp {row['mpp']!r} is not a number") from None
+                if not mpp > 0:
+                    raise SlideError(f"{path}, line {n}: mpp must be > 0, got {mpp}")
+                out[row["slide_id"].strip()] = mpp
+    except OSError as exc:
+        raise SlideError(f"{path}: cannot read the mpp override file ({exc.strerror})") from None
+    return out
+
+
+def _mpp_from_properties(props) -> float | None:
+    try:
+        x = float(props.get(openslide.PROPERTY_NAME_MPP_X, "nan"))
+        y = float(props.get(openslide.PROPERTY_NAME_MPP_Y, "nan"))
+    except ValueError:
+        return None
+    vals = [v for v in (x, y) if math.isfinite(v) and v > 0]
+    return float(np.mean(vals)) if vals else None
+
+
+def _mpp_from_tiff_tags(path: Path) -> float | None:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            tags = page.tags
+            if "XResolution" not in tags or "ResolutionUnit" not in tags:
+                return None
+            num, den = tags["XResolution"].value
+            unit = int(tags["ResolutionUnit"].value)
+    except Exception:  # not a TIFF, or unreadable tags: this source just has nothing
+        return None
+    if not num or not den:
+        return None
+    px_per_unit = num / den
+    um_per_unit = {2: 25_400.0, 3: 10_000.0}.get(unit)  # 2 = inch, 3 = centimetre
+    if um_per_unit is None or px_per_unit <= 0:
+        return None
+    mpp = um_per_unit / px_per_unit
+    # Scanners that leave the default 72/96 dpi write ~350 um/px: not a microscope resolution.
+    return mpp if 0.05 <= mpp <= 50 else None
+
+
+def resolve_mpp(
+    slide: openslide.OpenSlide,
+    path: str | Path,
+    *,
+    mpp_overrides: dict[str, float] | None = None,
+    assume_mpp: float | None = None,
+) -> tuple[float, str]:
+    """Level-0 micrometres per pixel and where it came from.
+
+    Tries, in order: an explicit per-slide row in ``mpp_overrides`` (the user's
+    ``--mpp-csv``, which wins because it exists to correct metadata), the
+    OpenSlide properties, the TIFF resolution tags, then ``assume_mpp``.
+    Raises :class:`MissingMppError` naming every source it tried.
+    """
+    path = Path(path)
+    sid = slide_id_for(path)
+    if mpp_overrides and sid in mpp_overrides:
+        return float(mpp_overrides[sid]), "mpp-csv"
+    mpp = _mpp_from_properties(slide.properties)
+    if mpp:
+        return mpp, "openslide-properties"
+    mpp = _mpp_from_tiff_tags(path)
+    if mpp:
+        return mpp, "tiff-resolution-tags"
+    if assume_mpp:
+        return float(assume_mpp), "assume-mpp"
+    tried = "OpenSlide properties (openslide.mpp-x/y), TIFF resolution tags"
+    tried += f", --mpp-csv (no row for {sid!r})" if mpp_overrides is not None else ", --mpp-csv (not given)"
+    raise MissingMppError(
+        f"{path}: no micrometres-per-pixel found; tried {tried}. "
+        f"Add '{sid},<mpp>' to an --mpp-csv file or pass --assume-mpp"
+    )
+
+
+# --------------------------------------------------------------------------- slide facts
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What the pipeline needs to know about a slide (all sizes in level-0 pixels)."""
+
+    path: str
+    slide_id: str
+    vendor: str
+    width: int
+    height: int
+    bounds_xywh: tuple[int, int, int, int]
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float
+    mpp_source: str
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def slide_info(
+    slide: openslide.OpenSlide,
+    path: str | Path,
+    *,
+    mpp_overrides: dict[str, float] | None = None,
+    assume_mpp: float | None = None,
+) -> SlideInfo:
+    mpp, source = resolve_mpp(slide, path, mpp_overrides=mpp_overrides, assume_mpp=assume_mpp)
+    w, h = slide.dimensions
+    props = slide.properties
+    try:  # MRXS and others: the scanned area inside a larger canvas
+        bounds = (
+            int(props[openslide.PROPERTY_NAME_BOUNDS_X]),
+            int(props[openslide.PROPERTY_NAME_BOUNDS_Y]),
+            int(props[openslide.PROPERTY_NAME_BOUNDS_WIDTH]),
+            int(props[openslide.PROPERTY_NAME_BOUNDS_HEIGHT]),
+        )
+    except (KeyError, ValueError):
+        bounds = (0, 0, w, h)
+    return SlideInfo(
+        path=str(path),
+        slide_id=slide_id_for(path),
+        vendor=str(props.get(openslide.PROPERTY_NAME_VENDOR, "unknown")),
+        width=int(w),
+        height=int(h),
+        bounds_xywh=bounds,
+        level_dimensions=tuple(tuple(int(v) for v in d) for d in slide.level_dimensions),
+        level_downsamples=tuple(float(d) for d in slide.level_downsamples),
+        mpp=mpp,
+        mpp_source=source,
+    )
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """Which pyramid level serves a target resolution, and how to scale it.
+
+    Attributes
+    ----------
+    level : int
+        OpenSlide level to read.
+    level_downsample : float
+        Level-0 pixels per pixel of that level.
+    scale : float
+        Pixels of the level per output pixel (1.0 = no resizing).
+    downsample : float
+        Level-0 pixels per output pixel (``level_downsample * scale``).
+    effective_mpp : float
+        The output's real micrometres per pixel.
+    """
+
+    level: int
+    level_downsample: float
+    scale: float
+    downsample: float
+    effective_mpp: float
+
+    @property
+    def resized(self) -> bool:
+        return self.scale != 1.0
+
+
+def choose_level(
+    level0_mpp: float,
+    level_downsamples: tuple[float, ...] | list[float],
+    target_mpp: float,
+    *,
+    tolerance: float = 0.05,
+) -> LevelChoice:
+    """Pick the coarsest level at least as fine as ``target_mpp``.
+
+    A level whose mpp is within ``tolerance`` (relative) of the target is used
+    as it is (``scale == 1``, effective mpp = the level's own); otherwise the
+    chosen level is resized by ``scale = target_mpp / level_mpp``. A target
+    finer than level 0 upsamples level 0 (``scale < 1``).
+    """
+    best = 0
+    for lvl, ds in enumerate(level_downsamples):
+        lvl_mpp = level0_mpp * ds
+        if lvl_mpp <= target_mpp * (1 + tolerance):
+            if ds > level_downsamples[best] or lvl == 0:
+                best = lvl
+    ds = float(level_downsamples[best])
+    lvl_mpp = level0_mpp * ds
+    if abs(lvl_mpp - target_mpp) <= tolerance * target_mpp:
+        scale = 1.0
+    else:
+        scale = target_mpp / lvl_mpp
+    return LevelChoice(
+        level=best,
+        level_downsample=ds,
+        scale=scale,
+        downsample=ds * scale,
+        effective_mpp=lvl_mpp * scale,
+    )
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def composite_on_white(rgba: np.ndarray, background: int = 255) -> np.ndarray:
+    """Flatten OpenSlide's premultiplied RGBA onto a uniform background.
+
+    Parameters
+    ----------
+    rgba : (H, W, 4) uint8 array
+        Premultiplied RGBA as returned by ``OpenSlide.read_region``.
+    background : int
+        Grey value shown where the slide is transparent (255 = white glass).
+    """
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    out = rgb.astype(np.uint16) + ((255 - alpha.astype(np.uint16)) * background // 255)[..., None]
+    return np.minimum(out, 255).astype(np.uint8)
+
+
+def read_region_rgb(
+    slide: openslide.OpenSlide,
+    level0_xy: tuple[int, int],
+    level: int,
+    size_wh: tuple[int, int],
+    *,
+    background: int = 255,
+) -> np.ndarray:
+    """``read_region`` as an (H, W, 3) uint8 RGB array composited onto ``background``."""
+    region = slide.read_region((int(level0_xy[0]), int(level0_xy[1])), int(level), (int(size_wh[0]), int(size_wh[1])))
+    return composite_on_white(np.asarray(region), background)
+
+
+def read_lowres(
+    slide: openslide.OpenSlide,
+    info: SlideInfo,
+    target_mpp: float,
+    *,
+    strip_px: int = 2048,
+) -> tuple[np.ndarray, float]:
+    """Render the slide's bounds at about ``target_mpp`` using the pyramid.
+
+    Reads the coarsest level that is at least as fine as the target, in
+    horizontal strips (bounded memory), and resizes with area averaging.
+
+    Returns
+    -------
+    rgb : (H, W, 3) uint8 array
+        The rendering of ``info.bounds_xywh``.
+    downsample : float
+        Level-0 pixels per pixel of ``rgb`` (along x; y matches to rounding).
+    """
+    bx, by, bw, bh = info.bounds_xywh
+    choice = choose_level(info.mpp, info.level_downsamples, target_mpp, tolerance=0.0)
+    ds_level = choice.level_downsample
+    out_w = max(1, int(round(bw * info.mpp / target_mpp)))
+    out_h = max(1, int(round(bh * info.mpp / target_mpp)))
+    lvl_w = max(1, int(math.ceil(bw / ds_level)))
+    lvl_h = max(1, int(math.ceil(bh / ds_level)))
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    # Strips in output rows; each reads the matching rows of the level.
+    rows_per_strip = max(1, int(strip_px * out_h / lvl_h))
+    for oy in range(0, out_h, rows_per_strip):
+        oy1 = min(out_h, oy + rows_per_strip)
+        ly0 = int(math.floor(oy * lvl_h / out_h))
+        ly1 = int(math.ceil(oy1 * lvl_h / out_h))
+        strip = read_region_rgb(
+            slide, (bx, by + int(round(ly0 * ds_level))), choice.level, (lvl_w, max(1, ly1 - ly0))
+        )
+        # Exact resampling of this strip's rows onto its output rows.
+        target = (out_w, oy1 - oy)
+        interp = cv2.INTER_AREA if lvl_w >= out_w else cv2.INTER_LINEAR
+        out[oy:oy1] = cv2.resize(strip, target, interpolation=interp)
+    return out, bw / out_w
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def file_fingerprint(path: str | Path, *, sample_bytes: int = 1 << 20, n_samples: int = 8) -> str:
+    """A content fingerprint cheap enough for gigabyte files.
+
+    SHA-256 over the file size, its first and last ``sample_bytes`` and
+    ``n_samples`` evenly spaced samples in between. For formats that keep their
+    pixels in a sibling folder (MRXS) the folder's file names and sizes are
+    included.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as fh:
+        if size <= sample_bytes * (n_samples + 2):
+            h.update(fh.read())
+        else:
+            offsets = [0, size - sample_bytes] + [
+                int(size * (i + 1) / (n_samples + 1)) for i in range(n_samples)
+            ]
+            for off in sorted(offsets):
+                fh.seek(off)
+                h.update(fh.read(sample_bytes))
+    sibling = path.with_suffix("")
+    if path.suffix.lower() == ".mrxs" and sibling.is_dir():
+        for f in sorted(sibling.iterdir()):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:32]
+
+
+def file_stat(path: str | Path) -> tuple[int, float]:
+    st = os.stat(path)
+    return int(st.st_size), float(st.st_mtime)
