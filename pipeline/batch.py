@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -215,7 +216,7 @@ class RunReport:
         """Write ``reports/<name>-<time>.json`` and ``<name>-report.json`` (the latest) in ``folder``."""
         folder = Path(folder)
         stamp = self.started_utc.replace(":", "").replace("-", "")
-        path = folder / "reports" / f"{name}-{stamp}-{os.getpid()}.json"
+        path = folder / "reports" / f"{name}-{stamp}-{uuid.uuid4().hex[:6]}.json"
         data = self.to_dict()
         atomic_write_json(path, data)
         atomic_write_json(folder / f"{name}-report.json", data)

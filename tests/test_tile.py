@@ -1,0 +1,260 @@
+"""The tiling stage end to end: real OpenSlide on generated pyramidal TIFFs, real Zarr on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+
+from pipeline.batch import RunLock, UsageError
+from pipeline.config import load_config
+from pipeline.tile import read_tiles, run_tile
+from wsi.slide import read_region_rgb
+from wsi.store import TileStore, list_stores
+
+
+def _cfg(**over):
+    base = {"tiling.mpp": 0.5, "tiling.tile_px": 128, "tiling.overlap_px": 32, "runtime.workers": 0}
+    base.update(over)
+    return load_config("tiny", base)
+
+
+def _run(slides, out, cfg=None, **kw):
+    return run_tile(slides, out, cfg or _cfg(), workers=kw.pop("workers", 0), quiet=True, progress=False, **kw)
+
+
+def _by_id(report):
+    return {s.slide_id: s for s in report.slides}
+
+
+def _one(tmp_path, slide: Path) -> Path:
+    d = tmp_path / "in"
+    d.mkdir(exist_ok=True)
+    dst = d / slide.name
+    shutil.copy2(slide, dst)
+    return dst
+
+
+def test_tiles_match_openslide_and_store_is_complete(tmp_path, synth_slides):
+    slide = _one(tmp_path, synth_slides["tissue"])
+    rep = _run(slide.parent, tmp_path / "out", _cfg(**{"store.codec": "zstd"}))
+    assert rep.ok
+    s = TileStore(tmp_path / "out" / "tissue.zarr")
+    assert len(s) > 10
+    a = s.attrs
+    assert a["complete"] and a["tiling"]["level"] == 0 and a["tiling"]["scale"] == 1.0
+    assert a["tiling"]["read_path"] == "fast-tiff"
+    assert a["slide"]["mpp_source"] in ("openslide-properties", "tiff-resolution-tags")
+    assert a["slide"]["size_bytes"] == slide.stat().st_size and len(a["slide"]["fingerprint"]) == 32
+    # coordinates sit on the global grid: multiples of the stride in level-0 px
+    assert (s.coords % 96 == 0).all()
+    assert (s.tissue_fraction >= 0.25).all()
+    # pixels equal OpenSlide's region (lossless store; fast path differs by decoder rounding only)
+    with openslide.OpenSlide(str(slide)) as osr:
+        for i in [0, len(s) // 2, len(s) - 1]:
+            ref = read_region_rgb(osr, tuple(s.coords[i]), 0, (128, 128))
+            d = np.abs(s[i].astype(int) - ref)
+            assert d.max() <= 4 and d.mean() < 0.5
+    assert (tmp_path / "out" / "tissue.zarr" / "overlay.png").stat().st_size > 0
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp-")]
+    report = json.loads((tmp_path / "out" / "tile-report.json").read_text())
+    assert report["counts"] == {"done": 1, "skipped": 0, "failed": 0}
+    assert report["slides"][0]["details"]["bytes_per_tile"] > 0
+
+
+def test_fast_path_equals_openslide_path(tmp_path, synth_slides):
+    slide = _one(tmp_path, synth_slides["tissue"])
+    for fast, out in ((True, "fast"), (False, "slow")):
+        _run(slide, tmp_path / out, _cfg(**{"store.codec": "zstd", "tiling.fast_read": fast}))
+    a, b = TileStore(tmp_path / "fast" / "tissue.zarr"), TileStore(tmp_path / "slow" / "tissue.zarr")
+    assert b.attrs["tiling"]["read_path"] == "openslide"
+    np.testing.assert_array_equal(a.coords, b.coords)
+    d = np.abs(a.read(range(len(a))).astype(int) - b.read(range(len(b))))
+    print(f"fast vs OpenSlide path: max diff {d.max()}, mean diff {d.mean():.4f}")
+    assert d.max() <= 4 and d.mean() < 0.1
+
+
+def test_lower_level_and_resize(tmp_path, synth_slides):
+    """tiny config: 2 um/px from a 0.5 um/px slide is pyramid level 1 (ds 4) without resizing;
+    a 0.25 um/px slide asked for 0.5 um/px is read at level 0 and shrunk 2x."""
+    s1 = _one(tmp_path, synth_slides["tissue"])
+    s2 = _one(tmp_path, synth_slides["tissue40x"])
+    rep = _run(s1.parent, tmp_path / "out", load_config("tiny", {"runtime.workers": 0}))
+    assert rep.ok
+    t = TileStore(tmp_path / "out" / "tissue.zarr").attrs["tiling"]
+    assert (t["level"], t["scale"], t["effective_mpp"]) == (1, 1.0, 2.0)
+    t40 = TileStore(tmp_path / "out" / "tissue40x.zarr")
+    assert t40.attrs["tiling"]["downsample"] == pytest.approx(8.0)  # 2.0 / 0.25
+    rep = _run(s2, tmp_path / "out40", _cfg())
+    t = TileStore(tmp_path / "out40" / "tissue40x.zarr").attrs["tiling"]
+    assert (t["level"], t["scale"], t["downsample"]) == (0, 2.0, 2.0)
+    assert t["effective_mpp"] == pytest.approx(0.5)
+
+
+def test_rerun_skips_then_redoes_changed(tmp_path, synth_slides):
+    slide = _one(tmp_path, synth_slides["tissue"])
+    out = tmp_path / "out"
+    first = _run(slide.parent, out)
+    assert _by_id(first)["tissue"].status == "done"
+    mtime_store = (out / "tissue.zarr" / "zarr.json").stat().st_mtime_ns
+    again = _run(slide.parent, out)
+    assert _by_id(again)["tissue"].status == "skipped"
+    # touched but identical content: still skipped (content fingerprint)
+    os.utime(slide, None)
+    assert _by_id(_run(slide.parent, out))["tissue"].status == "skipped"
+    assert (out / "tissue.zarr" / "zarr.json").stat().st_mtime_ns == mtime_store
+    # a tiling config change (codec quality) re-tiles
+    assert _by_id(_run(slide.parent, out, _cfg(**{"store.jpeg_quality": 80})))["tissue"].status == "done"
+    assert TileStore(out / "tissue.zarr").attrs["codec"]["quality"] == 80
+    # a changed slide file re-tiles
+    shutil.copy2(synth_slides["tissue40x"], slide)
+    assert _by_id(_run(slide.parent, out, _cfg(**{"store.jpeg_quality": 80})))["tissue"].status == "done"
+    assert len(list(out.glob("reports/tile-*.json"))) == 5
+
+
+def test_no_tissue_is_a_result_not_a_retry(tmp_path, synth_slides):
+    slide = _one(tmp_path, synth_slides["blank"])
+    rep = _run(slide, tmp_path / "out")
+    o = _by_id(rep)["blank"]
+    assert o.status == "done" and o.details["n_tiles"] == 0 and o.reason == "no tissue found"
+    assert len(TileStore(tmp_path / "out" / "blank.zarr")) == 0
+    assert _by_id(_run(slide, tmp_path / "out"))["blank"].status == "skipped"
+
+
+def test_missing_mpp_fails_alone_then_overrides(tmp_path, synth_slides):
+    nompp = _one(tmp_path, synth_slides["nompp"])
+    _one(tmp_path, synth_slides["tissue"])
+    rep = _run(nompp.parent, tmp_path / "out")
+    o = _by_id(rep)
+    assert o["tissue"].status == "done"
+    assert o["nompp"].status == "failed"
+    assert "no micrometres-per-pixel" in o["nompp"].reason and "TIFF resolution tags" in o["nompp"].reason
+    assert "--assume-mpp" in o["nompp"].reason and "nompp.tif" in o["nompp"].reason
+    assert not rep.ok
+    rep = _run(nompp, tmp_path / "out", mpp_overrides={"nompp": 0.5})
+    assert _by_id(rep)["nompp"].status == "done"
+    assert TileStore(tmp_path / "out" / "nompp.zarr").attrs["slide"]["mpp_source"] == "mpp-csv"
+    rep = _run(nompp, tmp_path / "out2", assume_mpp=0.5)
+    assert TileStore(tmp_path / "out2" / "nompp.zarr").attrs["slide"]["mpp_source"] == "assume-mpp"
+
+
+def test_bad_inputs(tmp_path, synth_slides):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "notaslide.svs").write_bytes(os.urandom(5000))
+    _one(tmp_path, synth_slides["tissue"])
+    rep = _run(d, tmp_path / "out")
+    o = _by_id(rep)
+    assert o["tissue"].status == "done"
+    assert o["notaslide"].status == "failed" and "not a slide OpenSlide can read" in o["notaslide"].reason
+    assert not (tmp_path / "out" / "notaslide.zarr").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no slides found"):
+        _run(tmp_path / "empty", tmp_path / "out")
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match="cannot write"):
+        _run(d, blocker / "sub")
+    with pytest.raises(UsageError, match="no such file"):
+        _run(tmp_path / "nope", tmp_path / "out")
+
+
+def test_duplicate_slide_ids_fail_clearly(tmp_path, synth_slides):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy2(synth_slides["tissue"], tmp_path / "a" / "x.tif")
+    shutil.copy2(synth_slides["tissue"], tmp_path / "b" / "x.tif")
+    rep = _run(tmp_path, tmp_path / "out")
+    st = sorted(s.status for s in rep.slides)
+    assert st == ["done", "failed"]
+    assert "already used by" in [s for s in rep.slides if s.status == "failed"][0].reason
+
+
+def test_lock_refuses_a_second_run(tmp_path, synth_slides):
+    slide = _one(tmp_path, synth_slides["tissue"])
+    out = tmp_path / "out"
+    out.mkdir()
+    with RunLock(out, "test"):
+        with pytest.raises(UsageError, match="another wsi-pipeline run"):
+            _run(slide, out)
+    assert _run(slide, out).ok  # released
+
+
+def test_stale_temporaries_are_cleaned(tmp_path, synth_slides):
+    slide = _one(tmp_path, synth_slides["tissue"])
+    out = tmp_path / "out"
+    (out / ".tmp-tissue-123-abc.zarr").mkdir(parents=True)
+    assert _run(slide, out).ok
+    assert list_stores(out) == [out / "tissue.zarr"]
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_read_tiles_pads_beyond_edge(synth_slides):
+    from wsi.slide import choose_level
+
+    with openslide.OpenSlide(str(synth_slides["blank"])) as s:
+        w, h = s.dimensions
+    choice = choose_level(0.5, (1, 4), 0.5)
+    for path in ("fast-tiff", "openslide"):
+        t = read_tiles(str(synth_slides["blank"]), np.array([[w - 64, h - 64]]), choice, 128, pad_value=7, read_path=path)
+        assert (t[0, 64:, :, :] == 7).all() and (t[0, :, 64:, :] == 7).all()
+        assert (t[0, :64, :64] > 200).all()  # glass inside the slide
+
+
+def test_local_cluster_equals_single_process(tmp_path, synth_slides):
+    d = tmp_path / "in"
+    d.mkdir()
+    for k in ("tissue", "tissue40x"):
+        shutil.copy2(synth_slides[k], d / synth_slides[k].name)
+    cfg = _cfg(**{"tiling.block_tiles": 3})
+    r0 = _run(d, tmp_path / "inline", cfg, workers=0)
+    r2 = _run(d, tmp_path / "dask", cfg, workers=2)
+    assert r0.ok and r2.ok
+    for sid in ("tissue", "tissue40x"):
+        a = TileStore(tmp_path / "inline" / f"{sid}.zarr")
+        b = TileStore(tmp_path / "dask" / f"{sid}.zarr")
+        assert len(a) == len(b) > 0
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_array_equal(a.read(range(len(a))), b.read(range(len(b))))
+
+
+def test_shared_real_svs(tmp_path, shared_slides):
+    rep = _run(shared_slides, tmp_path / "out", _cfg(**{"tiling.tile_px": 512, "tiling.overlap_px": 128}))
+    o = _by_id(rep)
+    assert o["cmu-1-small-region"].status == "done"
+    s = TileStore(tmp_path / "out" / "cmu-1-small-region.zarr")
+    t = s.attrs["tiling"]
+    assert t["scale"] == 1.0 and t["level"] == 0  # 0.499 um/px tiles at 0.5 without resizing
+    assert abs(s.mpp - 0.499) < 1e-3 and len(s) > 5
+    assert o["broken"].status == "failed" and "not a slide" in o["broken"].reason
+    assert o["corrupt-tiles"].status == "failed"
+    assert "damaged" in o["corrupt-tiles"].reason and "corrupt-tiles.svs" in o["corrupt-tiles"].reason
+    assert not (tmp_path / "out" / "corrupt-tiles.zarr").exists()
+    assert not list((tmp_path / "out").glob(".tmp-*"))
+    assert not rep.ok
+
+
+def test_cli_exit_codes_and_help(tmp_path, synth_slides):
+    slide = _one(tmp_path, synth_slides["tissue"])
+    exe = [sys.executable, "-m", "pipeline.cli"]
+    for cmd in (["--help"], ["tile", "--help"]):
+        r = subprocess.run(exe + cmd, capture_output=True, text=True)
+        assert r.returncode == 0 and "Examples" in r.stdout or "Usage" in r.stdout
+    r = subprocess.run(exe + ["tile", str(slide.parent), "--out", str(tmp_path / "o"), "--config", "tiny",
+                              "--workers", "0", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "1 done, 0 skipped, 0 failed" in r.stderr
+    (slide.parent / "bad.svs").write_bytes(b"nope" * 100)
+    r = subprocess.run(exe + ["tile", str(slide.parent), "--out", str(tmp_path / "o"), "--config", "tiny",
+                              "--workers", "0", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 1 and "FAILED bad" in r.stderr and "1 skipped" in r.stderr
+    r = subprocess.run(exe + ["tile", str(slide.parent), "--out", str(tmp_path / "o"), "--set", "tiling.tile_pz=3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown key 'tile_pz'" in r.stderr and "tile_px" in r.stderr
