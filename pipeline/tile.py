@@ -440,7 +440,9 @@ def run_tile(
         usable, dups = check_unique_ids(paths)
         for p, reason in dups.items():
             report.add(SlideOutcome(slide_id_for(p), str(p), "failed", reason))
+        t_ex = time.perf_counter()
         with make_executor(workers, scheduler, quiet=quiet) as ex:
+            report.settings["executor_start_s"] = round(time.perf_counter() - t_ex, 3)
             log.info("tiling %d slides into %s (%s)", len(usable), out, ex.description)
             _drive(ex, usable, out, config, mpp_overrides, assume_mpp, report, progress and not quiet)
         report.finished_utc = utc_now()

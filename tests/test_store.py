@@ -89,7 +89,7 @@ def test_store_round_trip_jpeg(tmp_path):
     arr = zarr.open_group(str(path), mode="r")["tiles"]
     np.testing.assert_array_equal(arr[3], got[3])
     # each chunk file is a plain JPEG
-    chunk_file = path / "tiles" / "c" / "3" / "0" / "0" / "0"
+    chunk_file = path / "tiles" / "c.3.0.0.0"
     assert chunk_file.read_bytes()[:2] == b"\xff\xd8"
 
 

@@ -70,4 +70,4 @@ def save_png(path: str | Path, image: np.ndarray, *, max_side: int | None = None
         f = max_side / max(img.shape[:2])
         size = (max(1, int(img.shape[1] * f)), max(1, int(img.shape[0] * f)))
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-    Image.fromarray(img).save(str(path), optimize=False)
+    Image.fromarray(img).save(str(path), compress_level=1)

@@ -2,7 +2,7 @@
 
 Layout
 ------
-``tiles``            (N, T, T, 3) uint8, one tile per chunk, JPEG (``wsi_pipeline.jpeg``) or zstd
+``tiles``            (N, T, T, 3) uint8, one tile per chunk (file ``tiles/c.<i>.0.0.0``), JPEG (``wsi_pipeline.jpeg``) or zstd
 ``coords``           (N, 2) int64, level-0 (x, y) of each tile's top-left corner
 ``grid_colrow``      (N, 2) int64, the tile's (col, row) in the slide's global grid
 ``tissue_fraction``  (N,) float32
@@ -22,6 +22,7 @@ does that (see :mod:`wsi.codecs`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import uuid
@@ -31,6 +32,7 @@ from typing import Iterator
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.storage import LocalStore
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
@@ -98,6 +100,8 @@ def create_store(
         chunks=(1, tile_px, tile_px, 3),
         dtype="uint8",
         fill_value=255,
+        # Flat chunk files (tiles/c.<i>.0.0.0): no directory per tile to create.
+        chunk_key_encoding={"name": "default", "separator": "."},
         **_tile_codecs(codec, jpeg_quality, zstd_level),
     )
     small = {"compressors": ZstdCodec(level=3)}
@@ -120,6 +124,19 @@ def create_store(
     return g
 
 
+def _chunk_encoder(codecs):
+    """A function encoding one chunk exactly as the array's codec chain would, or None."""
+    if len(codecs) == 1 and isinstance(codecs[0], JpegCodec):
+        return codecs[0].encode_array
+    if len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec):
+        import imagecodecs
+
+        level = codecs[1].level
+        # uint8 has no byte order: the bytes codec is the raw buffer, zstd one frame of it.
+        return lambda chunk: bytes(imagecodecs.zstd_encode(np.ascontiguousarray(chunk).tobytes(), level=level))
+    return None
+
+
 class TileWriter:
     """Writes tile pixels into an existing store, encoding each chunk once.
 
@@ -133,24 +150,46 @@ class TileWriter:
         g = zarr.open_group(str(self.path), mode="r+")
         self._array = g["tiles"]
         meta = self._array.metadata
-        self._codec = meta.codecs[0] if isinstance(meta.codecs[0], JpegCodec) else None
+        self._encode = _chunk_encoder(meta.codecs)
         self._store = self._array.store
         self._prefix = self._array.path
         self._meta = meta
+        self._local_root = (
+            Path(self._store.root) / self._prefix if isinstance(self._store, LocalStore) else None
+        )
         self.bytes_written = 0
 
     def write(self, indices: np.ndarray, tiles: np.ndarray) -> None:
         """Write ``tiles[k]`` at index ``indices[k]`` (one tile per chunk)."""
-        if self._codec is None:  # lossless: zarr's own pipeline (compressor chain)
+        if self._encode is None:  # a codec chain we don't special-case: zarr's own pipeline
             for i, tile in zip(indices, tiles):
                 self._array[int(i)] = tile
             return
+        if self._local_root is not None:
+            # The store is a temporary directory renamed into place only when complete,
+            # so plain file writes are safe; zarr's LocalStore would fsync-rename each chunk.
+            made: set[Path] = set()
+            for i, tile in zip(indices, tiles):
+                data = self._encode(tile[None])
+                path = self._local_root / self._meta.encode_chunk_key((int(i), 0, 0, 0))
+                if path.parent not in made:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    made.add(path.parent)
+                path.write_bytes(data)
+                self.bytes_written += len(data)
+            return
         proto = default_buffer_prototype()
+        writes = []
         for i, tile in zip(indices, tiles):
-            data = self._codec.encode_array(tile[None])
+            data = self._encode(tile[None])
             key = f"{self._prefix}/{self._meta.encode_chunk_key((int(i), 0, 0, 0))}"
-            sync(self._store.set(key, proto.buffer.from_bytes(data)))
+            writes.append(self._store.set(key, proto.buffer.from_bytes(data)))
             self.bytes_written += len(data)
+        sync(_gather(writes))
+
+
+async def _gather(coros) -> None:
+    await asyncio.gather(*coros)
 
 
 def finalize_store(tmp_path: str | Path, final_path: str | Path, attrs: dict) -> None:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 
@@ -56,11 +55,19 @@ def remove_small_regions(mask: np.ndarray, min_area_px: float) -> np.ndarray:
     """Drop 8-connected True regions with fewer than ``min_area_px`` pixels."""
     if min_area_px <= 1 or not mask.any():
         return mask.copy()
-    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_area_px
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area_px
     keep[0] = False
     return keep[labels]
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill background regions not connected (4-connectivity) to the image border."""
+    padded = np.pad(mask.astype(np.uint8), 1)
+    flood = padded.copy()
+    ff_mask = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
+    cv2.floodFill(flood, ff_mask, (0, 0), 1, flags=4)
+    return (padded | (flood == 0))[1:-1, 1:-1].astype(bool)
 
 
 def _disk(radius_px: int) -> np.ndarray:
@@ -129,7 +136,7 @@ def tissue_mask(
     mask = m8.astype(bool)
     px_area_um2 = mpp * mpp
     if max_hole_area_um2 > 0:
-        holes = ndi.binary_fill_holes(mask) & ~mask
+        holes = fill_holes(mask) & ~mask
         large_holes = remove_small_regions(holes, max_hole_area_um2 / px_area_um2)
         mask |= holes & ~large_holes
     if min_tissue_area_um2 > 0:

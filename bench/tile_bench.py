@@ -1,0 +1,246 @@
+"""Tiling benchmark: the project's `tile` vs a naive loop vs the floor, in one run.
+
+Generates a realistic pyramidal slide with the project's generator (cached in
+``bench-out/``), then measures on the same tile grid (512 px, stride 384,
+0.5 um/px, JPEG q90 unless told otherwise):
+
+* project   ``run_tile`` end to end (mask, grid, read, encode, write, rename),
+            with its default Dask LocalCluster of ``--workers`` processes;
+* naive     what a user would write: ``read_region(512x512)`` per grid tile and
+            ``zarr_array[i] = tile`` one tile at a time, the same tiles split
+            over ``--workers`` processes;
+* floor     decoding every touched source JPEG tile once + encoding every output
+            tile with the same codec, nothing else, over ``--workers`` processes.
+
+Peak RSS is sampled (driver + all child processes together) every 50 ms.
+
+Usage::
+
+    python bench/tile_bench.py                       # 20000 x 20000 slide
+    python bench/tile_bench.py --size-px 50000       # the memory check
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and its descendants."""
+
+    def __init__(self, interval_s: float = 0.05):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        procs = [self._proc]
+        try:
+            procs += self._proc.children(recursive=True)
+        except Exception:
+            pass
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except Exception:
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self._interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def make_slide(out: Path, size_px: int, seed: int) -> Path:
+    from wsi.synth import write_slide
+
+    path = out / f"bench_{size_px}.tif"
+    if not path.exists():
+        t = time.perf_counter()
+        tmp = path.with_suffix(".partial.tif")
+        write_slide(tmp, size_px, size_px, mpp=0.5, seed=seed, lesions=2)
+        os.replace(tmp, path)
+        print(f"generated {path.name} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s")
+    return path
+
+
+# --------------------------------------------------------------------------- naive
+
+
+def _naive_worker(args):
+    path, store, idx, coords, tile_px = args
+    import openslide
+    import zarr
+
+    import wsi.codecs  # noqa: F401  (registers the codec)
+    from wsi.slide import composite_on_white
+
+    arr = zarr.open_array(store, mode="r+")
+    slide = openslide.OpenSlide(path)
+    for i, (x, y) in zip(idx, coords):
+        tile = composite_on_white(np.asarray(slide.read_region((int(x), int(y)), 0, (tile_px, tile_px))))
+        arr[int(i)] = tile
+    slide.close()
+    return len(idx)
+
+
+def run_naive(path: Path, coords: np.ndarray, tile_px: int, workers: int, out: Path, quality: int) -> float:
+    import zarr
+
+    from wsi.codecs import JpegCodec
+
+    store = out / "naive.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    zarr.create_array(
+        str(store), shape=(len(coords), tile_px, tile_px, 3), chunks=(1, tile_px, tile_px, 3),
+        dtype="uint8", serializer=JpegCodec(quality=quality), compressors=None, fill_value=255,
+    )
+    parts = np.array_split(np.arange(len(coords)), workers)
+    t = time.perf_counter()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(_naive_worker, [(str(path), str(store), p, coords[p], tile_px) for p in parts])
+    return time.perf_counter() - t
+
+
+# --------------------------------------------------------------------------- floor
+
+
+def _floor_worker(args):
+    path, dims, src_tiles, tile_store, tile_idx, quality = args
+    import imagecodecs
+
+    from wsi.fastread import decode_source_tiles
+    from wsi.store import TileStore
+
+    t = time.perf_counter()
+    decode_source_tiles(path, dims, src_tiles)
+    decode_s = time.perf_counter() - t
+    store = TileStore(tile_store)
+    encode_s = 0.0
+    for start in range(0, len(tile_idx), 64):
+        tiles = store.read(tile_idx[start : start + 64])  # untimed: just to have real pixels
+        t = time.perf_counter()
+        for tile in tiles:
+            imagecodecs.jpeg8_encode(tile, level=quality)
+        encode_s += time.perf_counter() - t
+    return decode_s, encode_s
+
+
+def run_floor(path: Path, coords: np.ndarray, tile_px: int, workers: int, ref_store: Path, quality: int):
+    import openslide
+
+    from wsi.fastread import TiffLevelReader, touched_source_tiles
+
+    with openslide.OpenSlide(str(path)) as s:
+        dims = s.level_dimensions[0]
+    with TiffLevelReader.open(path, dims) as r:
+        tshape = r.tile_shape
+    touched = sorted(touched_source_tiles([(int(x), int(y), tile_px, tile_px) for x, y in coords], tshape, (dims[1], dims[0])))
+    src_parts = [touched[i::workers] for i in range(workers)]
+    tile_parts = np.array_split(np.arange(len(coords)), workers)
+    with mp.get_context("spawn").Pool(workers) as pool:
+        res = pool.map(
+            _floor_worker,
+            [(str(path), dims, src_parts[i], str(ref_store), tile_parts[i], quality) for i in range(workers)],
+        )
+    return max(d + e for d, e in res), len(touched), res
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-px", type=int, default=20000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--skip-naive", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from pipeline.config import load_config
+    from pipeline.tile import run_tile
+    from wsi.store import TileStore
+
+    slide = make_slide(args.out, args.size_px, args.seed)
+    cfg = load_config(None, {"runtime.workers": args.workers})
+    q = cfg.store.jpeg_quality
+    rows = []
+
+    results = {}
+    for codec in ("jpeg", "zstd"):
+        out = args.out / f"stores_{codec}"
+        shutil.rmtree(out, ignore_errors=True)
+        c = load_config(None, {"runtime.workers": args.workers, "store.codec": codec})
+        with PeakRSS() as rss:
+            t = time.perf_counter()
+            rep = run_tile([slide], out, c, workers=args.workers, quiet=True, progress=False)
+            secs = time.perf_counter() - t
+        assert rep.ok, rep.summary()
+        store = TileStore(out / f"{slide.stem}.zarr")
+        results[codec] = (secs, len(store), store.attrs["bytes_per_tile"], rss.peak, store,
+                          rep.settings.get("executor_start_s", 0.0))
+    secs, n, bpt, peak, store, ex_s = results["jpeg"]
+    coords = store.coords
+    mp_px = n * 512 * 512 / 1e6
+    src_mb = slide.stat().st_size / 1e6
+    rows.append(("project tile (jpeg q%d)" % q, secs, n / secs, mp_px / secs, peak, bpt))
+    rows.append(("  same, after Dask start-up", secs - ex_s, n / (secs - ex_s), mp_px / (secs - ex_s), peak, bpt))
+    zs = results["zstd"]
+    rows.append(("project tile (zstd)", zs[0], zs[1] / zs[0], mp_px / zs[0], zs[3], zs[2]))
+
+    if not args.skip_naive:
+        with PeakRSS() as rss:
+            t_naive = run_naive(slide, coords, 512, args.workers, args.out, q)
+        naive_bpt = sum(f.stat().st_size for f in (args.out / "naive.zarr").rglob("*") if f.is_file()) / n
+        rows.append(("naive read_region loop", t_naive, n / t_naive, mp_px / t_naive, rss.peak, naive_bpt))
+    with PeakRSS() as rss:
+        t_floor, n_src, parts = run_floor(slide, coords, 512, args.workers, results["zstd"][4].path, q)
+    rows.append(("floor (decode + encode)", t_floor, n / t_floor, mp_px / t_floor, rss.peak, float("nan")))
+
+    print()
+    print(f"slide {slide.name}: {args.size_px} x {args.size_px} px, {src_mb:.0f} MB, {n} tissue tiles of 512 px "
+          f"(stride 384), {n_src} source tiles touched, {args.workers} workers, {os.cpu_count()} cores")
+    print(f"{'':28s} {'seconds':>8s} {'tiles/s':>8s} {'MP/s':>7s} {'peak RSS':>9s} {'bytes/tile':>11s}")
+    for name, s, tps, mps, pk, b in rows:
+        bs = f"{b:11.0f}" if b == b else f"{'-':>11s}"
+        print(f"{name:28s} {s:8.2f} {tps:8.1f} {mps:7.1f} {pk / 1e9:7.2f}GB {bs}")
+    print(f"floor split per worker (decode s, encode s): {[(round(d, 2), round(e, 2)) for d, e in parts]}")
+    t_proj = results["jpeg"][0]
+    if not args.skip_naive:
+        print(f"project / naive speed: {t_naive / t_proj:.2f}x   (target >= 1.6x)")
+    print(f"project time / floor time: {t_proj / t_floor:.2f}x end to end, "
+          f"{(t_proj - ex_s) / t_floor:.2f}x after the {ex_s:.1f} s Dask LocalCluster start-up   (target <= 1.3x)")
+    print(f"store size / source size: jpeg {results['jpeg'][2] * n / 1e6 / src_mb:.2f}x, "
+          f"zstd {results['zstd'][2] * n / 1e6 / src_mb:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
