@@ -236,6 +236,7 @@ def plan_slide(job: TileJob) -> dict:
         "n_tiles": int(len(coords)),
         "choice": choice,
         "read_path": read_path,
+        "level_dimensions": info.level_dimensions[choice.level],
         "mpp": info.mpp,
         "mpp_source": info.mpp_source,
         "seconds": time.perf_counter() - t0,
@@ -268,6 +269,7 @@ def read_tiles(
     *,
     pad_value: int = 255,
     read_path: str = "openslide",
+    level_dimensions: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Read tiles at level-0 ``coords`` as (n, tile_px, tile_px, 3) uint8.
 
@@ -275,7 +277,8 @@ def read_tiles(
     pixels from the tile's level-0 corner, resized to ``tile_px`` when the level
     does not match the target resolution. Pixels beyond the slide are
     ``pad_value``. ``read_path='fast-tiff'`` decodes the source tiles directly,
-    each once for the whole call.
+    each once for the whole call; it needs the level's ``level_dimensions``
+    (width, height), looked up with OpenSlide when not given.
     """
     coords = np.asarray(coords, np.int64).reshape(-1, 2)
     size_l = max(1, int(round(tile_px * choice.scale)))
@@ -288,11 +291,13 @@ def read_tiles(
     if read_path == "fast-tiff":
         from wsi.fastread import TiffLevelReader
 
-        import openslide
+        dims = level_dimensions
+        if dims is None:
+            import openslide
 
-        with openslide.OpenSlide(path) as s:
-            dims = s.level_dimensions[choice.level]
-        with TiffLevelReader.open(path, dims) as reader:
+            with openslide.OpenSlide(path) as s:
+                dims = s.level_dimensions[choice.level]
+        with TiffLevelReader.open(path, tuple(dims)) as reader:
             regions = reader.read_regions([(int(x), int(y), size_l, size_l) for x, y in lxy], fill=pad_value)
     else:
         slide = open_slide(path)
@@ -340,6 +345,7 @@ def tile_block(job: TileJob, plan: dict, indices: list[int]) -> dict:
         job.config.tiling.tile_px,
         pad_value=job.config.tiling.pad_value,
         read_path=plan["read_path"],
+        level_dimensions=plan["level_dimensions"],
     )
     writer = TileWriter(tmp)
     writer.write(idx, tiles)
