@@ -83,9 +83,12 @@ def make_slide(out: Path, size_px: int, seed: int) -> Path:
     path = out / f"bench_{size_px}.tif"
     if not path.exists():
         t = time.perf_counter()
-        tmp = path.with_suffix(".partial.tif")
-        write_slide(tmp, size_px, size_px, mpp=0.5, seed=seed, lesions=2)
-        os.replace(tmp, path)
+        tmp_dir = out / f".gen-{size_px}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir()
+        write_slide(tmp_dir / path.name, size_px, size_px, mpp=0.5, seed=seed, lesions=2)
+        os.replace(tmp_dir / path.name, path)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         print(f"generated {path.name} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s")
     return path
 
