@@ -258,3 +258,25 @@ def test_cli_exit_codes_and_help(tmp_path, synth_slides):
     r = subprocess.run(exe + ["tile", str(slide.parent), "--out", str(tmp_path / "o"), "--set", "tiling.tile_pz=3"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown key 'tile_pz'" in r.stderr and "tile_px" in r.stderr
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 400 kB tmpfs: a real 'no space left on device' (needs root; skips otherwise)."""
+    mnt = tmp_path / "tiny_disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_disk_full_fails_the_slide_cleanly(tmp_path, synth_slides, tiny_disk):
+    slide = _one(tmp_path, synth_slides["tissue"])
+    rep = _run(slide, tiny_disk, _cfg(**{"store.codec": "zstd"}))
+    o = _by_id(rep)["tissue"]
+    assert o.status == "failed"
+    assert "no space left" in o.reason and "tissue.tif" in o.reason
+    assert not list(tiny_disk.glob(".tmp-*")) and not (tiny_disk / "tissue.zarr").exists()
+    assert json.loads((tiny_disk / "tile-report.json").read_text())["counts"]["failed"] == 1
