@@ -19,7 +19,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import yaml
 
@@ -51,7 +51,7 @@ class TilingConfig:
     """Grey value used for tile pixels beyond the slide's edge (255 = white glass)."""
     fast_read: bool = True
     """Decode source JPEG tiles directly with tifffile/imagecodecs where possible."""
-    block_tiles: int = 8
+    block_tiles: int = 12
     """Output tiles per block side; a block is the unit of parallel work (performance only)."""
 
     def validate(self) -> None:
@@ -137,6 +137,181 @@ class RuntimeConfig:
     """DataLoader worker processes."""
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu' or 'cuda[:N]'."""
+    amp: bool = True
+    """Mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU."""
+
+    def validate(self) -> None:
+        if self.workers < 0:
+            raise ConfigError("runtime.workers must be >= 0")
+        if self.torch_threads < 0:
+            raise ConfigError("runtime.torch_threads must be >= 0 (0 = torch's default)")
+        if self.loader_workers < 0:
+            raise ConfigError("runtime.loader_workers must be >= 0 (0 = load in the main process)")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError(f"runtime.device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {dev!r}")
+
+
+# The models' input side must be a multiple of this (timm DLA34 feature strides 2-32).
+MODEL_SIZE_DIVISOR = 32
+EM_MODES = ("mixed", "pixel", "image")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class ModelConfig:
+    """Which networks are trained (built by name through ``models.create_model``)."""
+
+    seg_arch: str = "dla34_up"
+    """theta1, the patch segmentation network: one positive-probability channel ('DLA34-up')."""
+    cls_arch: str = "dla34_cls"
+    """theta2, the tile classifier of stage 2: DLA34 with one logit."""
+    seg_weights: Optional[str] = None
+    """Local file with initial theta1 weights (round 0); None = random initialisation."""
+    cls_weights: Optional[str] = None
+    """Local file with initial theta2 weights (every round); None = random initialisation."""
+    map_stride_px: int = 4
+    """Probability maps (E-step, heatmaps) are kept at tile_px / map_stride_px (DLA34-up: stride 4)."""
+    seg_trainer: str = "soft_bce"
+    """How theta1 is trained (pipeline.trainers registry): pixel-wise soft-label BCE."""
+    cls_trainer: str = "topk_mean"
+    """How theta2 is trained (pipeline.trainers registry): BCE of the mean top-K tile probability."""
+
+    def validate(self) -> None:
+        for name in ("seg_arch", "cls_arch", "seg_trainer", "cls_trainer"):
+            if not getattr(self, name):
+                raise ConfigError(f"model.{name} must not be empty")
+        if self.map_stride_px < 1:
+            raise ConfigError("model.map_stride_px must be >= 1")
+
+
+@dataclass
+class EMConfig:
+    """The mixed-supervision EM loop (Li et al., Algorithm 1): round 0, E-step, M-step."""
+
+    mode: str = "mixed"
+    """'mixed' (EM with pixel + image labels), 'pixel' (theta1 from annotations only, no EM) or
+    'image' (no pixel labels: top-K MIL baseline after Campanella et al. 2019)."""
+    threshold_T: float = 0.4
+    """E-step: a tile whose maximum pixel probability is below T is removed."""
+    reweight_V: float = 4.0
+    """E-step: pseudo-positive targets are clip(V * p, 0, 1)."""
+    floor: float = 0.01
+    """E-step: re-weighted values below this become 0."""
+    ratio: list[float] = field(default_factory=lambda: [2.0, 1.0, 7.0])
+    """M-step batch mix annotated : pseudo-positive : hard-negative (exact per batch, largest-remainder
+    rounding, see pipeline.sampling.ratio_counts). The official code samples about 51 : 9 : 40."""
+    batch_size: int = 32
+    """Tiles per theta1 training batch."""
+    lr: float = 0.001
+    """Adam learning rate for theta1."""
+    weight_decay: float = 0.0
+    """Adam weight decay for theta1."""
+    lr_schedule: str = "constant"
+    """'constant' or 'cosine' (over the epochs of one round)."""
+    epochs_init: int = 30
+    """Epochs of round 0 (theta1 on the annotated tiles only)."""
+    epochs: int = 30
+    """Epochs of each M-step (rounds >= 1)."""
+    batches_per_epoch: Optional[int] = None
+    """Cap on batches per epoch; None = one pass over the annotated tiles (image mode: the selected tiles)."""
+    positive_classes: list[str] = field(default_factory=lambda: ["Tumor", "Tumour"])
+    """GeoJSON classification names that count as positive (case-insensitive)."""
+    mask_downsample: Optional[float] = None
+    """Level-0 pixels per pixel of annotation mask images; None = from a '<mask>.json' sidecar
+    ('downsample' key) or from the slide's width / the mask's width."""
+    flip: bool = True
+    """Augmentation: random horizontal/vertical flips."""
+    rotate90: bool = True
+    """Augmentation: random multiples of 90 degree rotation."""
+    brightness: float = 0.1
+    """Colour jitter: brightness factor drawn from [1 - b, 1 + b]."""
+    contrast: float = 0.1
+    """Colour jitter: contrast factor drawn from [1 - c, 1 + c]."""
+    saturation: float = 0.1
+    """Colour jitter: saturation factor drawn from [1 - s, 1 + s]."""
+    hue: float = 0.02
+    """Colour jitter: hue shift drawn from [-h, h] (fraction of the colour circle)."""
+    mil_top_k: int = 1
+    """Image mode: tiles per slide that get the slide's label in each MIL epoch (Campanella: 1)."""
+    seed: int = 0
+    """Seed of initialisation, sampling and augmentation (reproducible on CPU)."""
+    predict_batch_size: int = 64
+    """Tiles per inference batch (performance only)."""
+    heatmap_slides: int = 4
+    """Heatmap PNGs written per round (half positive, half negative slides where possible)."""
+
+    def validate(self) -> None:
+        if self.mode not in EM_MODES:
+            raise ConfigError(f"em.mode must be one of {list(EM_MODES)}, got {self.mode!r}")
+        if not 0.0 <= self.threshold_T <= 1.0:
+            raise ConfigError(f"em.threshold_T must be in [0, 1], got {self.threshold_T}")
+        if self.reweight_V < 0:
+            raise ConfigError(f"em.reweight_V must be >= 0, got {self.reweight_V}")
+        if not 0.0 <= self.floor < 1.0:
+            raise ConfigError(f"em.floor must be in [0, 1), got {self.floor}")
+        if len(self.ratio) != 3 or any(r < 0 for r in self.ratio) or sum(self.ratio) <= 0:
+            raise ConfigError(
+                f"em.ratio must be three non-negative numbers (annotated, pseudo-positive, hard-negative) "
+                f"with a positive sum, got {list(self.ratio)}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError("em.batch_size must be >= 1")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("em.lr must be > 0 and em.weight_decay >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"em.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.epochs_init < 0 or self.epochs < 0:
+            raise ConfigError("em.epochs_init and em.epochs must be >= 0")
+        if self.batches_per_epoch is not None and self.batches_per_epoch < 1:
+            raise ConfigError("em.batches_per_epoch must be >= 1 or null (one pass)")
+        if not self.positive_classes:
+            raise ConfigError("em.positive_classes must name at least one class, e.g. [Tumor]")
+        if self.mask_downsample is not None and self.mask_downsample <= 0:
+            raise ConfigError("em.mask_downsample must be > 0 or null")
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"em.{name} must be in [0, 1)")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ConfigError("em.hue must be in [0, 0.5]")
+        if self.mil_top_k < 1:
+            raise ConfigError("em.mil_top_k must be >= 1")
+        if self.predict_batch_size < 1:
+            raise ConfigError("em.predict_batch_size must be >= 1")
+        if self.heatmap_slides < 0:
+            raise ConfigError("em.heatmap_slides must be >= 0")
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: the slide classifier theta2 on each slide's top-K tiles."""
+
+    top_k: int = 16
+    """K: tiles per slide with the highest maximum pixel probability under theta1."""
+    epochs: int = 15
+    """Training epochs of theta2 per round."""
+    lr: float = 0.001
+    """Adam learning rate for theta2."""
+    weight_decay: float = 0.0
+    """Adam weight decay for theta2."""
+    batch_slides: int = 2
+    """Slides per batch (each contributes its K tiles: 2 x 16 = 32 tiles)."""
+    slides_per_epoch: Optional[int] = None
+    """Slides drawn per epoch, half positive and half negative; None = twice the larger class."""
+    augment: bool = True
+    """Flips, rotations and colour jitter (the em.* settings) on theta2's tiles too."""
+
+    def validate(self) -> None:
+        if self.top_k < 1:
+            raise ConfigError("stage2.top_k must be >= 1")
+        if self.epochs < 0:
+            raise ConfigError("stage2.epochs must be >= 0")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("stage2.lr must be > 0 and stage2.weight_decay >= 0")
+        if self.batch_slides < 1:
+            raise ConfigError("stage2.batch_slides must be >= 1")
+        if self.slides_per_epoch is not None and self.slides_per_epoch < 1:
+            raise ConfigError("stage2.slides_per_epoch must be >= 1 or null")
 
 
 @dataclass
@@ -145,6 +320,9 @@ class Config:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    em: EMConfig = field(default_factory=EMConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -152,6 +330,35 @@ class Config:
             if hasattr(section, "validate"):
                 section.validate()
         return self
+
+    def validate_for_training(self, tile_px: int | None = None, where: str = "tiling.tile_px") -> "Config":
+        """Checks that only matter for training and inference (tiling alone accepts any tile size).
+
+        ``tile_px`` defaults to ``tiling.tile_px``; pass the tile size of existing stores
+        (and name them in ``where``) to check those instead.
+        """
+        d = MODEL_SIZE_DIVISOR
+        t = self.tiling.tile_px if tile_px is None else int(tile_px)
+        if t % d:
+            lo, hi = (t // d) * d, (t // d + 1) * d
+            raise ConfigError(
+                f"{where}={t} is not a multiple of {d}: the DLA34 models need inputs whose side is a "
+                f"multiple of {d} (feature strides 2-32); re-tile with tiling.tile_px={lo or hi} or {hi}"
+            )
+        if t % self.model.map_stride_px:
+            raise ConfigError(f"model.map_stride_px={self.model.map_stride_px} must divide {where}={t}")
+        return self
+
+    TRAIN_SECTIONS = ("model", "em", "stage2")
+    TRAIN_EXCLUDE = ("em.predict_batch_size", "em.heatmap_slides")
+
+    def train_hash(self, tiling_hash: str | None = None) -> str:
+        """Hash of everything that changes what training produces: the model, em and stage2
+        sections (less pure performance/report knobs) and the tiling hash (by default this
+        config's; pass the stores' ``config_hash`` to tie a run to the data it was trained on)."""
+        h = self.section_hash(*self.TRAIN_SECTIONS, exclude=self.TRAIN_EXCLUDE)
+        th = self.tiling_hash() if tiling_hash is None else tiling_hash
+        return hashlib.sha256(f"{h}:{th}".encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

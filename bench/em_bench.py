@@ -1,0 +1,197 @@
+"""EM benchmark: is the E-step starved by I/O? And the three training modes side by side.
+
+E-step throughput (default)
+---------------------------
+On the same tiles, measures
+
+* ``e-step``   the E-step's prediction pass exactly as ``em-round`` runs it
+               (:func:`pipeline.em.write_probmaps`): tiles read lazily from the
+               Zarr stores by a DataLoader, theta1 forward, probability maps and
+               tile maxima written to a sharded Zarr;
+* ``forward``  theta1's bare forward pass (same batch size, same threads, same
+               sigmoid and float16 cast) on the same tiles already in memory
+               as a uint8 tensor.
+
+and prints tiles/s side by side with their ratio (target >= 0.8), once per
+``--loader-workers`` value. A small generated cohort is used (and cached in
+``bench-out/``) unless ``--stores`` is given.
+
+Three-mode comparison (``--compare``)
+-------------------------------------
+Runs ``em-round`` in ``mixed`` (``--rounds``), ``pixel`` and ``image`` mode on
+a generated cohort with lesions (train / val split), then prints and writes
+``bench-out/em-compare/comparison.txt``: val AUC, specificity at 100 %
+sensitivity and its threshold, stage-2 loss, time.
+
+Usage::
+
+    python bench/em_bench.py                          # tiny config, 2 CPU cores
+    python bench/em_bench.py --config default --tiles 256
+    python bench/em_bench.py --compare --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OUT = ROOT / "bench-out"
+
+
+def make_cohort(out: Path, n_pos: int, n_neg: int, size_px: int, mpp: float, seed: int, annotate: int,
+                split=(0.5, 0.5, 0.0)) -> Path:
+    """Generate and tile a cohort once (cached by its parameters)."""
+    from pipeline.config import load_config
+    from pipeline.tile import run_tile
+    from wsi.synth import make_cohort as synth
+
+    d = out / f"cohort-p{n_pos}-n{n_neg}-s{size_px}-m{mpp:g}-seed{seed}-a{annotate}"
+    if (d / "READY").is_file():
+        return d
+    shutil.rmtree(d, ignore_errors=True)
+    print(f"generating {n_pos + n_neg} slides into {d} ...", flush=True)
+    synth(d / "cohort", n_positive=n_pos, n_negative=n_neg, width_px=size_px, height_px=size_px, mpp=mpp,
+          seed=seed, annotate=annotate, split=split)
+    cfg = load_config("tiny")
+    run_tile(sorted((d / "cohort").glob("*.tif")), d / "stores", cfg, workers=0, quiet=True, progress=False)
+    (d / "READY").write_text("ok\n")
+    return d
+
+
+def bench_estep(args) -> None:
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.em import write_probmaps
+    from pipeline.inference import _seg_probs, build_model, resolve_device
+    from pipeline.labels import SlideEntry
+    from wsi.store import TileStore, list_stores
+
+    cfg = load_config(args.config)
+    if args.stores:
+        stores = Path(args.stores)
+    else:
+        stores = make_cohort(OUT, args.positives, args.negatives, 1024, 2.0, args.seed, args.annotate) / "stores"
+    paths = list_stores(stores)
+    if not paths:
+        sys.exit(f"{stores}: no tile stores")
+    # the same tiles for both: whole slides until --tiles is reached
+    slides, n = [], 0
+    for p in paths:
+        st = TileStore(p)
+        if n >= args.tiles:
+            break
+        slides.append(SlideEntry(p.name[:-5], 0, "train", p, len(st)))
+        n += len(st)
+    threads = args.threads if args.threads is not None else (cfg.runtime.torch_threads or torch.get_num_threads())
+    torch.set_num_threads(threads)
+    device = resolve_device(cfg.runtime.device)
+    torch.manual_seed(0)
+    model = build_model(cfg.model.seg_arch, {"num_classes": 1}).to(device).eval()
+    bs, stride = cfg.em.predict_batch_size, cfg.model.map_stride_px
+    tile_px = TileStore(slides[0].store_path).tile_px
+    print(f"model {cfg.model.seg_arch}, {n} tiles of {tile_px} px in {len(slides)} slides, batch {bs}, "
+          f"torch threads {threads}, device {device}")
+
+    # bare forward on the tiles in memory
+    tiles = torch.from_numpy(np.concatenate([TileStore(s.store_path)[:] for s in slides]))
+
+    def forward_once() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for a in range(0, len(tiles), bs):
+                x = tiles[a : a + bs].to(device).permute(0, 3, 1, 2).float().div_(255.0)
+                p = _seg_probs(model, x, stride).to(torch.float16)
+                p.amax(dim=(1, 2)).float().cpu().numpy()
+                p.cpu().numpy()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(tiles) / (time.perf_counter() - t0)
+
+    def estep_once(w: int, r: int) -> float:
+        out = OUT / "em-bench" / f"probmaps-w{w}-{r}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        write_probmaps(model, slides, out, tile_px=tile_px, map_stride_px=stride, batch_size=bs, device=device,
+                       loader_workers=w, amp=cfg.runtime.amp)
+        rate = n / (time.perf_counter() - t0)
+        shutil.rmtree(out, ignore_errors=True)
+        return rate
+
+    forward_once()  # warm-up
+    # interleaved, best of --repeat: other load on the machine hits both alike
+    fwd = 0.0
+    best = {w: 0.0 for w in args.loader_workers}
+    for r in range(args.repeat):
+        fwd = max(fwd, forward_once())
+        for w in args.loader_workers:
+            best[w] = max(best[w], estep_once(w, r))
+    rows = list(best.items())
+    print(f"\n{'loader workers':>14} {'e-step tiles/s':>15} {'forward tiles/s':>16} {'ratio':>6}")
+    for w, e in rows:
+        print(f"{w:>14} {e:>15.1f} {fwd:>16.1f} {e / fwd:>6.2f}")
+
+
+def bench_compare(args) -> None:
+    from pipeline.batch import setup_logging
+    from pipeline.config import load_config, parse_set_options
+    from pipeline.em import format_comparison, run_em, write_comparison
+
+    setup_logging(quiet=not args.verbose)
+    d = make_cohort(OUT, args.positives, args.negatives, 1024, 2.0, args.seed, args.annotate)
+    cohort = d / "cohort"
+    ann = [cohort / "annotations" / f"{sid}.geojson" for sid in (cohort / "pixel_annotated.txt").read_text().split()]
+    out = OUT / "em-compare"
+    runs = []
+    for mode in ("mixed", "pixel", "image"):
+        run = out / f"run-{mode}"
+        if args.fresh:
+            shutil.rmtree(run, ignore_errors=True)
+        cfg = load_config(args.config, {"em.mode": mode, **parse_set_options(args.set)})
+        t0 = time.perf_counter()
+        run_em(d / "stores", cohort / "labels.csv", run, cfg, annotations=ann if mode != "image" else (),
+               rounds=args.rounds, progress=False)
+        print(f"{mode}: {time.perf_counter() - t0:.0f} s", flush=True)
+        runs.append(run)
+    path = write_comparison(runs, out)
+    from pipeline.em import compare_runs
+
+    print()
+    print(format_comparison(compare_runs(runs)))
+    print(f"\nwritten: {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--stores", default=None, help="Tile store folder (default: a generated cohort).")
+    ap.add_argument("--tiles", type=int, default=1000, help="About this many tiles (whole slides).")
+    ap.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: runtime.torch_threads).")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compare", action="store_true", help="Run mixed / pixel / image mode and compare.")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--positives", type=int, default=10)
+    ap.add_argument("--negatives", type=int, default=10)
+    ap.add_argument("--annotate", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--fresh", action="store_true", help="Delete previous comparison runs first.")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    if args.compare:
+        bench_compare(args)
+    else:
+        bench_estep(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Trainers: the optimisation loop around one model, by name, so new methods plug in.
+
+A trainer owns a model, its optimiser, scheduler and gradient scaler, and runs
+epochs over batches that a data pipeline produces. The EM loop
+(:mod:`pipeline.em`) only talks to this interface:
+
+``trainer.fit(batches_for_epoch, checkpoint=...)``
+    run the remaining epochs (``trainer.epoch`` counts the finished ones);
+    ``batches_for_epoch(epoch)`` returns an iterable of batch dicts (a
+    DataLoader); ``checkpoint(trainer)`` is called after every epoch.
+``trainer.state_dict()`` / ``load_state_dict()``
+    everything needed to resume bit-for-bit on CPU (model, optimiser,
+    scheduler, scaler, epoch, per-epoch history).
+``trainer.compute_loss(batch, generator)``
+    the only method a new trainer must write.
+
+Registered trainers
+-------------------
+``soft_bce``  theta1: pixel-wise soft-label BCE of the upsampled logits against
+              ``batch["target"]`` (annotation masks, pseudo labels, zeros).
+``topk_mean`` theta2: BCE of the mean of a slide's K tile probabilities
+              against the slide label (``batch["tiles"]`` (B, K, T, T, 3)).
+
+Planned (next issue) and how they fit: *CellMix* subclasses
+:class:`SoftBCESegTrainer` and overrides :meth:`compute_loss` to mix tiles and
+their targets inside a batch before the forward pass (the batch carries
+``source`` so annotated and pseudo-labelled tiles can be mixed differently);
+*ScoreNet* registers a slide-level trainer next to ``topk_mean`` that takes
+its own batch layout (e.g. a slide's tiles with coordinates) from its own
+Dataset. Both are selected by name (``model.seg_trainer`` /
+``model.cls_trainer``) and checkpoint through the same state dict.
+
+Mixed precision: on CUDA (and ``amp=True``) the forward pass runs under
+``torch.autocast(float16)`` with a ``GradScaler``; losses are computed in
+float32 (see :mod:`models.losses`). On CPU everything is float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from models.losses import soft_bce_with_logits, topk_mean_bce
+
+log = logging.getLogger("wsi_pipeline")
+
+__all__ = [
+    "ColorJitter",
+    "Trainer",
+    "SoftBCESegTrainer",
+    "TopKMeanSlideTrainer",
+    "register_trainer",
+    "create_trainer",
+    "list_trainers",
+    "autocast",
+    "images_to_float",
+]
+
+_TRAINERS: dict[str, type] = {}
+
+
+def register_trainer(name: str):
+    """Class decorator: make a :class:`Trainer` subclass available as ``name``."""
+
+    def deco(cls):
+        if name in _TRAINERS and _TRAINERS[name] is not cls:
+            raise ValueError(f"trainer {name!r} is already registered by {_TRAINERS[name].__qualname__}")
+        _TRAINERS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def list_trainers() -> list[str]:
+    return sorted(_TRAINERS)
+
+
+def create_trainer(name: str, model: torch.nn.Module, **kwargs) -> "Trainer":
+    if name not in _TRAINERS:
+        raise ValueError(f"unknown trainer {name!r}; known: {', '.join(list_trainers())}")
+    return _TRAINERS[name](model, **kwargs)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """float16 autocast on CUDA when ``enabled``; a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def images_to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, H, W, 3) uint8 (channels last, as stored) -> (B, 3, H, W) float in [0, 1] on ``device``."""
+    x = images.to(device, non_blocking=True)
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class ColorJitter:
+    """Batched brightness / contrast / saturation / hue jitter of (N, 3, H, W) images in [0, 1].
+
+    Each image gets its own factors, drawn from ``generator`` (a CPU
+    ``torch.Generator``, so the draws are the same on every device). Hue is
+    rotated in YIQ space (a linear map per image).
+    """
+
+    def __init__(self, brightness: float = 0.1, contrast: float = 0.1, saturation: float = 0.1, hue: float = 0.02):
+        self.b, self.c, self.s, self.h = brightness, contrast, saturation, hue
+
+    @property
+    def active(self) -> bool:
+        return any(v > 0 for v in (self.b, self.c, self.s, self.h))
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not self.active:
+            return x
+        with torch.autocast(device_type=x.device.type, enabled=False):  # colour maths in float32
+            return self._jitter(x.float(), generator)
+
+    def _jitter(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n = x.shape[0]
+
+        def factors(r: float) -> torch.Tensor:
+            u = torch.rand(n, generator=generator) * 2 - 1
+            return (1 + r * u).to(x.device, x.dtype).view(n, 1, 1, 1)
+
+        fb, fc, fs = factors(self.b), factors(self.c), factors(self.s)
+        theta = ((torch.rand(n, generator=generator) * 2 - 1) * self.h * 2 * math.pi).to(x.device, x.dtype)
+        w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        x = x * fb
+        grey = (x * w).sum(1, keepdim=True)
+        x = (x - grey.mean((2, 3), keepdim=True)) * fc + grey.mean((2, 3), keepdim=True)
+        grey = (x * w).sum(1, keepdim=True)
+        x = (x - grey) * fs + grey
+        if self.h > 0:
+            to_yiq = torch.tensor(
+                [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device, dtype=x.dtype
+            )
+            from_yiq = torch.linalg.inv(to_yiq)
+            cos, sin = torch.cos(theta), torch.sin(theta)
+            rot = torch.zeros(n, 3, 3, device=x.device, dtype=x.dtype)
+            rot[:, 0, 0] = 1
+            rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+            m = from_yiq @ rot @ to_yiq  # (n, 3, 3)
+            x = torch.einsum("nij,njhw->nihw", m, x)
+        return x.clamp_(0.0, 1.0)
+
+
+class Trainer:
+    """Base class: epoch loop, optimiser (Adam), scheduler, AMP and checkpoint state.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    device : torch.device
+    lr, weight_decay : float
+        Adam settings.
+    epochs : int
+        Total epochs of this training (the scheduler spans them).
+    lr_schedule : {'constant', 'cosine'}
+    amp : bool
+        Mixed precision on CUDA.
+    jitter : ColorJitter, optional
+        Colour augmentation applied on the device (None: off).
+    seed : int
+        Base of the per-batch colour-jitter seeds (seed, epoch, batch).
+    progress : bool
+        Show a tqdm bar per epoch.
+    desc : str
+        Label for the progress bar and logs.
+    """
+
+    name = "base"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        device: torch.device,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        epochs: int = 1,
+        lr_schedule: str = "constant",
+        amp: bool = True,
+        jitter: ColorJitter | None = None,
+        seed: int = 0,
+        progress: bool = True,
+        desc: str = "train",
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.epochs = int(epochs)
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self.jitter = jitter
+        self.seed = int(seed)
+        self.progress = progress
+        self.desc = desc
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        if lr_schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, self.epochs))
+        elif lr_schedule == "constant":
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _e: 1.0)
+        else:
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    # -- what subclasses provide ----------------------------------------------
+    def compute_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        """(mean loss of the batch, number of items)."""
+        raise NotImplementedError
+
+    # -- loop ---------------------------------------------------------------------
+    def _generator(self, epoch: int, batch: int) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + batch) % (2**63))
+        return g
+
+    def train_epoch(self, batches: Iterable[dict]) -> dict:
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        t0 = time.perf_counter()
+        total, n_items, n_batches = 0.0, 0, 0
+        bar = tqdm(
+            batches,
+            total=len(batches) if hasattr(batches, "__len__") else None,
+            desc=f"{self.desc} epoch {self.epoch + 1}/{self.epochs}",
+            unit="batch",
+            disable=not self.progress,
+            leave=False,
+        )
+        for b, batch in enumerate(bar):
+            g = self._generator(self.epoch, b)
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast(self.device, self.amp):
+                loss, n = self.compute_loss(batch, g)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.desc}: the loss became {loss.item()} in epoch {self.epoch + 1}, batch {b}")
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            total += float(loss.detach()) * n
+            n_items += n
+            n_batches += 1
+            bar.set_postfix_str(f"loss {total / max(n_items, 1):.4f}")
+        bar.close()
+        self.scheduler.step()
+        self.epoch += 1
+        rec = {
+            "epoch": self.epoch,
+            "loss": (total / n_items) if n_items else None,
+            "batches": n_batches,
+            "items": n_items,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
+        self.history.append(rec)
+        log.info("%s epoch %d/%d: loss %s (%d items, %.1f s)", self.desc, self.epoch, self.epochs,
+                 f"{rec['loss']:.4f}" if rec["loss"] is not None else "n/a", n_items, rec["seconds"])
+        return rec
+
+    def fit(
+        self,
+        batches_for_epoch: Callable[[int], Iterable[dict]],
+        checkpoint: Callable[["Trainer"], None] | None = None,
+    ) -> list[dict]:
+        """Run epochs ``self.epoch .. self.epochs - 1``; call ``checkpoint`` after each."""
+        while self.epoch < self.epochs:
+            self.train_epoch(batches_for_epoch(self.epoch))
+            if checkpoint is not None:
+                checkpoint(self)
+        return self.history
+
+    # -- state ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "trainer": self.name,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "epochs": self.epochs,
+            "history": list(self.history),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state.get("history", []))
+        if state.get("torch_rng") is not None:
+            torch.set_rng_state(state["torch_rng"])
+
+
+@register_trainer("soft_bce")
+class SoftBCESegTrainer(Trainer):
+    """theta1: per-pixel soft-label BCE; logits upsampled to the tile size.
+
+    Batches: ``{"image": (B, T, T, 3) uint8, "target": (B, T, T) float in [0, 1], ...}``.
+    """
+
+    def compute_loss(self, batch, generator):
+        x = images_to_float(batch["image"], self.device)
+        if self.jitter is not None:
+            x = self.jitter(x, generator)
+        y = batch["target"].to(self.device, non_blocking=True).float()
+        logits = self.model(x)
+        if logits.shape[-2:] != y.shape[-2:]:
+            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        return soft_bce_with_logits(logits, y), int(x.shape[0])
+
+
+@register_trainer("topk_mean")
+class TopKMeanSlideTrainer(Trainer):
+    """theta2: BCE of the mean tile probability of each slide's top-K tiles against its label.
+
+    Batches: ``{"tiles": (B, K, T, T, 3) uint8, "mask": (B, K) bool, "label": (B,) float}``.
+    """
+
+    def compute_loss(self, batch, generator):
+        tiles = batch["tiles"]
+        b, k = tiles.shape[:2]
+        x = images_to_float(tiles.reshape(b * k, *tiles.shape[2:]), self.device)
+        if self.jitter is not None:
+            x = self.jitter(x, generator)
+        logits = self.model(x).reshape(b, k)
+        mask = batch["mask"].to(self.device)
+        y = batch["label"].to(self.device).float()
+        return topk_mean_bce(logits, y, mask=mask), int(b)
