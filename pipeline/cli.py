@@ -160,5 +160,193 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed):
     return info
 
 
+
+@main.command("em-round")
+@click.option("--stores", required=True, type=click.Path(path_type=Path), help="Tile store folder (the --out of 'tile').")
+@click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path),
+              help="CSV slide_id,label[,split]: 1 = positive, 0 = negative; split train/val/test (default train).")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory (created).")
+@click.option("--annotations", "annotations", multiple=True, type=click.Path(path_type=Path), metavar="PATH",
+              help="Pixel annotations: QuPath GeoJSON (<slide_id>.geojson, level-0 px) and/or mask images "
+                   "(<slide_id>_mask.png); files or folders, repeatable.")
+@_config_options
+@click.option("--mode", type=click.Choice(["mixed", "pixel", "image"]), default=None,
+              help="mixed: EM with pixel + image labels (default); pixel: annotations only, no EM; "
+                   "image: top-K MIL without pixel labels (em.mode).")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="Make rounds 0..N-1 complete; finished rounds are skipped, an interrupted one resumes.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Local file with initial theta1 weights (model.seg_weights); nothing is downloaded.")
+@click.option("--force", is_flag=True, help="Delete the run's rounds and train them again.")
+@_common_options
+@_handle_errors
+def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, mode, rounds, weights, force,
+             quiet, verbose):
+    """Train rounds of the mixed-supervision EM loop (Li et al., Algorithm 1).
+
+    Round 0 trains the segmentation net theta1 on the annotated tiles; each
+    later round pseudo-labels the other training slides with the previous
+    theta1 (E-step) and retrains it on a 2:1:7 mix of annotated,
+    pseudo-positive and hard-negative tiles (M-step). Every round then trains
+    the slide classifier theta2 on each slide's top-K tiles, reports the
+    stage-2 loss (and validation AUC when the labels have a val split) and
+    updates RUN/best, the round with the lowest stage-2 loss.
+
+    \b
+    Examples:
+      wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --rounds 3
+      wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --config tiny
+      wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run-pixel --mode pixel
+      wsi-pipeline em-round --stores stores --labels labels.csv --run run-mil --mode image --rounds 2
+      wsi-pipeline em-round ... --set em.epochs=10 --set stage2.top_k=8 --weights theta1.pt
+    """
+    from pipeline.batch import UsageError, setup_logging
+    from pipeline.em import run_em
+    from wsi.store import StoreError
+
+    setup_logging(quiet, verbose)
+    cfg = build_config(
+        config_path,
+        set_items,
+        {"em.mode": mode, "model.seg_weights": str(weights.resolve()) if weights is not None else None},
+    )
+    try:
+        summary = run_em(stores, labels_csv, run_dir, cfg, annotations=list(annotations), rounds=rounds,
+                         force=force, progress=not quiet)
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; run the same command again to resume from the last checkpoint in {run_dir}", err=True)
+        sys.exit(130)
+    rows = []
+    for k in summary["rounds_completed"]:
+        m = summary["rounds"].get(k, {})
+        val = m.get("val") or {}
+        auc = val.get("auc")
+        spec = val.get("specificity_at_full_sensitivity")
+        loss = m.get("stage2_loss")
+        rows.append(
+            f"  round {k}: stage-2 loss {loss:.4f}" if loss is not None else f"  round {k}: stage-2 loss n/a"
+        )
+        if auc is not None:
+            rows[-1] += f", val AUC {auc:.3f}, specificity at 100% sensitivity {spec if spec is None else round(spec, 3)}"
+        if k == summary["best_round"]:
+            rows[-1] += "  <- best"
+    ran = ", ".join(map(str, summary["rounds_run"])) or "none"
+    click.echo(f"em-round ({summary['mode']}): ran round(s) {ran}; rounds complete:", err=True)
+    click.echo("\n".join(rows), err=True)
+    click.echo(f"run: {run_dir} (best round {summary['best_round']})", err=True)
+
+@main.command()
+@click.argument("slides", type=click.Path(path_type=Path))
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory of 'em-round'.")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--round", "round_", default="best", show_default=True, metavar="best|last|K",
+              help="Which round's models: the run's best, its last, or round K.")
+@click.option("--threshold", type=float, default=None,
+              help="Decision threshold on the slide probability (default: the run's threshold at 100% "
+                   "sensitivity on its validation split; required when the run has none).")
+@click.option("--region-threshold", type=float, default=0.5, show_default=True,
+              help="theta1 probability above which heatmap pixels form the GeoJSON regions and outlines.")
+@click.option("--geojson/--no-geojson", default=True, show_default=True,
+              help="Write the predicted positive regions as QuPath GeoJSON (OUT/regions/).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=None, help="Tiles per inference batch (default: the run's em.predict_batch_size).")
+@click.option("--loader-workers", type=int, default=None,
+              help="DataLoader processes reading tiles (default: the run's runtime.loader_workers).")
+@click.option("--workers", type=int, default=None, help="Dask worker processes for tiling slides; 0 = in this process.")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="Existing Dask scheduler for tiling, e.g. tcp://head:8786.")
+@click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
+@click.option("--assume-mpp", type=float, default=None, help="µm/px for slides whose metadata has none.")
+@_common_options
+@_handle_errors
+def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geojson, device, batch_size,
+             loader_workers, workers, scheduler, mpp_csv, assume_mpp, quiet, verbose):
+    """Score slides with a trained run: predictions.csv, heatmaps, GeoJSON regions and report.html.
+
+    SLIDES is a folder of slides (searched recursively; tiled into OUT/stores with
+    the run's own tiling settings, current stores are reused), one slide, a list
+    file, or a folder of tile stores (*.zarr) tiled with the run's settings.
+    Each slide's probability is the mean theta2 probability of the K tiles
+    theta1 ranks highest; it is positive at probability >= threshold.
+
+    Tiling runs on the Dask executor (--workers/--scheduler); scoring runs in this
+    process with batched inference on the chosen device and --loader-workers
+    DataLoader processes. Re-running skips slides already scored with the same
+    run, round and store; predictions.csv and report.html are rebuilt from all
+    results in OUT/slides. Exit code 1 when a slide failed (the others are done).
+
+    \b
+    Examples:
+      wsi-pipeline classify /data/new-slides --run run --out results
+      wsi-pipeline classify stores/ --run run --out results --round 2
+      wsi-pipeline classify slides/ --run run --out results --threshold 0.35 --device cuda
+      wsi-pipeline classify slides/ --run run --out results --workers 4 --loader-workers 4 --quiet
+      wsi-pipeline classify slides.txt --run run --out results --scheduler tcp://head:8786
+    """
+    from pipeline.batch import setup_logging
+    from pipeline.classify import run_classify
+    from wsi.slide import load_mpp_csv
+
+    setup_logging(quiet, verbose)
+    overrides = load_mpp_csv(mpp_csv) if mpp_csv else None
+    try:
+        report = run_classify(
+            slides, run_dir, out_dir, round_=round_, threshold=threshold, device=device, batch_size=batch_size,
+            loader_workers=loader_workers, workers=workers, scheduler=scheduler, mpp_overrides=overrides,
+            assume_mpp=assume_mpp, region_threshold=region_threshold, geojson=geojson, quiet=quiet,
+            progress=not quiet,
+        )
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; run the same command again: slides already scored in {out_dir} are skipped", err=True)
+        sys.exit(130)
+    click.echo(report.summary(), err=True)
+    s = report.settings
+    click.echo(f"threshold {s['threshold']:.4f} ({s['threshold_source']}); round {s['round']}", err=True)
+    click.echo(f"predictions: {s['predictions']} ({s['slides_in_predictions']} slides)", err=True)
+    click.echo(f"report: {s['report_html']}", err=True)
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.option("--predictions", required=True, type=click.Path(path_type=Path), help="predictions.csv of 'classify'.")
+@click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path),
+              help="CSV slide_id,label[,split]: 1 = positive, 0 = negative.")
+@click.option("--out", "-o", "out_dir", default=None, type=click.Path(path_type=Path),
+              help="Folder for evaluation.json and roc.png (default: the predictions file's folder).")
+@click.option("--masks", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="Ground-truth folder (repeatable): <slide_id>.geojson (level-0 px) and/or "
+                   "<slide_id>_lesion_mask.png with <mask>.json {\"downsample\": N}; adds pixel Dice/IoU.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Only slides of this split of the labels CSV (default: all labelled slides).")
+@click.option("--pixel-threshold", type=float, default=0.5, show_default=True,
+              help="theta1 probability at which a heatmap pixel counts as positive for Dice/IoU.")
+@_common_options
+@_handle_errors
+def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, quiet, verbose):
+    """Slide AUC, sensitivity and specificity of a classify output (and pixel Dice/IoU of its heatmaps).
+
+    Prints AUC, sensitivity and specificity at the threshold stored in
+    predictions.csv and at the threshold that finds every positive slide of the
+    table (100% sensitivity), and writes roc.png and evaluation.json. With
+    --masks, heatmaps (>= --pixel-threshold) are compared with the ground truth at
+    heatmap scale over the tissue.
+
+    \b
+    Examples:
+      wsi-pipeline evaluate --predictions results/predictions.csv --labels labels.csv
+      wsi-pipeline evaluate --predictions results/predictions.csv --labels labels.csv --split test
+      wsi-pipeline evaluate --predictions results/predictions.csv --labels cohort/labels.csv \\
+          --masks cohort/annotations --out eval/
+    """
+    from pipeline.batch import setup_logging
+    from pipeline.evaluate import format_evaluation, run_evaluate
+
+    setup_logging(quiet, verbose)
+    res = run_evaluate(predictions, labels_csv, out_dir=out_dir, masks=list(masks), split=split,
+                       pixel_threshold=pixel_threshold)
+    click.echo(format_evaluation(res))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,686 @@
+"""The ``classify`` command: score slides with a trained EM round, write predictions, heatmaps and a report.
+
+Per slide (Li et al., stage 2): theta1 predicts every tissue tile; the K tiles
+with the highest maximum pixel probability go to theta2; the slide probability
+is the mean of theta2's K tile probabilities (:func:`pipeline.inference.score_slide`,
+the same code the EM loop validates with). A slide is called positive when its
+probability is at least the threshold: by default the one the run stored at
+100 % sensitivity on its validation split, otherwise ``--threshold``.
+
+Input
+-----
+* a folder of slides (or one slide, or a list file): tiled first with the
+  **run's own** tiling settings into ``OUT/stores`` by :func:`pipeline.tile.run_tile`
+  (``--workers`` / ``--scheduler`` parallelise this part; stores already there
+  and current are skipped);
+* a folder of tile stores (``*.zarr``) or one store: used as they are, but a
+  store tiled with other settings than the run's (``config_hash``, tile size,
+  resolution) is refused with the difference named.
+
+Where the work runs: tiling goes through the Dask executor like ``tile``;
+scoring runs in this process, one slide after another, with batched inference
+on the chosen device (CUDA when available) and ``--loader-workers`` DataLoader
+processes reading tiles. One GPU is kept busy this way; slides are small work
+units for a GPU, so spreading them over Dask workers would mostly duplicate the
+models in memory.
+
+Output folder ::
+
+    OUT/predictions.csv           one row per scored slide (rebuilt from slides/*.json every run)
+    OUT/report.html               one self-contained page for people
+    OUT/classify-report.json      what happened to each slide in the last run (+ reports/ history)
+    OUT/slides/<id>.json          per-slide result, written last (the slide's "done" marker)
+    OUT/heatmaps/<id>.png         theta1 probability over the thumbnail
+    OUT/heatmaps/<id>.zarr        the same as an array (see wsi.heatmap), with the tissue mask
+    OUT/heatmaps/<id>_thumbnail.jpg
+    OUT/regions/<id>.geojson      predicted positive regions for QuPath (level-0 px)
+    OUT/tiles/<id>/NN.jpg         the top-K tiles, rank order
+    OUT/stores/                   tile stores made from slide input
+
+Re-running is cheap: a slide whose result was made with the same run, round,
+store content and output options is skipped. Every file is written under a
+temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.batch import (
+    RunLock,
+    RunReport,
+    SlideOutcome,
+    UsageError,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    utc_now,
+)
+from wsi import __version__
+
+log = logging.getLogger("wsi_pipeline")
+
+__all__ = ["run_classify", "resolve_threshold", "check_store_compatible", "store_fingerprint", "RESULT_FORMAT"]
+
+RESULT_FORMAT = "wsi-pipeline.classify-slide"
+RESULT_FORMAT_VERSION = 1
+REGION_CLASS = "Tumor (predicted)"
+TILE_THUMB_PX = 128
+OVERLAY_MIN_SIDE_PX = 512
+
+
+# --------------------------------------------------------------------------- run and threshold
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable ({exc})") from None
+
+
+def _round_arg(round_) -> str | int:
+    r = str(round_).strip().lower()
+    if r in ("best", "last"):
+        return r
+    if r.isdigit():
+        return int(r)
+    raise UsageError(f"--round {round_!r}: give 'best', 'last' or a round number (0, 1, ...)")
+
+
+def resolve_threshold(threshold: float | None, run_dir: Path, k: int, run_threshold: float | None) -> tuple[float, str]:
+    """The decision threshold and a sentence saying where it came from.
+
+    ``--threshold`` wins; otherwise the run's threshold at 100 % sensitivity on
+    its validation split. Neither -> :class:`UsageError` (never a silent 0.5).
+    """
+    if threshold is not None:
+        t = float(threshold)
+        if not (0.0 <= t <= 1.0) or math.isnan(t):
+            raise UsageError(f"--threshold {threshold}: must be a probability between 0 and 1")
+        return t, "--threshold (given on the command line)"
+    if run_threshold is None or (isinstance(run_threshold, float) and math.isnan(run_threshold)):
+        raise UsageError(
+            f"{run_dir / f'round_{k}' / 'metrics.json'}: the run stored no validation threshold (its labels had "
+            "no 'val' split with positive slides); pass --threshold X (a probability, e.g. from your own validation)"
+        )
+    val = _read_json(run_dir / f"round_{k}" / "metrics.json").get("val") or {}
+    spec = val.get("specificity_at_full_sensitivity")
+    detail = f"{val.get('n_pos', '?')} positive / {val.get('n_neg', '?')} negative slides"
+    if spec is not None:
+        detail += f", specificity {spec:.3f} there"
+    return float(run_threshold), f"run validation split, round {k}: 100% sensitivity ({detail})"
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _round_fingerprint(run_dir: Path, meta: dict, k: int) -> str:
+    """Identity of the models used: the run's training hash, the round and both checkpoints' bytes."""
+    rdir = run_dir / f"round_{k}"
+    parts = [str(meta.get("train_hash")), str(k), _file_sha(rdir / "seg.pt"), _file_sha(rdir / "cls.pt")]
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+
+
+def _tiling_config(meta: dict, run_dir: Path):
+    """The Config that tiles new slides exactly as the run's stores were tiled."""
+    from pipeline.config import ConfigError, load_config
+
+    conf = meta.get("config") or {}
+    overrides = {}
+    for sec in ("tiling", "tissue", "store", "runtime"):
+        for key, value in (conf.get(sec) or {}).items():
+            overrides[f"{sec}.{key}"] = value
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError as exc:
+        raise UsageError(
+            f"{run_dir / 'run.json'}: this software version cannot reproduce the run's tiling settings ({exc}); "
+            "tile the slides with the version the run was made with and pass the store folder"
+        ) from None
+    want = (meta.get("tiling") or {}).get("config_hash")
+    if cfg.tiling_hash() != want:
+        raise UsageError(
+            f"{run_dir / 'run.json'}: the run's stores have tiling hash {want}, but its recorded settings give "
+            f"{cfg.tiling_hash()} with this software version {__version__}; tile the slides with the version "
+            f"the run was made with ({meta.get('software_version')}) and pass the store folder"
+        )
+    return cfg
+
+
+# --------------------------------------------------------------------------- stores
+
+
+def store_fingerprint(store) -> str:
+    """Identity of a store's content: tiling hash, source file fingerprint, creation and tile count."""
+    a = store.attrs
+    key = {
+        "config_hash": a.get("config_hash"),
+        "slide_fingerprint": (a.get("slide") or {}).get("fingerprint"),
+        "slide_size": (a.get("slide") or {}).get("size_bytes"),
+        "created_utc": a.get("created_utc"),
+        "finished_utc": a.get("finished_utc"),
+        "n_tiles": len(store),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_store_compatible(store, run_tiling: dict) -> str | None:
+    """None when the store was tiled as the run's stores were; else one line naming the difference."""
+    a = store.attrs
+    t = a.get("tiling") or {}
+    have = {
+        "config_hash": a.get("config_hash"),
+        "tile_px": int(store.tile_px),
+        "mpp": float(t.get("target_mpp", store.mpp)),
+        "overlap_px": int(t.get("overlap_px", 0)),
+    }
+    want = {k: run_tiling.get(k) for k in have}
+    if have["config_hash"] == want["config_hash"]:
+        return None
+    diffs = [f"{k} {have[k]} (run: {want[k]})" for k in ("tile_px", "mpp", "overlap_px") if want[k] is not None and have[k] != want[k]]
+    what = ", ".join(diffs) if diffs else f"tiling config hash {have['config_hash']} (run: {want['config_hash']}; tissue/codec settings differ)"
+    return (
+        f"{store.path}: tiled with other settings than the run's models expect: {what}; "
+        "pass the slides instead of the stores (classify then tiles them with the run's settings) "
+        "or re-tile with the run's config"
+    )
+
+
+def _gather_stores(src: Path) -> list[Path] | None:
+    """Stores named by ``src`` (a store or a folder of stores), or None when ``src`` names slides."""
+    from wsi.slide import SLIDE_EXTENSIONS
+    from wsi.store import STORE_SUFFIX, list_stores
+
+    if not src.exists():
+        raise UsageError(f"{src}: no such file or folder")
+    if src.is_dir() and src.name.endswith(STORE_SUFFIX):
+        return [src]
+    if not src.is_dir():
+        return None
+    stores = list_stores(src)
+    if not stores:
+        return None
+    slides = [p for p in src.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS]
+    if slides:
+        raise UsageError(
+            f"{src}: holds both slides ({slides[0].name}, ...) and tile stores ({stores[0].name}, ...); "
+            "pass a folder of one kind"
+        )
+    return stores
+
+
+def _describe(exc: BaseException, where: str) -> str:
+    """One line naming the store and what to do."""
+    import errno
+
+    from wsi.store import StoreError
+
+    if isinstance(exc, (StoreError, UsageError)):
+        return str(exc)
+    msg = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"{where}: no space left on the device while writing its results; free space or choose another --out"
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS):
+        return f"{where}: permission denied ({exc.filename}); check the output folder is writable"
+    if isinstance(exc, MemoryError) or "out of memory" in msg.lower():
+        return f"{where}: out of memory while scoring ({msg or type(exc).__name__}); lower --batch-size"
+    name = type(exc).__name__.lower()
+    if any(k in name for k in ("jpeg", "decode", "codec")) or any(k in msg.lower() for k in ("jpeg", "decode", "corrupt")):
+        return (
+            f"{where}: reading tiles failed ({type(exc).__name__}: {msg}); the store is damaged: "
+            "delete it and re-run (slide input re-tiles it) or re-run 'wsi-pipeline tile'"
+        )
+    return f"{where}: scoring failed ({type(exc).__name__}: {msg})"
+
+
+# --------------------------------------------------------------------------- per slide
+
+
+@dataclass
+class _Ctx:
+    run_dir: Path
+    meta: dict
+    rm: object  # RoundModels
+    run_fp: str
+    out: Path
+    region_threshold: float
+    geojson: bool
+    batch_size: int
+    loader_workers: int
+    progress: bool
+
+    @property
+    def options(self) -> dict:
+        return {"region_threshold": self.region_threshold, "geojson": self.geojson, "heatmap_reduce": "max"}
+
+
+def _rel(ctx: _Ctx, p: Path | None) -> str | None:
+    return None if p is None else str(Path(p).relative_to(ctx.out))
+
+
+def _result_path(out: Path, sid: str) -> Path:
+    return out / "slides" / f"{sid}.json"
+
+
+def _is_current(ctx: _Ctx, sid: str, fp: str) -> bool:
+    res = _read_json_quiet(_result_path(ctx.out, sid))
+    if not res or res.get("format") != RESULT_FORMAT or res.get("format_version") != RESULT_FORMAT_VERSION:
+        return False
+    if res.get("run_fingerprint") != ctx.run_fp or res.get("store_fingerprint") != fp or res.get("options") != ctx.options:
+        return False
+    files = [res.get("heatmap", {}).get(k) for k in ("png", "zarr", "thumbnail")]
+    files += [t.get("image") for t in res.get("topk", [])]
+    if ctx.geojson:
+        files.append((res.get("regions") or {}).get("geojson"))
+    return all(f and (ctx.out / f).exists() for f in files)
+
+
+def _read_json_quiet(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _atomic_image(path: Path, img: np.ndarray, quality: int = 88) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        im = Image.fromarray(np.ascontiguousarray(img))
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            im.convert("RGB").save(str(tmp), format="JPEG", quality=quality)
+        else:
+            im.save(str(tmp), format="PNG", compress_level=3)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _upscale(thumb: np.ndarray) -> int:
+    """Integer factor bringing a small thumbnail to at least OVERLAY_MIN_SIDE_PX (at most 8)."""
+    return max(1, min(8, int(math.ceil(OVERLAY_MIN_SIDE_PX / max(thumb.shape[0], thumb.shape[1], 1)))))
+
+
+def _overlay_image(thumb: np.ndarray, heat: np.ndarray, tissue: np.ndarray, region_threshold: float) -> np.ndarray:
+    """Heatmap over the tissue of the thumbnail (scaled up to >= 512 px for small slides), positive regions outlined."""
+    import cv2
+
+    from wsi.preview import heatmap_overlay
+
+    H, W = thumb.shape[:2]
+    f = _upscale(thumb)
+    valid = ~np.isnan(heat) & tissue
+    base = thumb
+    if f > 1:
+        base = cv2.resize(thumb, (W * f, H * f), interpolation=cv2.INTER_CUBIC)
+        heat = cv2.resize(np.nan_to_num(heat, nan=0.0), (W * f, H * f), interpolation=cv2.INTER_NEAREST)
+        valid = cv2.resize(valid.astype(np.uint8), (W * f, H * f), interpolation=cv2.INTER_NEAREST).astype(bool)
+    img = np.ascontiguousarray(heatmap_overlay(base, np.nan_to_num(heat, nan=0.0), alpha=0.45, valid=valid))
+    pos = ((np.nan_to_num(heat, nan=0.0) >= region_threshold) & valid).astype(np.uint8)
+    if pos.any():
+        contours, _ = cv2.findContours(pos, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(img, contours, -1, (255, 255, 255), max(1, f // 2))
+    return img
+
+
+def _score_one(ctx: _Ctx, sid: str, store_path: Path, source: str) -> dict:
+    """Score one store and write all its outputs; returns the result (also written to slides/<id>.json)."""
+    import cv2
+
+    from pipeline.inference import score_slide
+    from wsi.heatmap import assemble_heatmap, heatmap_regions, regions_geojson, write_heatmap_zarr
+    from wsi.store import TileStore
+
+    t0 = time.perf_counter()
+    st = TileStore(store_path)
+    reason = check_store_compatible(st, ctx.meta.get("tiling") or {})
+    if reason:
+        raise UsageError(reason)
+    fp = store_fingerprint(st)
+    rm = ctx.rm
+    r = score_slide(rm, st, batch_size=ctx.batch_size, loader_workers=ctx.loader_workers, progress=ctx.progress)
+    out = ctx.out
+    slide_attrs = st.attrs.get("slide") or {}
+    bounds = slide_attrs.get("bounds_xywh") or [0, 0, 0, 0]
+    origin = (float(bounds[0]), float(bounds[1]))
+    m = st.mask_downsample
+    tissue = st.mask
+    thumb = st.thumbnail
+    tile_l0 = st.tile_px * st.downsample
+    maps = r["prob_maps"] if r["prob_maps"] is not None else np.zeros((0, 1, 1), np.float16)
+    heat = assemble_heatmap(st.coords, maps, tile_level0_px=tile_l0, origin_level0_xy=origin, downsample=m,
+                            shape=tissue.shape, reduce="max")
+
+    # top-K tiles
+    tiles_dir = out / "tiles" / sid
+    tmp_tiles = out / "tiles" / f".tmp-{sid}-{uuid.uuid4().hex[:8]}"
+    topk = []
+    idx = np.asarray(r["topk_indices"], np.int64)
+    imgs = st.read(idx) if len(idx) else []
+    for rank, (i, img) in enumerate(zip(idx, imgs), start=1):
+        small = cv2.resize(img, (TILE_THUMB_PX, TILE_THUMB_PX), interpolation=cv2.INTER_AREA) if img.shape[0] > TILE_THUMB_PX else img
+        _atomic_image(tmp_tiles / f"{rank:02d}.jpg", small, quality=85)
+        x, y = (int(v) for v in st.coords[i])
+        topk.append({
+            "rank": rank,
+            "tile_index": int(i),
+            "x_level0_px": x,
+            "y_level0_px": y,
+            "size_level0_px": round(float(tile_l0), 3),
+            "theta1_max": float(r["topk_max_probs"][rank - 1]),
+            "theta2_probability": float(r["topk_scores"][rank - 1]),
+            "image": _rel(ctx, tiles_dir / f"{rank:02d}.jpg"),
+        })
+    tmp_tiles.mkdir(parents=True, exist_ok=True)
+    old = None
+    if tiles_dir.exists():
+        old = tiles_dir.with_name(f".old-{sid}-{uuid.uuid4().hex[:8]}")
+        os.replace(tiles_dir, old)
+    os.replace(tmp_tiles, tiles_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+    # heatmap pictures and array
+    hdir = out / "heatmaps"
+    png, thumb_path, zpath = hdir / f"{sid}.png", hdir / f"{sid}_thumbnail.jpg", hdir / f"{sid}.zarr"
+    f = _upscale(thumb)
+    big = cv2.resize(thumb, (thumb.shape[1] * f, thumb.shape[0] * f), interpolation=cv2.INTER_CUBIC) if f > 1 else thumb
+    _atomic_image(thumb_path, big, quality=88)
+    _atomic_image(png, _overlay_image(thumb, heat, tissue, ctx.region_threshold))
+    covered = ~np.isnan(heat)
+    heat_t = np.where(tissue & covered, heat, np.nan)
+    pos_px = int((np.nan_to_num(heat_t, nan=0.0) >= ctx.region_threshold).sum())
+    tissue_px = int(tissue.sum())
+    hattrs = {
+        "slide_id": sid,
+        "downsample": m,
+        "origin_level0_xy": list(origin),
+        "slide_width_px": slide_attrs.get("width"),
+        "slide_height_px": slide_attrs.get("height"),
+        "mpp": slide_attrs.get("mpp"),
+        "value": "theta1 positive probability, maximum over overlapping tiles; NaN = no tile",
+        "pixel_rule": "pixel (r, c) covers level-0 [ox + c*downsample, ox + (c+1)*downsample) x [oy + r*downsample, ...)",
+        "run_dir": str(ctx.run_dir.resolve()),
+        "round": rm.round,
+        "software_version": __version__,
+    }
+    write_heatmap_zarr(zpath, heat, tissue, hattrs)
+
+    # positive regions for QuPath
+    regions_info = {"threshold": ctx.region_threshold, "geojson": None, "n_regions": 0, "area_level0_px2": 0.0}
+    if ctx.geojson:
+        regs = heatmap_regions(heat, ctx.region_threshold, downsample=m, origin_level0_xy=origin, within=tissue)
+        gj = regions_geojson(regs, name=REGION_CLASS)
+        gpath = out / "regions" / f"{sid}.geojson"
+        atomic_write_text(gpath, json.dumps(gj))
+        regions_info.update({
+            "geojson": _rel(ctx, gpath),
+            "n_regions": len(regs),
+            "area_level0_px2": round(float(sum(x["polygon"].area for x in regs)), 1),
+        })
+
+    prob = r["probability"]
+    result = {
+        "format": RESULT_FORMAT,
+        "format_version": RESULT_FORMAT_VERSION,
+        "slide_id": sid,
+        "source": source,
+        "store": str(Path(store_path).resolve()),
+        "store_fingerprint": fp,
+        "run_dir": str(ctx.run_dir.resolve()),
+        "run_fingerprint": ctx.run_fp,
+        "round": rm.round,
+        "options": ctx.options,
+        "status": "scored" if r["n_tiles"] else "no tissue",
+        "probability": None if prob is None or math.isnan(prob) else float(prob),  # full precision: compared with >=
+        "n_tiles": r["n_tiles"],
+        "top_k": rm.top_k,
+        "topk": topk,
+        "tile_px": st.tile_px,
+        "mpp": st.mpp,
+        "heatmap": {
+            "png": _rel(ctx, png),
+            "zarr": _rel(ctx, zpath),
+            "thumbnail": _rel(ctx, thumb_path),
+            "downsample": m,
+            "origin_level0_xy": list(origin),
+            "shape": list(heat.shape),
+            "max_probability": None if not covered.any() else round(float(np.nanmax(heat)), 6),
+            "positive_fraction_of_tissue": round(pos_px / tissue_px, 6) if tissue_px else 0.0,
+        },
+        "regions": regions_info,
+        "device": str(rm.device),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "scored_utc": utc_now(),
+        "software_version": __version__,
+    }
+    atomic_write_json(_result_path(out, sid), result)
+    return result
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_classify(
+    slides: str | Path,
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    round_: str | int = "best",
+    threshold: float | None = None,
+    device: str | None = "auto",
+    batch_size: int | None = None,
+    loader_workers: int | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    mpp_overrides: dict | None = None,
+    assume_mpp: float | None = None,
+    region_threshold: float = 0.5,
+    geojson: bool = True,
+    quiet: bool = False,
+    progress: bool = True,
+) -> RunReport:
+    """Classify every slide (or store) in ``slides`` with a round of ``run_dir``; outputs go to ``out_dir``.
+
+    ``round_`` is ``'best'`` (default), ``'last'`` or a round number; ``threshold``
+    overrides the run's validation threshold.
+
+    Returns the run report (also written as ``OUT/classify-report.json``); slides
+    that failed are in it with one line each and never stop the others.
+
+    Raises
+    ------
+    UsageError
+        No run / unfinished round / no threshold available, no inputs, an
+        unwritable or locked output folder.
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline.em import read_run
+    from pipeline.inference import load_round
+
+    t_run = time.perf_counter()
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if not 0.0 < region_threshold <= 1.0:
+        raise UsageError(f"--region-threshold {region_threshold}: must be in (0, 1]")
+    # cheap checks first, the models last
+    src = Path(slides)
+    stores = _gather_stores(src)
+    which = _round_arg(round_)
+    meta = read_run(run_dir)
+    tiling_cfg = _tiling_config(meta, run_dir) if stores is None else None
+    cfg = meta.get("config") or {}
+    bs = int(batch_size if batch_size is not None else (cfg.get("em") or {}).get("predict_batch_size", 64))
+    lw = int(loader_workers if loader_workers is not None else (cfg.get("runtime") or {}).get("loader_workers", 0))
+    if bs < 1 or lw < 0:
+        raise UsageError("--batch-size must be >= 1 and --loader-workers >= 0")
+    rm = load_round(run_dir, which, device=device or "auto")
+    thr, thr_source = resolve_threshold(threshold, run_dir, rm.round, rm.threshold_at_full_sensitivity)
+    out = ensure_writable_dir(out, "output folder")
+    show = progress and not quiet
+    report = RunReport(
+        command="classify",
+        settings={
+            "input": str(src),
+            "input_kind": "stores" if stores is not None else "slides",
+            "run_dir": str(run_dir.resolve()),
+            "round": rm.round,
+            "round_requested": str(round_),
+            "threshold": thr,
+            "threshold_source": thr_source,
+            "region_threshold": region_threshold,
+            "device": str(rm.device),
+            "batch_size": bs,
+            "loader_workers": lw,
+            "workers": workers,
+            "scheduler": scheduler,
+            "out": str(out),
+        },
+    )
+    with RunLock(out, "classify"):
+        for sub in ("slides", "heatmaps", "regions", "tiles"):  # leftovers of an interrupted run (never stores/)
+            for p in list((out / sub).glob(".tmp-*")) + list((out / sub).glob(".old-*")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        run_fp = _round_fingerprint(run_dir, meta, rm.round)
+        todo: list[tuple[str, Path, str]] = []
+        if stores is None:
+            from pipeline.tile import run_tile
+
+            log.info("tiling the slides of %s into %s with the run's tiling settings", src, out / "stores")
+            try:
+                trep = run_tile(src, out / "stores", tiling_cfg, workers=workers, scheduler=scheduler,
+                                mpp_overrides=mpp_overrides, assume_mpp=assume_mpp, quiet=quiet, progress=progress)
+            except UsageError as exc:
+                if "no slides found" in str(exc):
+                    raise UsageError(f"{exc}; or pass a folder of tile stores (*.zarr)") from None
+                raise
+            report.settings["tiling_report"] = str(out / "stores" / "tile-report.json")
+            for o in trep.slides:
+                if o.status == "failed":
+                    report.add(SlideOutcome(o.slide_id, o.path, "failed", f"tiling failed: {o.reason}", o.seconds))
+                else:
+                    todo.append((o.slide_id, out / "stores" / f"{o.slide_id}.zarr", o.path))
+        else:
+            from wsi.store import STORE_SUFFIX
+
+            for p in stores:
+                todo.append((p.name[: -len(STORE_SUFFIX)], p, str(p)))
+
+        ctx = _Ctx(run_dir, meta, rm, run_fp, out, float(region_threshold), bool(geojson), bs, lw, show)
+        log.info("scoring %d slide(s) with round %d of %s on %s (threshold %.4f: %s)",
+                 len(todo), rm.round, run_dir, rm.device, thr, thr_source)
+        bar = tqdm(total=len(todo), unit="slide", desc="classify", disable=not show)
+        for sid, store_path, source in todo:
+            t0 = time.perf_counter()
+            try:
+                from wsi.store import TileStore
+
+                st = TileStore(store_path)
+                if _is_current(ctx, sid, store_fingerprint(st)):
+                    res = _read_json_quiet(_result_path(out, sid))
+                    report.add(SlideOutcome(sid, source, "skipped", "already scored with this run, round and store",
+                                            round(time.perf_counter() - t0, 3), {"probability": res.get("probability")}))
+                    bar.update(1)
+                    continue
+                res = _score_one(ctx, sid, store_path, source)
+                secs = time.perf_counter() - t0
+                report.add(SlideOutcome(sid, source, "done", "" if res["n_tiles"] else "no tissue tiles",
+                                        round(secs, 3), {"probability": res["probability"], "n_tiles": res["n_tiles"]}))
+                log.info("scored %s: probability %s (%d tiles, %.1f s)", sid,
+                         "n/a" if res["probability"] is None else f"{res['probability']:.4f}", res["n_tiles"], secs)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one bad slide never stops the others
+                reason = _describe(exc, str(store_path))
+                report.add(SlideOutcome(sid, source, "failed", reason, round(time.perf_counter() - t0, 3)))
+                log.warning("FAILED %s: %s", sid, reason)
+            bar.update(1)
+        bar.close()
+        report.slides.sort(key=lambda s: s.slide_id)
+
+        provenance = _provenance(run_dir, meta, rm, thr, thr_source, round_)
+        results, others = collect_results(out, run_fp)
+        # a slide that failed now is listed as failed, not with an older result of a previous file/store
+        failed_now = {s.slide_id for s in report.slides if s.status == "failed"}
+        results = [r for r in results if r["slide_id"] not in failed_now]
+        if others:
+            log.warning("%d earlier result(s) in %s/slides were made with another run or round and are left out of "
+                        "predictions.csv and report.html: %s", len(others), out, ", ".join(others[:5]))
+        from pipeline.report import write_predictions_csv, write_report_html
+
+        write_predictions_csv(out / "predictions.csv", results, thr, thr_source, provenance)
+        failures = [(s.slide_id, s.reason) for s in report.slides if s.status == "failed"]
+        write_report_html(out / "report.html", results, provenance, out, failures=failures)
+        report.settings["predictions"] = str(out / "predictions.csv")
+        report.settings["report_html"] = str(out / "report.html")
+        report.settings["slides_in_predictions"] = len(results)
+        report.finished_utc = utc_now()
+        report.seconds = round(time.perf_counter() - t_run, 3)
+        report.write(out, "classify")
+    return report
+
+
+def collect_results(out: Path, run_fp: str) -> tuple[list[dict], list[str]]:
+    """Per-slide results in ``out/slides`` made with ``run_fp`` (sorted by probability, highest first),
+    and the ids of results from another run or round."""
+    keep, others = [], []
+    for p in sorted((Path(out) / "slides").glob("*.json")):
+        if p.name.startswith("."):
+            continue
+        res = _read_json_quiet(p)
+        if not res or res.get("format") != RESULT_FORMAT:
+            continue
+        if res.get("run_fingerprint") == run_fp:
+            keep.append(res)
+        else:
+            others.append(res.get("slide_id", p.stem))
+    keep.sort(key=lambda r: (r.get("probability") is None, -(r.get("probability") or 0.0), r["slide_id"]))
+    return keep, others
+
+
+def _provenance(run_dir: Path, meta: dict, rm, thr: float, thr_source: str, round_requested) -> dict:
+    metrics = _read_json(run_dir / f"round_{rm.round}" / "metrics.json")
+    cfg = meta.get("config") or {}
+    return {
+        "software_version": __version__,
+        "generated_utc": utc_now(),
+        "run_dir": str(run_dir.resolve()),
+        "run_created_utc": meta.get("created_utc"),
+        "run_software_version": meta.get("software_version"),
+        "run_mode": meta.get("mode"),
+        "run_train_hash": meta.get("train_hash"),
+        "round": rm.round,
+        "round_requested": str(round_requested),
+        "best_round": meta.get("best_round"),
+        "threshold": thr,
+        "threshold_source": thr_source,
+        "top_k": rm.top_k,
+        "seg_arch": (cfg.get("model") or {}).get("seg_arch"),
+        "cls_arch": (cfg.get("model") or {}).get("cls_arch"),
+        "tiling": meta.get("tiling"),
+        "validation": {k: v for k, v in (metrics.get("val") or {}).items() if k != "slides"},
+        "stage2_loss": metrics.get("stage2_loss"),
+        "device": str(rm.device),
+        "config": cfg,
+    }
