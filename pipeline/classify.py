@@ -590,7 +590,7 @@ def run_classify(
         ctx = _Ctx(run_dir, meta, rm, run_fp, out, float(region_threshold), bool(geojson), bs, lw, show)
         log.info("scoring %d slide(s) with round %d of %s on %s (threshold %.4f: %s)",
                  len(todo), rm.round, run_dir, rm.device, thr, thr_source)
-        bar = tqdm(total=len(todo), unit="slide", desc="classify", disable=not show)
+        bar = tqdm(total=len(todo), unit="slide", desc="classify", disable=True if not show else None)
         for sid, store_path, source in todo:
             t0 = time.perf_counter()
             try:

@@ -271,7 +271,7 @@ def iter_predictions(
     )
     was_training = seg_model.training
     seg_model.eval()
-    bar = tqdm(total=pos, desc=desc, unit="tile", disable=not progress, leave=False)
+    bar = tqdm(total=pos, desc=desc, unit="tile", disable=True if not progress else None, leave=False)
     try:
         with torch.inference_mode():
             for batch in loader:

@@ -462,7 +462,7 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
 
     states: dict[str, _SlideState] = {}
     meta: dict = {}
-    bar = tqdm(total=len(paths), unit="slide", desc="tile", disable=not show_progress, leave=True)
+    bar = tqdm(total=len(paths), unit="slide", desc="tile", disable=True if not show_progress else None, leave=True, mininterval=0.5)
     tiles_total = 0
     t_start = time.perf_counter()
     for p in paths:

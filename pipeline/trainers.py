@@ -233,7 +233,7 @@ class Trainer:
             total=len(batches) if hasattr(batches, "__len__") else None,
             desc=f"{self.desc} epoch {self.epoch + 1}/{self.epochs}",
             unit="batch",
-            disable=not self.progress,
+            disable=True if not self.progress else None,
             leave=False,
         )
         for b, batch in enumerate(bar):
