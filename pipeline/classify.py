@@ -68,6 +68,7 @@ from pipeline.batch import (
     utc_now,
 )
 from wsi import __version__
+from wsi.store import replace_dir
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -393,13 +394,7 @@ def _score_one(ctx: _Ctx, sid: str, store_path: Path, source: str) -> dict:
             "image": _rel(ctx, tiles_dir / f"{rank:02d}.jpg"),
         })
     tmp_tiles.mkdir(parents=True, exist_ok=True)
-    old = None
-    if tiles_dir.exists():
-        old = tiles_dir.with_name(f".old-{sid}-{uuid.uuid4().hex[:8]}")
-        os.replace(tiles_dir, old)
-    os.replace(tmp_tiles, tiles_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp_tiles, tiles_dir)
 
     # heatmap pictures and array
     hdir = out / "heatmaps"

@@ -30,7 +30,6 @@ polygons cover exactly the thresholded heatmap pixels.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -38,6 +37,8 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+
+from wsi.store import replace_dir
 
 __all__ = [
     "HEATMAP_FORMAT",
@@ -270,13 +271,7 @@ def write_heatmap_zarr(path: str | Path, heat: np.ndarray, tissue: np.ndarray | 
         if tissue is not None:
             g.create_array("tissue", data=np.asarray(tissue, np.uint8), compressors=ZstdCodec(level=3))
         g.attrs.update({"format": HEATMAP_FORMAT, "format_version": HEATMAP_FORMAT_VERSION, **json.loads(json.dumps(attrs, default=str))})
-        old = None
-        if path.exists():
-            old = path.with_name(f".old-{path.name}-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -201,6 +201,13 @@ def finalize_store(tmp_path: str | Path, final_path: str | Path, attrs: dict) ->
     tmp_path, final_path = Path(tmp_path), Path(final_path)
     g = zarr.open_group(str(tmp_path), mode="r+")
     g.attrs.update({**attrs, "complete": True})
+    replace_dir(tmp_path, final_path)
+
+
+def replace_dir(tmp_path: str | Path, final_path: str | Path) -> None:
+    """Move a finished directory into place; an existing one is moved aside first and
+    deleted only after the new one is in place (readers never see a half-written tree)."""
+    tmp_path, final_path = Path(tmp_path), Path(final_path)
     old = None
     if final_path.exists():
         old = final_path.with_name(f".old-{final_path.name}-{uuid.uuid4().hex[:8]}")
