@@ -67,3 +67,39 @@ def test_remove_small_regions():
     m[5:8, 5:8] = True
     out = remove_small_regions(m, 5)
     assert not out[0, 0] and out[5:8, 5:8].all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_otsu_threshold_matches_scikit_image(seed):
+    from skimage.filters import threshold_otsu
+
+    from wsi.tissue import otsu_threshold
+
+    rng = np.random.default_rng(seed)
+    # bimodal, skewed and narrow-range channels
+    a = np.concatenate([rng.normal(30 + 10 * seed, 8, 4000), rng.normal(150, 20 + seed, 1500 * (seed + 1))])
+    values = np.clip(a, 0, 255).astype(np.uint8).reshape(-1, 50)
+    assert otsu_threshold(values) == float(threshold_otsu(values))
+    narrow = rng.integers(100, 104, (40, 40)).astype(np.uint8)
+    assert otsu_threshold(narrow) == float(threshold_otsu(narrow))
+
+
+def test_otsu_threshold_edge_cases():
+    from wsi.tissue import otsu_threshold
+
+    assert otsu_threshold(np.full((5, 5), 77, np.uint8)) == 77.0
+    assert otsu_threshold(np.array([0, 255], np.uint8)) == 0.0
+    with pytest.raises(ValueError, match="uint8"):
+        otsu_threshold(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="at least one"):
+        otsu_threshold(np.zeros(0, np.uint8))
+
+
+def test_tiling_path_does_not_import_scipy():
+    """scikit-image pulls SciPy in (~0.4 s per worker); the tile workers must not pay that."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.tile, wsi.tissue, wsi.fastread, wsi.store; print('scipy' in sys.modules, 'skimage' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
