@@ -621,3 +621,55 @@ def test_speed_vs_openslide(tmp_path):
         f"{window_mp / t_os_windows:7.1f} MP/s of output\n"
         f"  speed-up (one region vs OpenSlide pieces):      {t_os / t_fast:7.1f}x"
     )
+
+
+@pytest.mark.parametrize("variant", ["jpeg_tables_rgb", "missing_tiles"])
+def test_read_canvas_matches_read_regions(slide_factory, variant):
+    """One canvas over several regions holds exactly the pixels read_regions returns."""
+    path = slide_factory(variant)
+    with TiffLevelReader.open(path, (BASE_W, BASE_H)) as reader:
+        groups = [
+            _regions_for(BASE_W, BASE_H, seed=3)[1:],  # spans outside the level on both sides
+            [(100, 50, 300, 200), (350, 220, 128, 64)],  # inside
+        ]
+        for regions in groups:
+            want = reader.read_regions(regions, fill=(9, 8, 7))
+            before = reader.decoded_tiles
+            canvas, (x0, y0) = reader.read_canvas(regions, fill=(9, 8, 7))
+            touched = touched_source_tiles(regions, reader.tile_shape, (reader.height, reader.width))
+            assert reader.decoded_tiles - before == len([t for t in touched if t in reader_tiles(reader)])
+            for (x, y, w, h), ref in zip(regions, want):
+                assert np.array_equal(canvas[y - y0 : y - y0 + h, x - x0 : x - x0 + w], ref)
+        with pytest.raises(ValueError, match="at least one region"):
+            reader.read_canvas([])
+
+
+def reader_tiles(reader):
+    """Source tiles of the level that have data (missing tiles are not decoded)."""
+    lv = reader._level
+    return {
+        (ty, tx)
+        for ty in range(lv.tiles_down)
+        for tx in range(lv.tiles_across)
+        if lv.bytecounts[lv.tile_index(ty, tx)] > 0
+    }
+
+
+def test_iter_canvases_decodes_each_source_tile_once_in_all(slide_factory):
+    """Overlapping 512 px windows cut canvas by canvas: every source tile decoded once over all canvases."""
+    from wsi.fastread import iter_canvases
+
+    path = slide_factory("jpeg_tables_rgb")
+    windows = [(x, y, 512, 512) for y in range(-128, BASE_H, 384) for x in range(-128, BASE_W, 384)]
+    cells = [[w] for w in windows]  # the worst case: one window per canvas, all sharing borders
+    with TiffLevelReader.open(path, (BASE_W, BASE_H)) as reader:
+        singles = [reader.read_region(*w) for w in windows]
+        before = reader.decoded_tiles
+        seen = []
+        for (canvas, (x0, y0)), cell in zip(iter_canvases(reader, cells), cells):
+            x, y, w, h = cell[0]
+            seen.append(canvas[y - y0 : y - y0 + h, x - x0 : x - x0 + w].copy())
+        touched = touched_source_tiles(windows, reader.tile_shape, (reader.height, reader.width))
+        assert reader.decoded_tiles - before == len(touched) == 12
+    for got, ref in zip(seen, singles, strict=True):
+        assert np.array_equal(got, ref)

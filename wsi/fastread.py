@@ -45,6 +45,7 @@ __all__ = [
     "TileDecodeError",
     "TiffLevelReader",
     "try_open",
+    "iter_canvases",
     "touched_source_tiles",
     "decode_source_tiles",
 ]
@@ -101,6 +102,18 @@ def _as_region(region) -> tuple[int, int, int, int]:
     if w < 0 or h < 0:
         raise ValueError(f"region width and height must be >= 0, got {region!r}")
     return x, y, w, h
+
+
+def _check_fill(fill) -> np.ndarray:
+    fill_arr = np.asarray(fill)
+    if (
+        fill_arr.shape not in ((), (3,))
+        or not np.issubdtype(fill_arr.dtype, np.number)
+        or (fill_arr < 0).any()
+        or (fill_arr > 255).any()
+    ):
+        raise ValueError(f"fill must be 0..255 or an RGB triple of those, got {fill!r}")
+    return fill_arr
 
 
 def touched_source_tiles(
@@ -691,14 +704,7 @@ class TiffLevelReader:
         """
         lv = self._level
         regions = [_as_region(r) for r in regions_xywh]
-        fill_arr = np.asarray(fill)
-        if (
-            fill_arr.shape not in ((), (3,))
-            or not np.issubdtype(fill_arr.dtype, np.number)
-            or (fill_arr < 0).any()
-            or (fill_arr > 255).any()
-        ):
-            raise ValueError(f"fill must be 0..255 or an RGB triple of those, got {fill!r}")
+        fill_arr = _check_fill(fill)
         width, height, th, tw = lv.width, lv.height, lv.tile_h, lv.tile_w
 
         outs: list[np.ndarray] = []
@@ -735,6 +741,86 @@ class TiffLevelReader:
                 else:
                     dst[...] = tile[iy0 - oy : iy1 - oy, ix0 - ox : ix1 - ox]
         return outs
+
+    def read_canvas(self, regions_xywh, *, fill=255, tiles: dict | None = None, scratch: np.ndarray | None = None):
+        """Read the bounding box of several regions into one array.
+
+        This is how tiles are cut in bulk: every source tile the regions
+        touch is decoded once and pasted once into a single canvas, and each
+        region is then a view of it (no per-region copy).
+
+        Parameters
+        ----------
+        regions_xywh : iterable of (x, y, w, h)
+            Regions in this level's pixel coordinates (pixels); they may
+            overlap one another and extend beyond the level.
+        fill : int or (int, int, int), optional
+            Value for pixels outside the level and inside missing source
+            tiles. Default 255 (white).
+        tiles : dict, optional
+            Decoded source tiles shared between calls, keyed by
+            ``(tile_row, tile_column)`` (``None`` for a missing tile). Tiles
+            found there are not decoded again and every tile this call
+            decodes is added; the caller removes the ones it no longer needs
+            (see :func:`iter_canvases`).
+        scratch : uint8 array, optional
+            Memory to build the canvas in (any shape, C-contiguous, at least
+            the canvas's size); reusing it across calls saves the page faults
+            of a fresh large allocation each time. The canvas is then a view
+            of it.
+
+        Returns
+        -------
+        canvas : ndarray, shape (H, W, 3), dtype uint8
+            The regions' bounding box. Region ``(x, y, w, h)`` is
+            ``canvas[y - y0 : y - y0 + h, x - x0 : x - x0 + w]``; pixels of the
+            box that lie in no region are undefined.
+        origin : (int, int)
+            ``(x0, y0)``, the box's top-left corner in level pixels.
+
+        Raises
+        ------
+        TileDecodeError
+            A source tile the regions need is truncated or corrupt.
+        ValueError
+            No regions, or a malformed region or fill.
+        """
+        lv = self._level
+        regions = [_as_region(r) for r in regions_xywh]
+        if not regions:
+            raise ValueError("read_canvas needs at least one region")
+        fill_arr = _check_fill(fill)
+        bx0 = min(r[0] for r in regions)
+        by0 = min(r[1] for r in regions)
+        bx1 = max(r[0] + r[2] for r in regions)
+        by1 = max(r[1] + r[3] for r in regions)
+        width, height, th, tw = lv.width, lv.height, lv.tile_h, lv.tile_w
+        inside = bx0 >= 0 and by0 >= 0 and bx1 <= width and by1 <= height
+        shape = (by1 - by0, bx1 - bx0, 3)
+        size = shape[0] * shape[1] * 3
+        if scratch is not None and scratch.dtype == np.uint8 and scratch.flags.c_contiguous and scratch.size >= size:
+            canvas = scratch.reshape(-1)[:size].reshape(shape)
+        else:
+            canvas = np.empty(shape, np.uint8)
+        if not inside:
+            canvas[...] = fill_arr
+        keys = touched_source_tiles(regions, (th, tw), (height, width))
+        cache = {} if tiles is None else tiles
+        missing = [k for k in keys if k not in cache]
+        missing.sort()
+        for key, tile in self._iter_tiles(missing):
+            cache[key] = tile
+        for ty, tx in keys:
+            tile = cache[(ty, tx)]
+            ox, oy = tx * tw, ty * th
+            ix0, iy0 = max(bx0, ox), max(by0, oy)
+            ix1, iy1 = min(bx1, ox + tw, width), min(by1, oy + th, height)
+            dst = canvas[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0]
+            if tile is None:
+                dst[...] = fill_arr
+            else:
+                dst[...] = tile[iy0 - oy : iy1 - oy, ix0 - ox : ix1 - ox]
+        return canvas, (bx0, by0)
 
     def read_region(self, x: int, y: int, w: int, h: int, *, fill=255) -> np.ndarray:
         """Read one region of the level.
@@ -799,6 +885,54 @@ class TiffLevelReader:
                 self.decoded_tiles += 1
                 yield (ky, kx), tile
             i = j
+
+
+def iter_canvases(reader: "TiffLevelReader", cells, *, fill=255):
+    """Read groups of regions one after another, decoding each source tile once in all.
+
+    Neighbouring groups of overlapping tiles share the source tiles along
+    their borders; reading them in sequence through this function decodes
+    those tiles once and keeps each decoded tile only until the last group
+    that needs it has been read, so memory stays at about one row of source
+    tiles across the groups plus one canvas.
+
+    Parameters
+    ----------
+    reader : TiffLevelReader
+    cells : sequence of sequences of (x, y, w, h)
+        The groups of regions, in the order they are read (raster order keeps
+        memory lowest).
+    fill : int or (int, int, int), optional
+        See :meth:`TiffLevelReader.read_canvas`.
+
+    Yields
+    ------
+    canvas, origin
+        :meth:`TiffLevelReader.read_canvas`'s result for each group in turn.
+        A canvas is only valid until the next one is requested.
+    """
+    th, tw = reader.tile_shape
+    shape = (reader.height, reader.width)
+    last_use: dict[tuple[int, int], int] = {}
+    touched = []
+    biggest = 0
+    for c, regions in enumerate(cells):
+        regions = [_as_region(r) for r in regions]
+        keys = touched_source_tiles(regions, (th, tw), shape)
+        touched.append(keys)
+        for k in keys:
+            last_use[k] = c
+        if regions:
+            w = max(x + rw for x, _, rw, _ in regions) - min(x for x, _, _, _ in regions)
+            h = max(y + rh for _, y, _, rh in regions) - min(y for _, y, _, _ in regions)
+            biggest = max(biggest, w * h * 3)
+    tiles: dict = {}
+    scratch = np.empty(biggest, np.uint8)  # one canvas buffer for all groups
+    for c, regions in enumerate(cells):
+        yield reader.read_canvas(regions, fill=fill, tiles=tiles, scratch=scratch)
+        for k in touched[c]:
+            if last_use[k] == c:
+                tiles.pop(k, None)
 
 
 def try_open(path, level_dimensions: tuple[int, int]) -> TiffLevelReader | None:
