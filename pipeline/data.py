@@ -70,10 +70,11 @@ MASK_NAME_SUFFIXES = ("_lesion_mask", "_mask", ".mask", "-mask", "_labels", "-la
 
 
 class FastTileReader:
-    """Reads single tiles of a local JPEG tile store straight from their chunk files.
+    """Reads single tiles of a local JPEG tile store straight from their files.
 
     A tile store keeps one tile per chunk, each chunk one baseline JPEG (see
-    :mod:`wsi.codecs`); reading the file and decoding it directly skips Zarr's
+    :mod:`wsi.codecs`), in chunk files or shard files; reading the bytes
+    (:class:`wsi.store.RawChunks`) and decoding them directly skips Zarr's
     per-call machinery, which costs more than the decode for small tiles. Any
     other layout (zstd codec, several tiles per chunk) falls back to
     ``TileStore[i]``. Pixels are identical either way.
@@ -83,19 +84,19 @@ class FastTileReader:
         import zarr
 
         from wsi.codecs import JpegCodec
+        from wsi.store import RawChunks
 
         self.store = store
         self.T = store.tile_px
         arr = zarr.open_array(str(Path(store.path) / "tiles"), mode="r")
         meta = arr.metadata
-        chunks = tuple(getattr(meta.chunk_grid, "chunk_shape", ()) or ())
+        self._raw = RawChunks(Path(store.path) / "tiles", meta)
         self.fast = (
-            len(meta.codecs) == 1
-            and isinstance(meta.codecs[0], JpegCodec)
-            and chunks == (1, self.T, self.T, 3)
+            self._raw.supported
+            and len(self._raw.codecs) == 1
+            and isinstance(self._raw.codecs[0], JpegCodec)
+            and tuple(meta.shape[1:]) == (self.T, self.T, 3)
         )
-        self._root = Path(store.path) / "tiles"
-        self._meta = meta
         self._fill = int(meta.fill_value) if meta.fill_value is not None else 0
 
     def __len__(self) -> int:
@@ -106,12 +107,8 @@ class FastTileReader:
             return self.store[int(i)]
         import imagecodecs
 
-        i = int(i)
-        if not 0 <= i < len(self.store):
-            raise IndexError(f"tile {i} out of range for {len(self.store)} tiles")
-        try:
-            data = (self._root / self._meta.encode_chunk_key((i, 0, 0, 0))).read_bytes()
-        except FileNotFoundError:  # never written: Zarr's fill value
+        data = self._raw.read(int(i))
+        if data is None:  # never written: Zarr's fill value
             return np.full((self.T, self.T, 3), self._fill, np.uint8)
         img = np.asarray(imagecodecs.jpeg8_decode(data))
         return img.reshape(self.T, self.T, 3)

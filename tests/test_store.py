@@ -117,9 +117,10 @@ def test_incomplete_and_foreign_stores_refused(tmp_path):
 def test_old_format_version_refused_with_fix(tmp_path):
     path, _, _ = _make(tmp_path)
     g = zarr.open_group(str(path), mode="r+")
-    g.attrs["format_version"] = FORMAT_VERSION - 1 if FORMAT_VERSION > 0 else 99
-    with pytest.raises(StoreError, match="format version.*re-tile"):
-        TileStore(path)
+    for version in (0, FORMAT_VERSION + 1):
+        g.attrs["format_version"] = version
+        with pytest.raises(StoreError, match="format version.*re-tile"):
+            TileStore(path)
 
 
 def test_finalize_replaces_existing_store(tmp_path):
@@ -129,3 +130,93 @@ def test_finalize_replaces_existing_store(tmp_path):
     assert path2 == path and first is True
     assert list_stores(tmp_path) == [path]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "zstd"])
+@pytest.mark.parametrize("per_shard", [1, 4])
+def test_writer_files_equal_zarrs_own(tmp_path, codec, per_shard):
+    """The hand-written chunk and shard files are byte for byte what zarr itself writes."""
+    from wsi.store import create_tile_array
+
+    tiles = _tiles(10)
+    ours, theirs = tmp_path / "ours.zarr", tmp_path / "theirs.zarr"
+    for p in (ours, theirs):
+        create_tile_array(p, tile_px=64, n_tiles=10, codec=codec, tiles_per_shard=per_shard)
+    with TileWriter(ours) as w:
+        for i in [3, 1, 0, 2, 9, 8, 7, 6, 5, 4]:  # any order; the last shard is partial
+            w.write_tile(i, tiles[i])
+    arr = zarr.open_group(str(theirs), mode="r+")["tiles"]
+    for i in range(10):
+        arr[i] = tiles[i]
+    files = sorted(f.name for f in (ours / "tiles").iterdir())
+    assert files == sorted(f.name for f in (theirs / "tiles").iterdir())
+    assert len(files) == -(-10 // per_shard) + 1  # + zarr.json
+    for name in files:
+        assert (ours / "tiles" / name).read_bytes() == (theirs / "tiles" / name).read_bytes(), name
+    assert w.bytes_written == sum((ours / "tiles" / f).stat().st_size for f in files if f.startswith("c."))
+    got = zarr.open_group(str(ours), mode="r")["tiles"]
+    assert np.array_equal(got[:], arr[:])
+    if codec == "zstd":
+        assert np.array_equal(got[:], tiles)
+
+
+def test_writer_refuses_to_drop_an_incomplete_shard(tmp_path):
+    from wsi.store import create_tile_array
+
+    p = tmp_path / "s.zarr"
+    create_tile_array(p, tile_px=64, n_tiles=10, tiles_per_shard=4)
+    tiles = _tiles(3)
+    with pytest.raises(StoreError, match=r"shards \[0\] are incomplete \(1 tiles never written\)"):
+        with TileWriter(p) as w:
+            for i in range(3):
+                w.write_tile(i, tiles[i])
+    with pytest.raises(IndexError):
+        TileWriter(p).write_tile(10, tiles[0])
+
+
+def test_writer_accepts_strided_views(tmp_path):
+    """Tiles cut as views of a larger canvas encode exactly like contiguous copies."""
+    from wsi.store import create_tile_array
+
+    canvas = _tiles(1, t=160)[0]
+    views = [canvas[0:64, 0:64], canvas[48:112, 96:160]]
+    for name, tiles in (("views", views), ("copies", [np.ascontiguousarray(v) for v in views])):
+        create_tile_array(tmp_path / name, tile_px=64, n_tiles=2, tiles_per_shard=2)
+        with TileWriter(tmp_path / name) as w:
+            for i, t in enumerate(tiles):
+                w.write_tile(i, t)
+    assert (tmp_path / "views/tiles/c.0.0.0.0").read_bytes() == (tmp_path / "copies/tiles/c.0.0.0.0").read_bytes()
+
+
+def test_version_1_stores_still_read(tmp_path):
+    path, tiles, _ = _make(tmp_path, codec="zstd")
+    zarr.open_group(str(path), mode="r+").attrs["format_version"] = 1
+    assert np.array_equal(TileStore(path).read(range(5)), tiles)
+
+
+@pytest.mark.parametrize("per_shard", [1, 4])
+def test_raw_chunks_read_what_zarr_reads(tmp_path, per_shard):
+    from wsi.codecs import JpegCodec
+    from wsi.store import RawChunks, create_tile_array
+
+    p = tmp_path / "s.zarr"
+    create_tile_array(p, tile_px=64, n_tiles=10, tiles_per_shard=per_shard)
+    tiles = _tiles(8)
+    with TileWriter(p) as w:
+        for i in range(8):  # tiles 8 and 9 never written (partial last shard / missing files)
+            w.write_tile(i, tiles[i])
+    arr = zarr.open_group(str(p), mode="r")["tiles"]
+    raw = RawChunks(p / "tiles", arr.metadata)
+    assert raw.supported and raw.per_shard == per_shard and isinstance(raw.codecs[0], JpegCodec)
+    for i in range(8):
+        assert np.array_equal(JpegCodec.decode_bytes(raw.read(i), (64, 64, 3)), arr[i])
+    assert raw.read(9) is None
+    with pytest.raises(IndexError):
+        raw.read(10)
+    if per_shard > 1:
+        shard = p / "tiles" / "c.0.0.0.0"
+        data = bytearray(shard.read_bytes())
+        data[-10] ^= 0xFF  # damage the index
+        shard.write_bytes(bytes(data))
+        with pytest.raises(StoreError, match="checksum"):
+            RawChunks(p / "tiles", arr.metadata).read(0)

@@ -74,7 +74,9 @@ class JpegCodec(ArrayBytesCodec):
 
     def encode_array(self, chunk: np.ndarray) -> bytes:
         """Encode one chunk ``(k, H, W[, C])`` to JPEG bytes."""
-        img = self._stack(np.asarray(chunk, dtype=np.uint8))
+        chunk = np.asarray(chunk, dtype=np.uint8)
+        # One tile: hand the (possibly strided) view to libjpeg as is, no copy.
+        img = chunk[0] if chunk.shape[0] == 1 else self._stack(chunk)
         if img.ndim == 3 and img.shape[-1] == 1:
             img = img[..., 0]
         return bytes(imagecodecs.jpeg8_encode(img, level=self.quality))

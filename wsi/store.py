@@ -2,7 +2,8 @@
 
 Layout
 ------
-``tiles``            (N, T, T, 3) uint8, one tile per chunk (file ``tiles/c.<i>.0.0.0``), JPEG (``wsi_pipeline.jpeg``) or zstd
+``tiles``            (N, T, T, 3) uint8, one tile per chunk, JPEG (``wsi_pipeline.jpeg``) or zstd; S tiles per
+                     shard file ``tiles/c.<j>.0.0.0`` (zarr v3 ``sharding_indexed``; S = 1 means one file per tile)
 ``coords``           (N, 2) int64, level-0 (x, y) of each tile's top-left corner
 ``grid_colrow``      (N, 2) int64, the tile's (col, row) in the slide's global grid
 ``tissue_fraction``  (N,) float32
@@ -31,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.codecs import BytesCodec, ShardingCodec, ShardingCodecIndexLocation, ZstdCodec
 from zarr.storage import LocalStore
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -39,7 +40,10 @@ from zarr.core.sync import sync
 from wsi.codecs import JpegCodec
 
 FORMAT_NAME = "wsi-pipeline.tile-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :class:`TileStore` reads. Version 1 stores (one file per tile) hold the same
+#: pixels in the same arrays; version 2 groups the tile chunks into shard files.
+READABLE_VERSIONS = (1, 2)
 STORE_SUFFIX = ".zarr"
 
 
@@ -70,8 +74,9 @@ def codec_description(codec: str, jpeg_quality: int, zstd_level: int) -> dict:
             "name": "jpeg",
             "quality": int(jpeg_quality),
             "zarr_codec": "wsi_pipeline.jpeg",
-            "how_to_read": "each chunk file is one baseline JPEG of shape (T, T, 3); "
-            "install wsi-pipeline (or import wsi.codecs) and open with zarr, or decode chunk files with any JPEG decoder",
+            "how_to_read": "each chunk is one baseline JPEG of shape (T, T, 3), grouped into zarr v3 shard files "
+            "(chunk bytes, then the shard index); install wsi-pipeline (or import wsi.codecs) and open with zarr, "
+            "or take a chunk's bytes from its shard index and decode them with any JPEG decoder",
         }
     return {"name": "zstd", "level": int(zstd_level), "how_to_read": "plain zarr v3 (bytes + zstd)"}
 
@@ -88,28 +93,62 @@ def create_store(
     codec: str = "jpeg",
     jpeg_quality: int = 90,
     zstd_level: int = 3,
+    tiles_per_shard: int = 1,
     attrs: dict | None = None,
 ) -> zarr.Group:
-    """Create a new (incomplete) store with everything but the tile pixels."""
-    path = Path(path)
-    n = int(len(coords))
+    """Create a new (incomplete) store with everything but the tile pixels.
+
+    The same as :func:`create_tile_array` followed by :func:`write_slide_arrays`.
+    """
+    create_tile_array(
+        path, tile_px=tile_px, n_tiles=len(coords), codec=codec, jpeg_quality=jpeg_quality, zstd_level=zstd_level,
+        tiles_per_shard=tiles_per_shard,
+    )
+    return write_slide_arrays(
+        path, coords=coords, cols_rows=cols_rows, tissue_fraction=tissue_fraction, mask=mask,
+        thumbnail=thumbnail, attrs=attrs,
+    )
+
+
+def create_tile_array(
+    path: str | Path,
+    *,
+    tile_px: int,
+    n_tiles: int,
+    codec: str = "jpeg",
+    jpeg_quality: int = 90,
+    zstd_level: int = 3,
+    tiles_per_shard: int = 1,
+) -> zarr.Group:
+    """Create a new store group holding only the empty ``tiles`` array.
+
+    Enough for :class:`TileWriter` to start writing pixels; the group
+    attributes (``complete: False``, the codec) are written here too.
+
+    Parameters
+    ----------
+    tiles_per_shard : int
+        Tiles (chunks) grouped into one shard file. Creating one file per
+        tile costs more than encoding the tile on many file systems, and
+        network file systems suffer from millions of small files; 1 writes
+        one plain chunk file per tile.
+    """
+    n = int(n_tiles)
+    per_shard = int(tiles_per_shard)
+    if per_shard < 1:
+        raise ValueError(f"tiles_per_shard must be >= 1, got {tiles_per_shard}")
     g = zarr.open_group(str(path), mode="w-", zarr_format=3)
     g.create_array(
         "tiles",
         shape=(n, tile_px, tile_px, 3),
         chunks=(1, tile_px, tile_px, 3),
+        shards=(per_shard, tile_px, tile_px, 3) if per_shard > 1 else None,
         dtype="uint8",
         fill_value=255,
-        # Flat chunk files (tiles/c.<i>.0.0.0): no directory per tile to create.
+        # Flat chunk files (tiles/c.<i>.0.0.0): no directory per tile or shard to create.
         chunk_key_encoding={"name": "default", "separator": "."},
         **_tile_codecs(codec, jpeg_quality, zstd_level),
     )
-    small = {"compressors": ZstdCodec(level=3)}
-    g.create_array("coords", data=np.asarray(coords, np.int64).reshape(n, 2), **small)
-    g.create_array("grid_colrow", data=np.asarray(cols_rows, np.int64).reshape(n, 2), **small)
-    g.create_array("tissue_fraction", data=np.asarray(tissue_fraction, np.float32).reshape(n), **small)
-    g.create_array("mask", data=np.asarray(mask, np.uint8), **small)
-    g.create_array("thumbnail", data=np.asarray(thumbnail, np.uint8), **small)
     g.attrs.update(
         {
             "format": FORMAT_NAME,
@@ -117,11 +156,55 @@ def create_store(
             "complete": False,
             "n_tiles": n,
             "tile_px": int(tile_px),
+            "tiles_per_shard": per_shard,
             "codec": codec_description(codec, jpeg_quality, zstd_level),
-            **(attrs or {}),
         }
     )
     return g
+
+
+def _one_chunk_up_to(shape: tuple[int, ...], side: int) -> tuple[int, ...]:
+    """Chunks covering the whole array when its first two axes are at most ``side``."""
+    return tuple(max(1, min(n, side)) if i < 2 else max(1, n) for i, n in enumerate(shape))
+
+
+def write_slide_arrays(
+    path: str | Path,
+    *,
+    coords: np.ndarray,
+    cols_rows: np.ndarray,
+    tissue_fraction: np.ndarray,
+    mask: np.ndarray,
+    thumbnail: np.ndarray,
+    attrs: dict | None = None,
+) -> zarr.Group:
+    """Add the per-tile and per-slide arrays and attributes to a store made by :func:`create_tile_array`."""
+    g = zarr.open_group(str(path), mode="r+")
+    n = int(g.attrs["n_tiles"])
+    if len(coords) != n:
+        raise StoreError(f"{path}: {len(coords)} coordinates for a store of {n} tiles")
+    arrays = {
+        "coords": np.asarray(coords, np.int64).reshape(n, 2),
+        "grid_colrow": np.asarray(cols_rows, np.int64).reshape(n, 2),
+        "tissue_fraction": np.asarray(tissue_fraction, np.float32).reshape(n),
+        "mask": np.asarray(mask, np.uint8),
+        "thumbnail": np.asarray(thumbnail, np.uint8),
+    }
+
+    async def write_all() -> None:
+        # One trip through zarr's event loop for all five arrays (each sync call costs ~20 ms).
+        ag = await zarr.api.asynchronous.open_group(store=str(path), mode="r+")
+        await asyncio.gather(
+            *(
+                ag.create_array(name, data=data, chunks=_one_chunk_up_to(data.shape, 4096), compressors=ZstdCodec(level=3))
+                for name, data in arrays.items()
+            )
+        )
+        if attrs:
+            await ag.update_attributes(attrs)
+
+    sync(write_all())
+    return zarr.open_group(str(path), mode="r+")
 
 
 def _chunk_encoder(codecs):
@@ -140,9 +223,20 @@ def _chunk_encoder(codecs):
 class TileWriter:
     """Writes tile pixels into an existing store, encoding each chunk once.
 
-    Going through ``store.set`` with the array's own codec skips zarr's
-    per-call machinery (which costs more than the JPEG encode itself) while
-    producing exactly the chunks ``array[i] = tile`` would.
+    Encoding with the array's own codec and writing the chunk (or shard) files
+    directly skips zarr's per-call machinery (which costs more than the JPEG
+    encode itself) while producing exactly the files ``array[i] = tile``
+    would. With sharding, encoded tiles wait in memory until their shard is
+    complete and the shard file is then written at once, so one writer must
+    be given every tile of each shard it touches (tiling hands each task
+    whole shards); :meth:`close` (or leaving the ``with`` block) refuses to
+    drop an incomplete shard.
+
+    Examples
+    --------
+    >>> with TileWriter(tmp_store) as w:                 # doctest: +SKIP
+    ...     for i, tile in zip(indices, tiles):
+    ...         w.write_tile(i, tile)
     """
 
     def __init__(self, path: str | Path):
@@ -150,46 +244,207 @@ class TileWriter:
         g = zarr.open_group(str(self.path), mode="r+")
         self._array = g["tiles"]
         meta = self._array.metadata
-        self._encode = _chunk_encoder(meta.codecs)
+        self._meta = meta
+        self._n = int(meta.shape[0])
         self._store = self._array.store
         self._prefix = self._array.path
-        self._meta = meta
         self._local_root = (
             Path(self._store.root) / self._prefix if isinstance(self._store, LocalStore) else None
         )
+        codecs = meta.codecs
+        self._per_shard = 1
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            sh = codecs[0]
+            if (
+                sh.index_location == ShardingCodecIndexLocation.end
+                and [c.to_dict() for c in sh.index_codecs] == _DEFAULT_INDEX_CODECS
+                and tuple(sh.chunk_shape[1:]) == tuple(meta.shape[1:])
+            ):
+                self._per_shard = int(meta.chunk_grid.chunk_shape[0]) // int(sh.chunk_shape[0])
+                self._encode = _chunk_encoder(sh.codecs)
+            else:  # a layout we don't write by hand: zarr's own pipeline
+                self._encode = None
+        else:
+            self._encode = _chunk_encoder(codecs)
+        self._pending: dict[int, dict[int, bytes]] = {}
         self.bytes_written = 0
+        self._made: set[Path] = set()
 
     def write(self, indices: np.ndarray, tiles: np.ndarray) -> None:
         """Write ``tiles[k]`` at index ``indices[k]`` (one tile per chunk)."""
-        if self._encode is None:  # a codec chain we don't special-case: zarr's own pipeline
-            for i, tile in zip(indices, tiles):
-                self._array[int(i)] = tile
-            return
+        for i, tile in zip(indices, tiles):
+            self.write_tile(int(i), tile)
+
+    def write_tile(self, index: int, tile: np.ndarray) -> int:
+        """Encode ``tile`` (T, T, 3) and write it at ``index``; returns the bytes written now.
+
+        ``tile`` may be a strided view (e.g. of a larger canvas). With
+        sharding the bytes are written when the tile's shard is complete.
+        """
+        index = int(index)
+        if not 0 <= index < self._n:
+            raise IndexError(f"tile index {index} out of range for {self._n} tiles")
+        if self._encode is None:
+            self._array[index] = tile
+            return 0
+        data = self._encode(tile[None])
+        if self._per_shard == 1:
+            return self._put(index, data)
+        shard = index // self._per_shard
+        pending = self._pending.setdefault(shard, {})
+        pending[index - shard * self._per_shard] = data
+        if len(pending) == self._shard_len(shard):
+            del self._pending[shard]
+            return self._put(shard, _shard_bytes(pending, self._per_shard))
+        return 0
+
+    def _shard_len(self, shard: int) -> int:
+        return min(self._per_shard, self._n - shard * self._per_shard)
+
+    def _put(self, chunk: int, data: bytes) -> int:
+        key = self._meta.encode_chunk_key((chunk, 0, 0, 0))
         if self._local_root is not None:
             # The store is a temporary directory renamed into place only when complete,
             # so plain file writes are safe; zarr's LocalStore would fsync-rename each chunk.
-            made: set[Path] = set()
-            for i, tile in zip(indices, tiles):
-                data = self._encode(tile[None])
-                path = self._local_root / self._meta.encode_chunk_key((int(i), 0, 0, 0))
-                if path.parent not in made:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    made.add(path.parent)
-                path.write_bytes(data)
-                self.bytes_written += len(data)
-            return
-        proto = default_buffer_prototype()
-        writes = []
-        for i, tile in zip(indices, tiles):
-            data = self._encode(tile[None])
-            key = f"{self._prefix}/{self._meta.encode_chunk_key((int(i), 0, 0, 0))}"
-            writes.append(self._store.set(key, proto.buffer.from_bytes(data)))
-            self.bytes_written += len(data)
-        sync(_gather(writes))
+            path = self._local_root / key
+            if path.parent not in self._made:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(path.parent)
+            with open(path, "wb") as f:
+                f.write(data)
+        else:
+            proto = default_buffer_prototype()
+            sync(self._store.set(f"{self._prefix}/{key}", proto.buffer.from_bytes(data)))
+        self.bytes_written += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        """Check that no shard is left half-filled (its tiles would be lost)."""
+        if self._pending:
+            shards = sorted(self._pending)
+            missing = sum(self._shard_len(j) - len(self._pending[j]) for j in shards)
+            self._pending.clear()
+            raise StoreError(
+                f"{self.path}: shards {shards[:5]}{'...' if len(shards) > 5 else ''} are incomplete "
+                f"({missing} tiles never written); a writer must be given every tile of its shards"
+            )
+
+    def __enter__(self) -> "TileWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._pending.clear()
 
 
-async def _gather(coros) -> None:
-    await asyncio.gather(*coros)
+#: zarr's default shard index codecs (little-endian uint64 pairs + crc32c), the only ones written by hand.
+_DEFAULT_INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+_EMPTY = np.uint64(2**64 - 1)
+
+
+def _shard_bytes(chunks: dict[int, bytes], per_shard: int) -> bytes:
+    """A zarr v3 ``sharding_indexed`` shard: the chunks back to back, then the index at the end.
+
+    The index holds ``(offset, nbytes)`` as little-endian uint64 for each of
+    the shard's ``per_shard`` chunk slots (``2**64 - 1`` twice for an empty
+    slot), followed by its crc32c checksum (4 bytes, little-endian).
+    """
+    import google_crc32c
+
+    index = np.full((per_shard, 2), _EMPTY, dtype="<u8")
+    parts = []
+    offset = 0
+    for slot in sorted(chunks):
+        data = chunks[slot]
+        index[slot] = (offset, len(data))
+        parts.append(data)
+        offset += len(data)
+    index_bytes = index.tobytes()
+    crc = int(google_crc32c.value(index_bytes)).to_bytes(4, "little")
+    return b"".join(parts) + index_bytes + crc
+
+
+class RawChunks:
+    """The encoded bytes of single tile chunks, read straight from a local store's files.
+
+    Zarr's per-call machinery costs more than decoding a small JPEG tile, so
+    random single-tile reads (training loaders) go to the files directly:
+    one file per chunk, or a zarr v3 shard (index at the end, zarr's default
+    index codecs), whose index is read and checked once per shard. Anything
+    else has ``supported`` False; read through zarr then.
+
+    Parameters
+    ----------
+    tiles_dir : path
+        The store's ``tiles`` array directory.
+    meta : zarr ArrayV3Metadata
+        That array's metadata.
+    """
+
+    def __init__(self, tiles_dir: str | Path, meta) -> None:
+        self.root = Path(tiles_dir)
+        self.meta = meta
+        self.n = int(meta.shape[0])
+        codecs = meta.codecs
+        self.per_shard = 1
+        self.codecs = tuple(codecs)
+        self.supported = True
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            sh = codecs[0]
+            if (
+                sh.index_location == ShardingCodecIndexLocation.end
+                and [c.to_dict() for c in sh.index_codecs] == _DEFAULT_INDEX_CODECS
+                and int(sh.chunk_shape[0]) == 1
+            ):
+                self.per_shard = int(meta.chunk_grid.chunk_shape[0])
+                self.codecs = tuple(sh.codecs)
+            else:
+                self.supported = False
+        elif int(meta.chunk_grid.chunk_shape[0]) != 1:
+            self.supported = False
+        self._index: dict[int, np.ndarray | None] = {}
+
+    def _shard_index(self, shard: int) -> np.ndarray | None:
+        if shard not in self._index:
+            import google_crc32c
+
+            path = self.root / self.meta.encode_chunk_key((shard, 0, 0, 0))
+            size = self.per_shard * 16 + 4
+            try:
+                with open(path, "rb") as f:
+                    f.seek(-size, os.SEEK_END)
+                    raw = f.read(size)
+            except FileNotFoundError:
+                self._index[shard] = None
+                return None
+            body, crc = raw[:-4], raw[-4:]
+            if len(raw) != size or int(google_crc32c.value(body)).to_bytes(4, "little") != crc:
+                raise StoreError(f"{path}: shard index checksum mismatch; the store is damaged, re-tile the slide")
+            self._index[shard] = np.frombuffer(body, "<u8").reshape(self.per_shard, 2)
+        return self._index[shard]
+
+    def read(self, index: int) -> bytes | None:
+        """The encoded bytes of tile ``index``, or None if it was never written (fill value)."""
+        i = int(index)
+        if not 0 <= i < self.n:
+            raise IndexError(f"tile {i} out of range for {self.n} tiles")
+        if self.per_shard == 1:
+            try:
+                return (self.root / self.meta.encode_chunk_key((i, 0, 0, 0))).read_bytes()
+            except FileNotFoundError:
+                return None
+        shard, slot = divmod(i, self.per_shard)
+        index = self._shard_index(shard)
+        if index is None:
+            return None
+        offset, nbytes = (int(v) for v in index[slot])
+        if offset == 2**64 - 1:
+            return None
+        with open(self.root / self.meta.encode_chunk_key((shard, 0, 0, 0)), "rb") as f:
+            f.seek(offset)
+            return f.read(nbytes)
 
 
 def finalize_store(tmp_path: str | Path, final_path: str | Path, attrs: dict) -> None:
@@ -260,10 +515,10 @@ class TileStore:
         if attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{self.path}: not a wsi-pipeline tile store (no '{FORMAT_NAME}' format attribute)")
         version = attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreError(
-                f"{self.path}: tile store format version {version}, this software reads version "
-                f"{FORMAT_VERSION}; re-tile the slide with 'wsi-pipeline tile' (it replaces the store)"
+                f"{self.path}: tile store format version {version}, this software reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; re-tile the slide with 'wsi-pipeline tile' (it replaces the store)"
             )
         if not attrs.get("complete"):
             raise StoreError(f"{self.path}: the store is incomplete (its tiling did not finish); re-run 'wsi-pipeline tile'")
