@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import heapq
 import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -19,10 +20,12 @@ log = logging.getLogger("wsi_pipeline")
 class InlineExecutor:
     """Runs each submitted call at once in this process (``--workers 0``)."""
 
+    n_workers = 1
+
     def __init__(self) -> None:
         self._done: collections.deque = collections.deque()
 
-    def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> cf.Future:
+    def submit(self, fn: Callable, *args: Any, priority: int = 0, **kwargs: Any) -> cf.Future:
         fut: cf.Future = cf.Future()
         try:
             fut.set_result(fn(*args, **kwargs))
@@ -42,27 +45,84 @@ class InlineExecutor:
     description = "in-process"
 
 
-class DaskExecutor:
-    """Submits calls to a Dask cluster and yields them as they finish."""
+class _Queued:
+    """A call waiting in the driver's queue; becomes a Dask future once dispatched."""
 
-    def __init__(self, client) -> None:
+    __slots__ = ("fn", "args", "kwargs", "future")
+
+    def __init__(self, fn, args, kwargs) -> None:
+        self.fn, self.args, self.kwargs, self.future = fn, args, kwargs, None
+
+    def result(self):
+        return self.future.result()
+
+    def exception(self):
+        return self.future.exception()
+
+
+class DaskExecutor:
+    """Submits calls to a Dask cluster and yields them as they finish.
+
+    Calls wait in a priority queue here and go to the cluster only when a
+    worker thread is free (at most ``in_flight`` at once, by default one per
+    worker thread). Dask assigns tasks without dependencies to workers as
+    soon as they are submitted, guessing their duration; with a handful of
+    second-long tasks that guess leaves one worker with two tasks queued
+    while another sits idle. Holding them here makes every free worker take
+    the next most urgent call instead.
+    """
+
+    def __init__(self, client, *, in_flight: int | None = None) -> None:
         from distributed import as_completed
 
         self.client = client
         self._ac = as_completed([])
-        self.description = f"dask {client.scheduler.address} ({len(client.scheduler_info()['workers'])} workers)"
+        info = client.scheduler_info()["workers"]
+        self.n_workers = max(1, len(info))
+        threads = sum(int(w.get("nthreads", 1)) for w in info.values()) or self.n_workers
+        self.in_flight = int(in_flight) if in_flight else threads
+        self._queue: list = []
+        self._seq = 0
+        self._running: dict = {}
+        self.description = f"dask {client.scheduler.address} ({self.n_workers} workers)"
 
-    def submit(self, fn: Callable, *args: Any, **kwargs: Any):
-        fut = self.client.submit(fn, *args, pure=False, **kwargs)
-        self._ac.add(fut)
-        return fut
+    def warm(self, modules: tuple[str, ...]) -> None:
+        """Import ``modules`` on every worker now, so the first tasks don't pay for it."""
+        if modules:
+            self.client.run(_import_modules, tuple(modules))
 
-    def completed(self) -> Iterator[Any]:
+    def submit(self, fn: Callable, *args: Any, priority: int = 0, **kwargs: Any) -> _Queued:
+        """Queue ``fn(*args, **kwargs)``; higher ``priority`` goes first, then first come first served."""
+        item = _Queued(fn, args, kwargs)
+        heapq.heappush(self._queue, (-int(priority), self._seq, item))
+        self._seq += 1
+        self._pump()
+        return item
+
+    def _pump(self) -> None:
+        while self._queue and len(self._running) < self.in_flight:
+            _, _, item = heapq.heappop(self._queue)
+            item.future = self.client.submit(item.fn, *item.args, pure=False, **item.kwargs)
+            item.fn = item.args = item.kwargs = None
+            self._running[item.future] = item
+            self._ac.add(item.future)
+
+    def completed(self) -> Iterator[_Queued]:
+        """Yield calls as they finish; calls submitted meanwhile are yielded too."""
         for fut in self._ac:
-            yield fut
+            item = self._running.pop(fut)
+            self._pump()
+            yield item
 
     def close(self) -> None:
         self.client.close()
+
+
+def _import_modules(names: tuple[str, ...]) -> None:
+    import importlib
+
+    for name in names:
+        importlib.import_module(name)
 
 
 def future_error(fut) -> BaseException | None:
@@ -74,7 +134,7 @@ def future_error(fut) -> BaseException | None:
 
 
 @contextmanager
-def make_executor(workers: int = 0, scheduler: str | None = None, *, quiet: bool = True):
+def make_executor(workers: int = 0, scheduler: str | None = None, *, quiet: bool = True, warm: tuple[str, ...] = ()):
     """An executor for per-slide work.
 
     Parameters
@@ -86,6 +146,9 @@ def make_executor(workers: int = 0, scheduler: str | None = None, *, quiet: bool
         Address of an existing Dask scheduler (``tcp://host:8786``), e.g. one
         started by dask-jobqueue on SLURM or a Kubernetes Dask cluster. The
         workers there must see the same file paths as this machine.
+    warm : tuple of str
+        Modules every Dask worker imports before the executor is handed out
+        (part of the start-up, like the workers themselves).
     """
     if scheduler:
         from distributed import Client
@@ -98,6 +161,7 @@ def make_executor(workers: int = 0, scheduler: str | None = None, *, quiet: bool
             raise UsageError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from None
         ex = DaskExecutor(client)
         try:
+            ex.warm(warm)
             yield ex
         finally:
             ex.close()
@@ -119,6 +183,7 @@ def make_executor(workers: int = 0, scheduler: str | None = None, *, quiet: bool
         client = Client(cluster)
         ex = DaskExecutor(client)
         try:
+            ex.warm(warm)
             yield ex
         finally:
             client.close()
