@@ -52,7 +52,10 @@ class TilingConfig:
     fast_read: bool = True
     """Decode source JPEG tiles directly with tifffile/imagecodecs where possible."""
     block_tiles: int = 12
-    """Output tiles per block side; a block is the unit of parallel work (performance only)."""
+    """Output tiles per side of the canvas a worker decodes at once (memory and speed only)."""
+    task_tiles: int = 2048
+    """Most tiles per parallel task; a slide is cut into bands of whole grid rows,
+    at least two per worker (speed only)."""
 
     def validate(self) -> None:
         if self.mpp <= 0:
@@ -69,6 +72,8 @@ class TilingConfig:
             raise ConfigError("tiling.pad_value must be in [0, 255]")
         if self.block_tiles < 1:
             raise ConfigError("tiling.block_tiles must be >= 1")
+        if self.task_tiles < 1:
+            raise ConfigError("tiling.task_tiles must be >= 1")
 
     @property
     def stride_px(self) -> int:
@@ -118,11 +123,16 @@ class StoreConfig:
     """JPEG quality 1-100 when codec is 'jpeg'."""
     zstd_level: int = 3
     """zstd compression level when codec is 'zstd'."""
+    tiles_per_shard: int = 32
+    """Tiles grouped into one shard file (zarr v3 sharding); 1 = one file per tile.
+    Layout only: the pixels and arrays are the same."""
     def validate(self) -> None:
         if self.codec not in ("jpeg", "zstd"):
             raise ConfigError(f"store.codec must be 'jpeg' or 'zstd', got {self.codec!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError("store.jpeg_quality must be in [1, 100]")
+        if self.tiles_per_shard < 1:
+            raise ConfigError("store.tiles_per_shard must be >= 1")
 
 
 @dataclass
@@ -374,7 +384,7 @@ class Config:
 
     def tiling_hash(self) -> str:
         """Hash of everything that changes a tile store's content."""
-        return self.section_hash("tiling", "tissue", "store", exclude=("tiling.block_tiles",))
+        return self.section_hash("tiling", "tissue", "store", exclude=("tiling.block_tiles", "tiling.task_tiles", "store.tiles_per_shard"))
 
 
 def _section_types() -> dict[str, type]:

@@ -1,26 +1,34 @@
 """The tiling stage: slides -> tissue mask -> tile grid -> Zarr tile stores.
 
-Per slide the work splits into three kinds of task, all run where the slide
+Per slide the work splits into four kinds of task, all run where the slide
 is readable (a Dask worker, or this process):
 
 1. :func:`plan_slide`   open the slide, find its resolution, compute the tissue
-   mask on a low-resolution level, lay the global grid, keep tissue tiles, and
-   create the store under a temporary name (everything but the pixels);
-2. :func:`tile_block`   for a block of neighbouring tiles, read the source
-   pixels once (fast TIFF path or OpenSlide), cut, encode and write the tiles;
-3. :func:`finalize_slide` mark the store complete and rename it into place.
+   mask on a low-resolution level, lay the global grid, keep tissue tiles,
+   create the store's ``tiles`` array under a temporary name and cut the
+   tiles into bands of whole grid rows (the short serial part);
+2. :func:`tile_block`   for one band, decode every source tile it touches once
+   (fast TIFF path, canvas by canvas) or read it with OpenSlide, and encode
+   and write its tiles;
+3. :func:`store_extras` meanwhile: the fingerprint, coordinates, mask,
+   thumbnail, pictures and attributes of the store;
+4. :func:`finalize_slide` mark the store complete and rename it into place.
 
 The driver (:func:`run_tile`) only moves small dicts around, keeps the run
-report, and makes a failed slide fail alone.
+report, and makes a failed slide fail alone. Each worker thread keeps the
+slide level readers and store writers it opened (keyed by the file's
+identity), so the bands of one slide don't re-parse the TIFF.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import math
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +49,7 @@ from pipeline.batch import (
 from pipeline.config import Config
 from pipeline.executor import future_error, make_executor
 from wsi import __version__
-from wsi.grid import group_blocks, make_grid, select_tiles, tissue_fractions
+from wsi.grid import group_bands, group_blocks, make_grid, select_tiles, tissue_fractions
 from wsi.preview import draw_tissue_overlay, save_png
 from wsi.slide import (
     LevelChoice,
@@ -57,14 +65,15 @@ from wsi.slide import (
 )
 from wsi.store import (
     FORMAT_NAME,
-    FORMAT_VERSION,
+    READABLE_VERSIONS,
     TileWriter,
-    create_store,
+    create_tile_array,
     finalize_store,
     read_store_attrs,
     store_bytes,
     store_path_for,
     temp_store_path,
+    write_slide_arrays,
 )
 
 log = logging.getLogger("wsi_pipeline")
@@ -82,6 +91,7 @@ class TileJob:
     config: Config
     mpp_overrides: dict | None = None
     assume_mpp: float | None = None
+    n_workers: int = 1
 
 
 # --------------------------------------------------------------------------- errors
@@ -112,7 +122,7 @@ def describe_error(exc: BaseException, path: str) -> str:
     return f"{path}: {type(exc).__name__}: {exc}"
 
 
-# --------------------------------------------------------------------------- worker tasks
+# --------------------------------------------------------------------------- skip check
 
 
 def _existing_store_is_current(job: TileJob, config_hash: str) -> tuple[bool, dict | None]:
@@ -120,7 +130,7 @@ def _existing_store_is_current(job: TileJob, config_hash: str) -> tuple[bool, di
     attrs = read_store_attrs(final)
     if not attrs or not attrs.get("complete") or attrs.get("format") != FORMAT_NAME:
         return False, None
-    if attrs.get("format_version") != FORMAT_VERSION or attrs.get("config_hash") != config_hash:
+    if attrs.get("format_version") not in READABLE_VERSIONS or attrs.get("config_hash") != config_hash:
         return False, None
     src = attrs.get("slide", {})
     size, mtime = file_stat(job.path)
@@ -132,17 +142,76 @@ def _existing_store_is_current(job: TileJob, config_hash: str) -> tuple[bool, di
     return src.get("fingerprint") == file_fingerprint(job.path), attrs
 
 
-def _open_fast_reader(path: str, level_dims: tuple[int, int]):
+# --------------------------------------------------------------------------- per-thread caches
+
+_cache = threading.local()
+_MAX_CACHED = 2
+
+
+def _lru(name: str) -> collections.OrderedDict:
+    d = getattr(_cache, name, None)
+    if d is None:
+        d = collections.OrderedDict()
+        setattr(_cache, name, d)
+    return d
+
+
+def _close_quietly(obj) -> None:
+    close = getattr(obj, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
+
+
+def fast_reader(path: str, level_dimensions: tuple[int, int]):
+    """This thread's fast reader for one level of ``path``, opened once and kept.
+
+    Keyed by the file's identity (path, size, mtime) and the level, so a
+    replaced slide is opened afresh. Raises
+    :class:`wsi.fastread.UnsupportedSlide` (remembered too) when the fast path
+    cannot read that level.
+    """
     from wsi.fastread import TiffLevelReader, UnsupportedSlide
 
-    try:
-        return TiffLevelReader.open(path, level_dims), None
-    except UnsupportedSlide as exc:
-        return None, str(exc)
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, tuple(int(v) for v in level_dimensions))
+    readers = _lru("readers")
+    if key in readers:
+        readers.move_to_end(key)
+    else:
+        try:
+            readers[key] = TiffLevelReader.open(path, key[3])
+        except UnsupportedSlide as exc:
+            readers[key] = exc
+        while len(readers) > _MAX_CACHED:
+            _close_quietly(readers.popitem(last=False)[1])
+    got = readers[key]
+    if isinstance(got, Exception):
+        raise UnsupportedSlide(str(got))
+    return got
+
+
+def forget_reader(path: str) -> None:
+    """Close and drop this thread's cached readers of ``path`` (after a read error)."""
+    readers = _lru("readers")
+    ap = os.path.abspath(path)
+    for key in [k for k in readers if k[0] == ap]:
+        _close_quietly(readers.pop(key))
+
+
+# --------------------------------------------------------------------------- worker tasks
+
+
+def _plan_files(tmp: Path) -> tuple[Path, Path]:
+    return tmp / ".plan-thumbnail.npy", tmp / ".plan-mask.npy"
 
 
 def plan_slide(job: TileJob) -> dict:
-    """Mask, grid and an empty store under a temporary name (or 'skipped')."""
+    """Mask, grid, bands and an empty ``tiles`` array under a temporary name (or 'skipped')."""
+    from wsi.fastread import UnsupportedSlide
+
     t0 = time.perf_counter()
     cfg = job.config
     tcfg, mcfg, scfg = cfg.tiling, cfg.tissue, cfg.store
@@ -159,7 +228,6 @@ def plan_slide(job: TileJob) -> dict:
         lowres, mask_ds = read_lowres(slide, info, mcfg.mask_mpp)
     finally:
         slide.close()
-    fingerprint = file_fingerprint(job.path)
     tissue = _tissue(lowres, info.mpp * mask_ds, cfg)
 
     grid = make_grid(info.bounds_xywh, choice.downsample, tcfg.tile_px, tcfg.stride_px)
@@ -168,20 +236,17 @@ def plan_slide(job: TileJob) -> dict:
     coords = grid.level0_xy(cols_rows)
     fractions = fractions_grid[cols_rows[:, 1], cols_rows[:, 0]] if len(cols_rows) else np.empty(0, np.float32)
 
+    level_dims = tuple(info.level_dimensions[choice.level])
     read_path, fallback_reason = "openslide", ""
     if tcfg.fast_read and len(coords):
-        reader, fallback_reason = _open_fast_reader(job.path, info.level_dimensions[choice.level])
-        if reader is not None:
-            reader.close()
+        try:
+            fast_reader(job.path, level_dims)  # kept open for this worker's first band
             read_path = "fast-tiff"
+        except UnsupportedSlide as exc:
+            fallback_reason = str(exc)
 
     attrs = {
-        "slide": {
-            **info.to_dict(),
-            "size_bytes": size,
-            "mtime": mtime,
-            "fingerprint": fingerprint,
-        },
+        "slide": {**info.to_dict(), "size_bytes": size, "mtime": mtime},
         "tiling": {
             "target_mpp": tcfg.mpp,
             "effective_mpp": choice.effective_mpp,
@@ -210,37 +275,70 @@ def plan_slide(job: TileJob) -> dict:
         "created_utc": utc_now(),
     }
     tmp = temp_store_path(job.store_dir, job.slide_id)
-    create_store(
-        tmp,
-        tile_px=tcfg.tile_px,
-        coords=coords,
-        cols_rows=cols_rows,
-        tissue_fraction=fractions,
-        mask=tissue.mask,
-        thumbnail=lowres,
-        codec=scfg.codec,
-        jpeg_quality=scfg.jpeg_quality,
-        zstd_level=scfg.zstd_level,
-        attrs=attrs,
-    )
-    boxes = np.concatenate(
-        [(coords - np.asarray(info.bounds_xywh[:2])) / mask_ds, np.full((len(coords), 2), grid.tile_level0 / mask_ds)], axis=1
-    ) if len(coords) else None
-    save_png(tmp / "overlay.png", draw_tissue_overlay(lowres, tissue.mask, boxes), max_side=4096)
-    save_png(tmp / "mask.png", tissue.mask, max_side=4096)
-    blocks = [b.tolist() for b in group_blocks(cols_rows, tcfg.block_tiles)]
+    try:
+        create_tile_array(
+            tmp, tile_px=tcfg.tile_px, n_tiles=len(coords), codec=scfg.codec,
+            jpeg_quality=scfg.jpeg_quality, zstd_level=scfg.zstd_level, tiles_per_shard=scfg.tiles_per_shard,
+        )
+        thumb_file, mask_file = _plan_files(tmp)
+        np.save(thumb_file, lowres)
+        np.save(mask_file, tissue.mask)
+    except BaseException:
+        discard_temp(tmp)  # the driver never learns this name: clean up here
+        raise
+    n_bands = max(2 * job.n_workers, math.ceil(len(coords) / tcfg.task_tiles))
+    bands = [
+        {"indices": b.tolist(), "coords": coords[b].tolist(), "cols_rows": cols_rows[b].tolist()}
+        for b in group_bands(cols_rows, n_bands, align=scfg.tiles_per_shard)  # each band writes whole shards
+    ]
     return {
         "status": "planned",
         "tmp": str(tmp),
-        "blocks": blocks,
+        "bands": bands,
         "n_tiles": int(len(coords)),
+        "coords": coords.tolist(),
+        "cols_rows": cols_rows.tolist(),
+        "tissue_fraction": fractions.tolist(),
+        "mask_downsample": mask_ds,
+        "tile_level0": grid.tile_level0,
+        "bounds_xy": list(info.bounds_xywh[:2]),
+        "attrs": attrs,
         "choice": choice,
         "read_path": read_path,
-        "level_dimensions": info.level_dimensions[choice.level],
+        "level_dimensions": level_dims,
         "mpp": info.mpp,
         "mpp_source": info.mpp_source,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def store_extras(job: TileJob, plan: dict) -> dict:
+    """Everything in the store but the pixels, written while the bands are being tiled."""
+    t0 = time.perf_counter()
+    tmp = Path(plan["tmp"])
+    thumb_file, mask_file = _plan_files(tmp)
+    lowres, mask = np.load(thumb_file), np.load(mask_file)
+    coords = np.asarray(plan["coords"], np.int64).reshape(-1, 2)
+    attrs = dict(plan["attrs"])
+    attrs["slide"] = {**attrs["slide"], "fingerprint": file_fingerprint(job.path)}
+    write_slide_arrays(
+        tmp,
+        coords=coords,
+        cols_rows=np.asarray(plan["cols_rows"], np.int64).reshape(-1, 2),
+        tissue_fraction=np.asarray(plan["tissue_fraction"], np.float32),
+        mask=mask,
+        thumbnail=lowres,
+        attrs=attrs,
+    )
+    side = plan["tile_level0"] / plan["mask_downsample"]
+    boxes = np.concatenate(
+        [(coords - np.asarray(plan["bounds_xy"])) / plan["mask_downsample"], np.full((len(coords), 2), side)], axis=1
+    ) if len(coords) else None
+    save_png(tmp / "overlay.png", draw_tissue_overlay(lowres, mask, boxes), max_side=4096)
+    save_png(tmp / "mask.png", mask, max_side=4096)
+    thumb_file.unlink()
+    mask_file.unlink()
+    return {"seconds": time.perf_counter() - t0}
 
 
 def _tissue(lowres: np.ndarray, mpp: float, cfg: Config):
@@ -261,6 +359,73 @@ def _tissue(lowres: np.ndarray, mpp: float, cfg: Config):
     )
 
 
+def iter_tiles(
+    path: str,
+    coords: np.ndarray,
+    cols_rows: np.ndarray,
+    choice: LevelChoice,
+    tile_px: int,
+    *,
+    pad_value: int = 255,
+    read_path: str = "openslide",
+    level_dimensions: tuple[int, int] | None = None,
+    block_tiles: int = 12,
+):
+    """Yield ``(k, tile)`` for every tile ``k`` of ``coords``, canvas by canvas.
+
+    The tiles are grouped into squares of ``block_tiles`` x ``block_tiles``
+    grid cells (``cols_rows``) read one after another: with
+    ``read_path='fast-tiff'`` every source tile is decoded once for the whole
+    call (see :func:`wsi.fastread.iter_canvases`) and each tile is a view of
+    the canvas, valid until the next one is yielded; with OpenSlide each
+    square is one ``read_region`` of its bounding box (or one per tile when
+    the square is sparse). Each tile is the level ``choice.level`` region of
+    ``round(tile_px * scale)`` pixels from its level-0 corner, resized to
+    ``tile_px`` when the level does not match the target resolution; pixels
+    beyond the slide are ``pad_value``.
+    """
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    if len(coords) == 0:
+        return
+    size_l = max(1, int(round(tile_px * choice.scale)))
+    lxy = np.rint(coords / choice.level_downsample).astype(np.int64)
+    cells = group_blocks(np.asarray(cols_rows, np.int64).reshape(-1, 2), block_tiles)
+
+    def fit(reg: np.ndarray) -> np.ndarray:
+        if size_l == tile_px:
+            return reg
+        interp = cv2.INTER_AREA if size_l > tile_px else cv2.INTER_LINEAR
+        return cv2.resize(reg, (tile_px, tile_px), interpolation=interp)
+
+    if read_path == "fast-tiff":
+        from wsi.fastread import iter_canvases
+
+        dims = level_dimensions
+        if dims is None:
+            import openslide
+
+            with openslide.OpenSlide(path) as s:
+                dims = s.level_dimensions[choice.level]
+        reader = fast_reader(path, tuple(dims))
+        regions = [[(int(x), int(y), size_l, size_l) for x, y in lxy[cell]] for cell in cells]
+        try:
+            for cell, (canvas, (x0, y0)) in zip(cells, iter_canvases(reader, regions, fill=pad_value)):
+                for k in cell:
+                    x, y = lxy[k] - (x0, y0)
+                    yield int(k), fit(canvas[y : y + size_l, x : x + size_l])
+        except Exception:
+            forget_reader(path)  # never reuse a handle after an error
+            raise
+        return
+    slide = open_slide(path)
+    try:
+        for cell in cells:
+            for k, reg in zip(cell, _openslide_regions(slide, coords[cell], lxy[cell], choice, size_l, pad_value)):
+                yield int(k), fit(reg)
+    finally:
+        slide.close()
+
+
 def read_tiles(
     path: str,
     coords: np.ndarray,
@@ -271,45 +436,20 @@ def read_tiles(
     read_path: str = "openslide",
     level_dimensions: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Read tiles at level-0 ``coords`` as (n, tile_px, tile_px, 3) uint8.
+    """Read tiles at level-0 ``coords`` as one (n, tile_px, tile_px, 3) uint8 array.
 
-    Each tile is the level ``choice.level`` region of ``round(tile_px * scale)``
-    pixels from the tile's level-0 corner, resized to ``tile_px`` when the level
-    does not match the target resolution. Pixels beyond the slide are
-    ``pad_value``. ``read_path='fast-tiff'`` decodes the source tiles directly,
-    each once for the whole call; it needs the level's ``level_dimensions``
-    (width, height), looked up with OpenSlide when not given.
+    See :func:`iter_tiles` for how the pixels are read; here the tiles are
+    grouped into squares by their position alone.
     """
     coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    out = np.empty((len(coords), tile_px, tile_px, 3), np.uint8)
     size_l = max(1, int(round(tile_px * choice.scale)))
-    lxy = np.rint(coords / choice.level_downsample).astype(np.int64)
-    n = len(coords)
-    out = np.empty((n, tile_px, tile_px, 3), np.uint8)
-    if n == 0:
-        return out
-    regions: list[np.ndarray]
-    if read_path == "fast-tiff":
-        from wsi.fastread import TiffLevelReader
-
-        dims = level_dimensions
-        if dims is None:
-            import openslide
-
-            with openslide.OpenSlide(path) as s:
-                dims = s.level_dimensions[choice.level]
-        with TiffLevelReader.open(path, tuple(dims)) as reader:
-            regions = reader.read_regions([(int(x), int(y), size_l, size_l) for x, y in lxy], fill=pad_value)
-    else:
-        slide = open_slide(path)
-        try:
-            regions = _openslide_regions(slide, coords, lxy, choice, size_l, pad_value)
-        finally:
-            slide.close()
-    for k, reg in enumerate(regions):
-        if size_l != tile_px:
-            interp = cv2.INTER_AREA if size_l > tile_px else cv2.INTER_LINEAR
-            reg = cv2.resize(reg, (tile_px, tile_px), interpolation=interp)
-        out[k] = reg
+    pseudo_grid = np.rint(coords / choice.level_downsample).astype(np.int64) // size_l
+    for k, tile in iter_tiles(
+        path, coords, pseudo_grid, choice, tile_px,
+        pad_value=pad_value, read_path=read_path, level_dimensions=level_dimensions,
+    ):
+        out[k] = tile
     return out
 
 
@@ -328,28 +468,37 @@ def _openslide_regions(slide, coords, lxy, choice: LevelChoice, size_l: int, pad
     return [big[y - y0 : y - y0 + size_l, x - x0 : x - x0 + size_l] for x, y in lxy]
 
 
-def tile_block(job: TileJob, plan: dict, indices: list[int]) -> dict:
-    """Read, encode and write one block of tiles into the temporary store."""
+def tile_block(job: TileJob, plan: dict, band: dict) -> dict:
+    """Read, encode and write one band of tiles into the temporary store."""
     tmp = Path(plan["tmp"])
     if (tmp / FAILED_MARKER).exists():
         return {"n": 0, "bytes": 0, "seconds": 0.0, "skipped": True}
     t0 = time.perf_counter()
-    import zarr
+    idx = np.asarray(band["indices"], np.int64)
+    with TileWriter(tmp) as writer:
+        nbytes = _write_band(job, plan, band, idx, writer)
+    return {"n": int(len(idx)), "bytes": nbytes, "seconds": time.perf_counter() - t0}
 
-    idx = np.asarray(indices, np.int64)
-    coords = np.asarray(zarr.open_array(str(tmp / "coords"), mode="r")[:])[idx]
-    tiles = read_tiles(
+
+def _write_band(job: TileJob, plan: dict, band: dict, idx: np.ndarray, writer: TileWriter) -> int:
+    tcfg = job.config.tiling
+    nbytes = 0
+    for k, tile in iter_tiles(
         job.path,
-        coords,
+        np.asarray(band["coords"], np.int64),
+        np.asarray(band["cols_rows"], np.int64),
         plan["choice"],
-        job.config.tiling.tile_px,
-        pad_value=job.config.tiling.pad_value,
+        tcfg.tile_px,
+        pad_value=tcfg.pad_value,
         read_path=plan["read_path"],
         level_dimensions=plan["level_dimensions"],
-    )
-    writer = TileWriter(tmp)
-    writer.write(idx, tiles)
-    return {"n": int(len(idx)), "bytes": writer.bytes_written, "seconds": time.perf_counter() - t0}
+        block_tiles=tcfg.block_tiles,
+    ):
+        nbytes += writer.write_tile(int(idx[k]), tile)
+    return nbytes
+
+
+_PLAN_CORE = ("status", "tmp", "n_tiles", "choice", "read_path", "level_dimensions", "mpp", "mpp_source", "seconds")
 
 
 def finalize_slide(job: TileJob, plan: dict, stats: dict) -> dict:
@@ -395,6 +544,7 @@ class _SlideState:
     failed: str = ""
     tiles_done: int = 0
     read_seconds: float = 0.0
+    extras_seconds: float = 0.0
     finalizing: bool = False
 
 
@@ -447,14 +597,21 @@ def run_tile(
         for p, reason in dups.items():
             report.add(SlideOutcome(slide_id_for(p), str(p), "failed", reason))
         t_ex = time.perf_counter()
-        with make_executor(workers, scheduler, quiet=quiet) as ex:
+        with make_executor(workers, scheduler, quiet=quiet, warm=("pipeline.tile",)) as ex:
             report.settings["executor_start_s"] = round(time.perf_counter() - t_ex, 3)
             log.info("tiling %d slides into %s (%s)", len(usable), out, ex.description)
             _drive(ex, usable, out, config, mpp_overrides, assume_mpp, report, progress and not quiet)
+            t_stop = time.perf_counter()
+        report.settings["executor_stop_s"] = round(time.perf_counter() - t_stop, 3)
         report.finished_utc = utc_now()
         report.seconds = round(time.perf_counter() - t_run, 3)
         report.write(out, "tile")
     return report
+
+
+#: Which queued task a free worker takes first: finish slides already started before
+#: planning new ones, so stores land one after another (and a stopped run keeps them).
+_PRIORITY = {"final": 3, "extras": 2, "block": 1, "plan": 0}
 
 
 def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progress) -> None:
@@ -466,9 +623,9 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
     tiles_total = 0
     t_start = time.perf_counter()
     for p in paths:
-        job = TileJob(str(p), slide_id_for(p), str(out), config, mpp_overrides, assume_mpp)
+        job = TileJob(str(p), slide_id_for(p), str(out), config, mpp_overrides, assume_mpp, ex.n_workers)
         states[job.slide_id] = _SlideState(job, time.perf_counter())
-        meta[ex.submit(plan_slide, job)] = ("plan", job.slide_id)
+        meta[ex.submit(plan_slide, job, priority=_PRIORITY["plan"])] = ("plan", job.slide_id)
 
     def finish(st: _SlideState, status: str, reason: str = "", **details) -> None:
         secs = time.perf_counter() - st.t0
@@ -492,6 +649,13 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
                 discard_temp(st.plan["tmp"])
             finish(st, "failed", st.failed)
 
+    def _maybe_finalize(st: _SlideState) -> None:
+        if st.outstanding == 0 and not st.failed:
+            st.finalizing = True
+            st.outstanding = 1
+            stats = {"plan_s": st.plan["seconds"], "block_cpu_s": st.read_seconds, "extras_s": st.extras_seconds}
+            meta[ex.submit(finalize_slide, st.job, st.plan, stats, priority=_PRIORITY["final"])] = ("final", st.job.slide_id)
+
     for fut in ex.completed():
         kind, sid = meta.pop(fut)
         st = states[sid]
@@ -501,18 +665,28 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
                 fail(st, err)
                 continue
             plan = fut.result()
-            st.plan = plan
             if plan["status"] == "skipped":
+                st.plan = plan
                 finish(st, "skipped", plan["reason"], n_tiles=plan["n_tiles"])
                 continue
-            if not plan["blocks"]:
-                st.finalizing = True
-                st.outstanding = 1
-                meta[ex.submit(finalize_slide, st.job, plan, {"plan_s": plan["seconds"]})] = ("final", sid)
+            # Band tasks get only what they need; the coordinates travel once, to store_extras.
+            st.plan = {k: plan[k] for k in _PLAN_CORE}
+            st.outstanding = len(plan["bands"]) + 1
+            # The extras go first: while one worker writes them the others start on the bands,
+            # which balances the workers better than leaving them for the end.
+            meta[ex.submit(store_extras, st.job, plan, priority=_PRIORITY["extras"])] = ("extras", sid)
+            for band in plan["bands"]:
+                meta[ex.submit(tile_block, st.job, st.plan, band, priority=_PRIORITY["block"])] = ("block", sid)
+        elif kind == "extras":
+            st.outstanding -= 1
+            if err is not None:
+                fail(st, err)
                 continue
-            st.outstanding = len(plan["blocks"])
-            for block in plan["blocks"]:
-                meta[ex.submit(tile_block, st.job, plan, block)] = ("block", sid)
+            st.extras_seconds = fut.result()["seconds"]
+            if st.failed:
+                fail(st, RuntimeError(st.failed))
+            else:
+                _maybe_finalize(st)
         elif kind == "block":
             st.outstanding -= 1
             if err is not None:
@@ -526,11 +700,8 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
             bar.set_postfix_str(f"{tiles_total} tiles, {tiles_total / max(elapsed, 1e-9):.0f} tiles/s")
             if st.failed:
                 fail(st, RuntimeError(st.failed))
-            elif st.outstanding == 0:
-                st.finalizing = True
-                st.outstanding = 1
-                stats = {"plan_s": st.plan["seconds"], "block_cpu_s": st.read_seconds}
-                meta[ex.submit(finalize_slide, st.job, st.plan, stats)] = ("final", sid)
+            else:
+                _maybe_finalize(st)
         else:  # final
             st.outstanding -= 1
             if err is not None:

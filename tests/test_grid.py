@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from wsi.grid import group_blocks, make_grid, select_tiles, tissue_fractions
+from wsi.grid import group_bands, group_blocks, make_grid, select_tiles, tissue_fractions
 from wsi.slide import choose_level, composite_on_white
 
 
@@ -60,6 +60,31 @@ def test_group_blocks_partition():
     for b in blocks:
         bc = cr[b] // 4
         assert (bc == bc[0]).all()
+
+
+def test_group_bands_whole_rows_and_balanced():
+    # a triangle of tissue: row r has r + 1 tiles
+    cr = np.array([[c, r] for r in range(12) for c in range(r + 1)])
+    for n in (1, 2, 3, 4, 7):
+        bands = group_bands(cr, n)
+        assert np.concatenate(bands).tolist() == list(range(len(cr)))  # consecutive, each tile once
+        assert len(bands) <= n
+        rows = [set(cr[b, 1]) for b in bands]
+        assert all(not (a & b) for i, a in enumerate(rows) for b in rows[i + 1 :])  # rows never split
+    sizes = [len(b) for b in group_bands(cr, 3)]
+    assert max(sizes) - min(sizes) <= 12  # within one row of equal
+    assert len(group_bands(cr, 100)) <= 12
+    assert group_bands(np.zeros((0, 2), int), 4) == []
+
+
+def test_group_bands_aligned_to_shards():
+    cr = np.array([[c, r] for r in range(10) for c in range(37)])
+    bands = group_bands(cr, 4, align=32)
+    assert np.concatenate(bands).tolist() == list(range(len(cr)))
+    assert all(b[0] % 32 == 0 for b in bands)
+    assert max(len(b) for b in bands[:-1]) - min(len(b) for b in bands[:-1]) <= 32
+    with pytest.raises(ValueError, match="row-major"):
+        group_bands(cr[::-1], 2)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import cv2
 import numpy as np
 
 
@@ -95,8 +96,8 @@ def tissue_fractions(mask: np.ndarray, mask_downsample: float, grid: Grid) -> np
     (n_rows, n_cols) float32 array in [0, 1]; area beyond the mask counts as no tissue.
     """
     h, w = mask.shape
-    integral = np.zeros((h + 1, w + 1), np.float64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.float64), axis=0), axis=1)
+    # Summed-area table with a zero first row and column (exact: integer counts in float64).
+    integral = cv2.integral(np.ascontiguousarray(mask, dtype=np.uint8), sdepth=cv2.CV_64F)
     scale = grid.downsample / mask_downsample  # mask px per tile px
     cols = np.arange(grid.n_cols)
     rows = np.arange(grid.n_rows)
@@ -140,3 +141,49 @@ def group_blocks(cols_rows: np.ndarray, block_tiles: int) -> list[np.ndarray]:
     order = np.argsort(key, kind="stable")
     _, starts = np.unique(key[order], return_index=True)
     return [np.sort(g) for g in np.split(order, starts[1:])]
+
+
+def group_bands(cols_rows: np.ndarray, n_bands: int, *, align: int = 1) -> list[np.ndarray]:
+    """Split tiles into at most ``n_bands`` bands of neighbouring grid rows with about equal tile counts.
+
+    Parameters
+    ----------
+    cols_rows : (N, 2) int array
+        Grid ``(col, row)`` of each tile, in row-major order (as
+        :func:`select_tiles` returns them).
+    n_bands : int
+        Wanted number of bands (fewer when there are fewer non-empty rows).
+    align : int
+        Band boundaries fall on multiples of ``align`` tile indices (e.g. the
+        tiles per shard file, so each band writes whole shards); a grid row
+        may then be split between two bands. With ``align=1`` a band is made
+        of whole grid rows.
+
+    Returns
+    -------
+    bands : list of int arrays
+        Consecutive index ranges into ``cols_rows``, top band first. Every
+        tile is in exactly one band, so neighbouring bands share only the
+        source pixels along one tile overlap.
+    """
+    cr = np.asarray(cols_rows, np.int64).reshape(-1, 2)
+    n_tiles = len(cr)
+    if n_tiles == 0:
+        return []
+    key = cr[:, 1] * (int(cr[:, 0].max()) + 1) + cr[:, 0]
+    if np.any(np.diff(key) <= 0):
+        raise ValueError("group_bands needs tiles in row-major order without repeats")
+    align = max(1, int(align))
+    row_starts = np.flatnonzero(np.r_[True, np.diff(cr[:, 1]) != 0])
+    n = max(1, min(int(n_bands), len(row_starts)))
+    targets = np.arange(1, n) * n_tiles / n
+    if align > 1:
+        # Cut at the multiple of `align` closest to each k * N / n.
+        cuts = np.rint(targets / align).astype(np.int64) * align
+    else:
+        # Cut at the row boundary closest to each k * N / n.
+        hi = np.clip(np.searchsorted(row_starts, targets), 1, len(row_starts) - 1)
+        lo = hi - 1
+        cuts = np.where(targets - row_starts[lo] < row_starts[hi] - targets, row_starts[lo], row_starts[hi])
+    cuts = np.unique(cuts[(cuts > 0) & (cuts < n_tiles)])
+    return [b for b in np.split(np.arange(n_tiles), cuts) if len(b)]

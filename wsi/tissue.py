@@ -162,10 +162,12 @@ def tissue_mask(
     if k >= 3:
         k += 1 - k % 2  # odd window
         chan = cv2.medianBlur(chan, min(k, 255))
-    otsu = otsu_threshold(chan) if chan.size and chan.min() != chan.max() else 255.0
+    lo, hi = (cv2.minMaxLoc(chan)[:2]) if chan.size else (0, 0)
+    otsu = otsu_threshold(chan) if lo != hi else 255.0
     thr = max(otsu, float(min_threshold))
     mask = chan > thr
-    mask &= rgb.min(axis=2) <= max_background_value
+    darkest = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    mask &= darkest <= max_background_value
     m8 = mask.astype(np.uint8)
     if close_um > 0:
         m8 = cv2.morphologyEx(m8, cv2.MORPH_CLOSE, _disk(close_um / mpp))
