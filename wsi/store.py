@@ -587,7 +587,13 @@ class TileStore:
         if idx.min() < 0 or idx.max() >= len(self):
             raise IndexError(f"tile indices out of range for {len(self)} tiles")
         uniq, inverse = np.unique(idx, return_inverse=True)
-        data = np.asarray(self._tiles.get_orthogonal_selection((uniq,)))
+        # One slice per run of consecutive indices: zarr 3.1's integer-array
+        # selection on a sharded array takes seconds per batch (it is slow
+        # per chunk), while a slice reads each shard once.
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+        runs = np.split(uniq, breaks)
+        parts = [np.asarray(self._tiles[int(r[0]) : int(r[-1]) + 1]) for r in runs]
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return data[inverse]
 
     def iter_batches(self, batch_size: int = 64, indices=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
