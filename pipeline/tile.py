@@ -79,6 +79,9 @@ from wsi.store import (
 log = logging.getLogger("wsi_pipeline")
 
 FAILED_MARKER = ".failed"
+#: Longest side of overlay.png, the picture for people (the full-size thumbnail and
+#: mask are arrays in the store); PNG-encoding a 3000 px overlay alone took 0.5 s.
+PREVIEW_MAX_PX = 2048
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,7 @@ def plan_slide(job: TileJob) -> dict:
     try:
         info = slide_info(slide, job.path, mpp_overrides=job.mpp_overrides, assume_mpp=job.assume_mpp)
         choice = choose_level(info.mpp, info.level_downsamples, tcfg.mpp, tolerance=tcfg.mpp_tolerance)
-        lowres, mask_ds = read_lowres(slide, info, mcfg.mask_mpp)
+        lowres, mask_ds = read_lowres(slide, info, mcfg.mask_mpp, fast_path=job.path if tcfg.fast_read else None)
     finally:
         slide.close()
     tissue = _tissue(lowres, info.mpp * mask_ds, cfg)
@@ -334,7 +337,8 @@ def store_extras(job: TileJob, plan: dict) -> dict:
     boxes = np.concatenate(
         [(coords - np.asarray(plan["bounds_xy"])) / plan["mask_downsample"], np.full((len(coords), 2), side)], axis=1
     ) if len(coords) else None
-    save_png(tmp / "overlay.png", draw_tissue_overlay(lowres, mask, boxes), max_side=4096)
+    overlay = draw_tissue_overlay(lowres, mask, boxes)
+    save_png(tmp / "overlay.png", overlay, max_side=PREVIEW_MAX_PX)
     save_png(tmp / "mask.png", mask, max_side=4096)
     thumb_file.unlink()
     mask_file.unlink()

@@ -76,9 +76,53 @@ def test_fast_path_equals_openslide_path(tmp_path, synth_slides):
     a, b = TileStore(tmp_path / "fast" / "tissue.zarr"), TileStore(tmp_path / "slow" / "tissue.zarr")
     assert b.attrs["tiling"]["read_path"] == "openslide"
     np.testing.assert_array_equal(a.coords, b.coords)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_array_equal(a.thumbnail, b.thumbnail)
     d = np.abs(a.read(range(len(a))).astype(int) - b.read(range(len(b))))
     print(f"fast vs OpenSlide path: max diff {d.max()}, mean diff {d.mean():.4f}")
     assert d.max() <= 4 and d.mean() < 0.1
+
+
+def test_lowres_fast_path_equals_openslide(synth_slides):
+    from wsi.slide import read_lowres, slide_info
+
+    for key in ("tissue", "tissue40x"):
+        path = str(synth_slides[key])
+        with openslide.OpenSlide(path) as slide:
+            info = slide_info(slide, path)
+            for mpp in (8.0, 3.0):
+                fast, ds_fast = read_lowres(slide, info, mpp, fast_path=path, strip_px=300)
+                ref, ds_ref = read_lowres(slide, info, mpp, strip_px=300)
+                assert ds_fast == ds_ref
+                np.testing.assert_array_equal(fast, ref)
+
+
+def test_layout_settings_do_not_change_the_store(tmp_path, synth_slides):
+    """Block, band and shard sizes change how the work is cut, never the tiles."""
+    slide = _one(tmp_path, synth_slides["tissue"])
+    ref = _run(slide, tmp_path / "ref", _cfg(**{"store.codec": "zstd"}))
+    assert ref.ok
+    a = TileStore(tmp_path / "ref" / "tissue.zarr")
+    want = a.read(range(len(a)))
+    for i, over in enumerate([
+        {"tiling.block_tiles": 2, "tiling.task_tiles": 5, "store.tiles_per_shard": 3},
+        {"tiling.block_tiles": 50, "store.tiles_per_shard": 1},
+        {"tiling.fast_read": False, "tiling.task_tiles": 7, "store.tiles_per_shard": 4},
+    ]):
+        out = tmp_path / f"v{i}"
+        rep = _run(slide, out, _cfg(**{"store.codec": "zstd", **over}), workers=2 if i == 0 else 0)
+        assert rep.ok, rep.summary()
+        b = TileStore(out / "tissue.zarr")
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_array_equal(b.read(range(len(b))), want)
+        per_shard = over["store.tiles_per_shard"]
+        assert b.attrs["tiles_per_shard"] == per_shard
+        chunk_files = [f for f in (out / "tissue.zarr" / "tiles").iterdir() if f.name.startswith("c.")]
+        assert len(chunk_files) == -(-len(b) // per_shard)
+        assert b.attrs["tile_bytes"] == sum(f.stat().st_size for f in chunk_files)
+    # a layout setting is not a tiling change: the reference store stays current
+    again = _run(slide, tmp_path / "ref", _cfg(**{"store.codec": "zstd", "store.tiles_per_shard": 5}))
+    assert [s.status for s in again.slides] == ["skipped"]
 
 
 def test_lower_level_and_resize(tmp_path, synth_slides):

@@ -27,18 +27,20 @@ def draw_tissue_overlay(
     boxes_xywh : (N, 4) array, optional
         Tile boxes in thumbnail pixels (float allowed).
     """
-    out = thumbnail.astype(np.float32)
-    m = mask.astype(bool)
-    out[m] = out[m] * (1 - tint) + np.asarray(mask_rgb, np.float32) * tint
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-    out = np.ascontiguousarray(out)
+    rgb = np.ascontiguousarray(thumbnail, dtype=np.uint8)
+    m8 = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+    # Integer blend in OpenCV (a float copy of a 3000 px thumbnail costs ~0.5 s).
+    tinted = cv2.addWeighted(rgb, 1.0 - tint, np.full_like(rgb, mask_rgb), tint, 0.0)
+    out = rgb.copy()
+    cv2.copyTo(tinted, m8, out)
+    contours, _ = cv2.findContours(m8, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, mask_rgb, 1)
     if boxes_xywh is not None and len(boxes_xywh):
-        for x, y, w, h in np.asarray(boxes_xywh, np.float64):
-            p0 = (int(round(x)), int(round(y)))
-            p1 = (int(round(x + w)) - 1, int(round(y + h)) - 1)
-            cv2.rectangle(out, p0, p1, box_rgb, 1)
+        b = np.asarray(boxes_xywh, np.float64).reshape(-1, 4)
+        p0 = np.rint(b[:, :2]).astype(int)
+        p1 = np.rint(b[:, :2] + b[:, 2:]).astype(int) - 1
+        for (x0, y0), (x1, y1) in zip(p0.tolist(), p1.tolist()):
+            cv2.rectangle(out, (x0, y0), (x1, y1), box_rgb, 1)
     return out
 
 

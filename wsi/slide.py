@@ -316,11 +316,15 @@ def read_lowres(
     target_mpp: float,
     *,
     strip_px: int = 2048,
+    fast_path: str | None = None,
 ) -> tuple[np.ndarray, float]:
     """Render the slide's bounds at about ``target_mpp`` using the pyramid.
 
     Reads the coarsest level that is at least as fine as the target, in
     horizontal strips (bounded memory), and resizes with area averaging.
+    With ``fast_path`` (the slide's file) the level's source tiles are decoded
+    directly (:mod:`wsi.fastread`, the same pixels as OpenSlide) when the
+    file allows it, else OpenSlide reads them.
 
     Returns
     -------
@@ -337,19 +341,29 @@ def read_lowres(
     lvl_w = max(1, int(math.ceil(bw / ds_level)))
     lvl_h = max(1, int(math.ceil(bh / ds_level)))
     out = np.empty((out_h, out_w, 3), np.uint8)
+    reader = None
+    if fast_path is not None and bx == 0 and by == 0:  # offset bounds (MRXS ...) never take the fast path
+        from wsi.fastread import try_open
+
+        reader = try_open(fast_path, slide.level_dimensions[choice.level])
     # Strips in output rows; each reads the matching rows of the level.
     rows_per_strip = max(1, int(strip_px * out_h / lvl_h))
     for oy in range(0, out_h, rows_per_strip):
         oy1 = min(out_h, oy + rows_per_strip)
         ly0 = int(math.floor(oy * lvl_h / out_h))
         ly1 = int(math.ceil(oy1 * lvl_h / out_h))
-        strip = read_region_rgb(
-            slide, (bx, by + int(round(ly0 * ds_level))), choice.level, (lvl_w, max(1, ly1 - ly0))
-        )
+        if reader is not None:
+            strip = reader.read_region(0, ly0, lvl_w, max(1, ly1 - ly0))
+        else:
+            strip = read_region_rgb(
+                slide, (bx, by + int(round(ly0 * ds_level))), choice.level, (lvl_w, max(1, ly1 - ly0))
+            )
         # Exact resampling of this strip's rows onto its output rows.
         target = (out_w, oy1 - oy)
         interp = cv2.INTER_AREA if lvl_w >= out_w else cv2.INTER_LINEAR
         out[oy:oy1] = cv2.resize(strip, target, interpolation=interp)
+    if reader is not None:
+        reader.close()
     return out, bw / out_w
 
 

@@ -473,9 +473,9 @@ def replace_dir(tmp_path: str | Path, final_path: str | Path) -> None:
 
 
 def store_bytes(path: str | Path, sub: str = "tiles") -> int:
-    """Bytes on disk under ``path/sub``."""
+    """Bytes of the chunk (or shard) files under ``path/sub``, metadata (``zarr.json``) excluded."""
     root = Path(path) / sub
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and f.name != "zarr.json")
 
 
 def read_store_attrs(path: str | Path) -> dict | None:
