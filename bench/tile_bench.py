@@ -5,7 +5,9 @@ Generates a realistic pyramidal slide with the project's generator (cached in
 0.5 um/px, JPEG q90 unless told otherwise):
 
 * project   ``run_tile`` end to end (mask, grid, read, encode, write, rename),
-            with its default Dask LocalCluster of ``--workers`` processes;
+            with its default Dask LocalCluster of ``--workers`` processes; also
+            shown less the cluster's start-up and shut-down (paid once per run,
+            whatever the number of slides);
 * naive     what a user would write: ``read_region(512x512)`` per grid tile and
             ``zarr_array[i] = tile`` one tile at a time, the same tiles split
             over ``--workers`` processes;
@@ -13,6 +15,8 @@ Generates a realistic pyramidal slide with the project's generator (cached in
             tile with the same codec, nothing else, over ``--workers`` processes.
 
 Peak RSS is sampled (driver + all child processes together) every 50 ms.
+The project and the floor run ``--repeat`` times, interleaved, and the medians
+are compared: on a shared 2-core machine single runs vary by +-15 %.
 
 Usage::
 
@@ -178,10 +182,30 @@ def run_floor(path: Path, coords: np.ndarray, tile_px: int, workers: int, ref_st
 # --------------------------------------------------------------------------- main
 
 
+def _project_run(slide: Path, out: Path, workers: int, codec: str):
+    from pipeline.config import load_config
+    from pipeline.tile import run_tile
+    from wsi.store import TileStore
+
+    shutil.rmtree(out, ignore_errors=True)
+    c = load_config(None, {"runtime.workers": workers, "store.codec": codec})
+    with PeakRSS() as rss:
+        t = time.perf_counter()
+        rep = run_tile([slide], out, c, workers=workers, quiet=True, progress=False)
+        secs = time.perf_counter() - t
+    assert rep.ok, rep.summary()
+    store = TileStore(out / f"{slide.stem}.zarr")
+    fixed = rep.settings.get("executor_start_s", 0.0) + rep.settings.get("executor_stop_s", 0.0)
+    return {"secs": secs, "fixed": fixed, "n": len(store), "bpt": store.attrs["bytes_per_tile"],
+            "peak": rss.peak, "store": store, "timings": store.attrs.get("timings", {})}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-px", type=int, default=20000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="project and floor runs, interleaved; medians are reported (default 3)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--skip-naive", action="store_true")
@@ -189,60 +213,56 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from pipeline.config import load_config
-    from pipeline.tile import run_tile
-    from wsi.store import TileStore
 
     slide = make_slide(args.out, args.size_px, args.seed)
-    cfg = load_config(None, {"runtime.workers": args.workers})
-    q = cfg.store.jpeg_quality
-    rows = []
-
-    results = {}
-    for codec in ("jpeg", "zstd"):
-        out = args.out / f"stores_{codec}"
-        shutil.rmtree(out, ignore_errors=True)
-        c = load_config(None, {"runtime.workers": args.workers, "store.codec": codec})
-        with PeakRSS() as rss:
-            t = time.perf_counter()
-            rep = run_tile([slide], out, c, workers=args.workers, quiet=True, progress=False)
-            secs = time.perf_counter() - t
-        assert rep.ok, rep.summary()
-        store = TileStore(out / f"{slide.stem}.zarr")
-        results[codec] = (secs, len(store), store.attrs["bytes_per_tile"], rss.peak, store,
-                          rep.settings.get("executor_start_s", 0.0))
-    secs, n, bpt, peak, store, ex_s = results["jpeg"]
-    coords = store.coords
-    mp_px = n * 512 * 512 / 1e6
+    q = load_config(None).store.jpeg_quality
     src_mb = slide.stat().st_size / 1e6
-    rows.append(("project tile (jpeg q%d)" % q, secs, n / secs, mp_px / secs, peak, bpt))
-    rows.append(("  same, after Dask start-up", secs - ex_s, n / (secs - ex_s), mp_px / (secs - ex_s), peak, bpt))
-    zs = results["zstd"]
-    rows.append(("project tile (zstd)", zs[0], zs[1] / zs[0], mp_px / zs[0], zs[3], zs[2]))
 
+    zs = _project_run(slide, args.out / "stores_zstd", args.workers, "zstd")  # also the floor's pixels
+    coords = zs["store"].coords
+    n = zs["n"]
+    mp_px = n * 512 * 512 / 1e6
+    proj, floor = [], []
+    for _ in range(max(1, args.repeat)):
+        proj.append(_project_run(slide, args.out / "stores_jpeg", args.workers, "jpeg"))
+        with PeakRSS() as rss:
+            t_floor, n_src, parts = run_floor(slide, coords, 512, args.workers, zs["store"].path, q)
+        floor.append((t_floor, rss.peak, parts))
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    t_proj = med([p["secs"] for p in proj])
+    t_fixed = med([p["fixed"] for p in proj])
+    t_work = med([p["secs"] - p["fixed"] for p in proj])
+    t_floor = med([f[0] for f in floor])
+    p0 = proj[0]
+    rows = [
+        ("project tile (jpeg q%d)" % q, t_proj, p0["peak"], p0["bpt"]),
+        ("  same, less Dask start/stop", t_work, p0["peak"], p0["bpt"]),
+        ("project tile (zstd)", zs["secs"], zs["peak"], zs["bpt"]),
+    ]
     if not args.skip_naive:
         with PeakRSS() as rss:
             t_naive = run_naive(slide, coords, 512, args.workers, args.out, q)
         naive_bpt = sum(f.stat().st_size for f in (args.out / "naive.zarr").rglob("*") if f.is_file()) / n
-        rows.append(("naive read_region loop", t_naive, n / t_naive, mp_px / t_naive, rss.peak, naive_bpt))
-    with PeakRSS() as rss:
-        t_floor, n_src, parts = run_floor(slide, coords, 512, args.workers, results["zstd"][4].path, q)
-    rows.append(("floor (decode + encode)", t_floor, n / t_floor, mp_px / t_floor, rss.peak, float("nan")))
+        rows.append(("naive read_region loop", t_naive, rss.peak, naive_bpt))
+    rows.append(("floor (decode + encode)", t_floor, floor[0][1], float("nan")))
 
     print()
     print(f"slide {slide.name}: {args.size_px} x {args.size_px} px, {src_mb:.0f} MB, {n} tissue tiles of 512 px "
-          f"(stride 384), {n_src} source tiles touched, {args.workers} workers, {os.cpu_count()} cores")
-    print(f"{'':28s} {'seconds':>8s} {'tiles/s':>8s} {'MP/s':>7s} {'peak RSS':>9s} {'bytes/tile':>11s}")
-    for name, s, tps, mps, pk, b in rows:
+          f"(stride 384), {n_src} source tiles touched, {args.workers} workers, {os.cpu_count()} cores; "
+          f"project and floor: median of {len(proj)} interleaved runs")
+    print(f"{'':30s} {'seconds':>8s} {'tiles/s':>8s} {'MP/s':>7s} {'peak RSS':>9s} {'bytes/tile':>11s}")
+    for name, secs, pk, b in rows:
         bs = f"{b:11.0f}" if b == b else f"{'-':>11s}"
-        print(f"{name:28s} {s:8.2f} {tps:8.1f} {mps:7.1f} {pk / 1e9:7.2f}GB {bs}")
-    print(f"floor split per worker (decode s, encode s): {[(round(d, 2), round(e, 2)) for d, e in parts]}")
-    t_proj = results["jpeg"][0]
+        print(f"{name:30s} {secs:8.2f} {n / secs:8.1f} {mp_px / secs:7.1f} {pk / 1e9:7.2f}GB {bs}")
+    print(f"project runs (s): {[round(p['secs'], 2) for p in proj]}, Dask start+stop {[round(p['fixed'], 2) for p in proj]}")
+    print(f"floor runs (s): {[round(f[0], 2) for f in floor]}; split per worker (decode s, encode s) in the first: "
+          f"{[(round(d, 2), round(e, 2)) for d, e in floor[0][2]]}")
+    print(f"project stage timings (first run, s): {p0['timings']}")
     if not args.skip_naive:
         print(f"project / naive speed: {t_naive / t_proj:.2f}x   (target >= 1.6x)")
     print(f"project time / floor time: {t_proj / t_floor:.2f}x end to end, "
-          f"{(t_proj - ex_s) / t_floor:.2f}x after the {ex_s:.1f} s Dask LocalCluster start-up   (target <= 1.3x)")
-    print(f"store size / source size: jpeg {results['jpeg'][2] * n / 1e6 / src_mb:.2f}x, "
-          f"zstd {results['zstd'][2] * n / 1e6 / src_mb:.2f}x")
+          f"{t_work / t_floor:.2f}x less the {t_fixed:.2f} s Dask LocalCluster start-up and shut-down   (target <= 1.3x)")
+    print(f"store size / source size: jpeg {p0['bpt'] * n / 1e6 / src_mb:.2f}x, zstd {zs['bpt'] * n / 1e6 / src_mb:.2f}x")
 
 
 if __name__ == "__main__":
