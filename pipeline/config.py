@@ -51,7 +51,7 @@ class TilingConfig:
     """Grey value used for tile pixels beyond the slide's edge (255 = white glass)."""
     fast_read: bool = True
     """Decode source JPEG tiles directly with tifffile/imagecodecs where possible."""
-    block_tiles: int = 12
+    block_tiles: int = 4
     """Output tiles per side of the canvas a worker decodes at once (memory and speed only)."""
     task_tiles: int = 2048
     """Most tiles per parallel task; a slide is cut into bands of whole grid rows,

@@ -291,7 +291,7 @@ def plan_slide(job: TileJob) -> dict:
         raise
     n_bands = max(2 * job.n_workers, math.ceil(len(coords) / tcfg.task_tiles))
     bands = [
-        {"indices": b.tolist(), "coords": coords[b].tolist(), "cols_rows": cols_rows[b].tolist()}
+        {"indices": b, "coords": coords[b], "cols_rows": cols_rows[b]}
         for b in group_bands(cols_rows, n_bands, align=scfg.tiles_per_shard)  # each band writes whole shards
     ]
     return {
@@ -299,9 +299,9 @@ def plan_slide(job: TileJob) -> dict:
         "tmp": str(tmp),
         "bands": bands,
         "n_tiles": int(len(coords)),
-        "coords": coords.tolist(),
-        "cols_rows": cols_rows.tolist(),
-        "tissue_fraction": fractions.tolist(),
+        "coords": coords,
+        "cols_rows": cols_rows,
+        "tissue_fraction": fractions,
         "mask_downsample": mask_ds,
         "tile_level0": grid.tile_level0,
         "bounds_xy": list(info.bounds_xywh[:2]),
@@ -373,7 +373,7 @@ def iter_tiles(
     pad_value: int = 255,
     read_path: str = "openslide",
     level_dimensions: tuple[int, int] | None = None,
-    block_tiles: int = 12,
+    block_tiles: int = 4,
 ):
     """Yield ``(k, tile)`` for every tile ``k`` of ``coords``, canvas by canvas.
 
