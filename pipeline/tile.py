@@ -6,8 +6,9 @@ is readable (a Dask worker, or this process):
 1. :func:`plan_slide`   open the slide, find its resolution, compute the tissue
    mask on a low-resolution level, lay the global grid, keep tissue tiles,
    create the store's ``tiles`` array under a temporary name and cut the
-   tiles into bands of whole grid rows (the short serial part);
-2. :func:`tile_block`   for one band, decode every source tile it touches once
+   tiles into bands of consecutive grid rows, at least two per worker, each
+   writing whole shard files (the short serial part);
+2. :func:`tile_band`    for one band, decode every source tile it touches once
    (fast TIFF path, canvas by canvas) or read it with OpenSlide, and encode
    and write its tiles;
 3. :func:`store_extras` meanwhile: the fingerprint, coordinates, mask,
@@ -16,8 +17,8 @@ is readable (a Dask worker, or this process):
 
 The driver (:func:`run_tile`) only moves small dicts around, keeps the run
 report, and makes a failed slide fail alone. Each worker thread keeps the
-slide level readers and store writers it opened (keyed by the file's
-identity), so the bands of one slide don't re-parse the TIFF.
+slide level readers it opened (keyed by the file's identity), so the bands
+of one slide don't re-parse the TIFF.
 """
 
 from __future__ import annotations
@@ -472,7 +473,7 @@ def _openslide_regions(slide, coords, lxy, choice: LevelChoice, size_l: int, pad
     return [big[y - y0 : y - y0 + size_l, x - x0 : x - x0 + size_l] for x, y in lxy]
 
 
-def tile_block(job: TileJob, plan: dict, band: dict) -> dict:
+def tile_band(job: TileJob, plan: dict, band: dict) -> dict:
     """Read, encode and write one band of tiles into the temporary store."""
     tmp = Path(plan["tmp"])
     if (tmp / FAILED_MARKER).exists():
@@ -615,7 +616,7 @@ def run_tile(
 
 #: Which queued task a free worker takes first: finish slides already started before
 #: planning new ones, so stores land one after another (and a stopped run keeps them).
-_PRIORITY = {"final": 3, "extras": 2, "block": 1, "plan": 0}
+_PRIORITY = {"final": 3, "extras": 2, "band": 1, "plan": 0}
 
 
 def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progress) -> None:
@@ -657,7 +658,7 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
         if st.outstanding == 0 and not st.failed:
             st.finalizing = True
             st.outstanding = 1
-            stats = {"plan_s": st.plan["seconds"], "block_cpu_s": st.read_seconds, "extras_s": st.extras_seconds}
+            stats = {"plan_s": st.plan["seconds"], "bands_s": st.read_seconds, "extras_s": st.extras_seconds}
             meta[ex.submit(finalize_slide, st.job, st.plan, stats, priority=_PRIORITY["final"])] = ("final", st.job.slide_id)
 
     for fut in ex.completed():
@@ -680,7 +681,7 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
             # which balances the workers better than leaving them for the end.
             meta[ex.submit(store_extras, st.job, plan, priority=_PRIORITY["extras"])] = ("extras", sid)
             for band in plan["bands"]:
-                meta[ex.submit(tile_block, st.job, st.plan, band, priority=_PRIORITY["block"])] = ("block", sid)
+                meta[ex.submit(tile_band, st.job, st.plan, band, priority=_PRIORITY["band"])] = ("band", sid)
         elif kind == "extras":
             st.outstanding -= 1
             if err is not None:
@@ -691,7 +692,7 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
                 fail(st, RuntimeError(st.failed))
             else:
                 _maybe_finalize(st)
-        elif kind == "block":
+        elif kind == "band":
             st.outstanding -= 1
             if err is not None:
                 fail(st, err)
