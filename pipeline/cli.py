@@ -142,6 +142,7 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="Level-0 µm/px.")
 @click.option("--annotated", type=int, default=2, show_default=True, help="Positive slides given pixel annotations.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@_handle_errors
 def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed):
     """Generate a synthetic cohort of pyramidal TIFF slides with lesions, labels and annotations.
 
@@ -150,12 +151,18 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed):
       wsi-pipeline synth cohort/ --positives 6 --negatives 6
       wsi-pipeline synth big/ --positives 1 --negatives 0 --size-px 20000
     """
+    from pipeline.batch import UsageError
     from wsi.synth import make_cohort
 
-    info = make_cohort(
-        out_dir, n_positive=positives, n_negative=negatives, width_px=size_px, height_px=size_px,
-        mpp=mpp, seed=seed, annotate=annotated,
-    )
+    try:
+        info = make_cohort(
+            out_dir, n_positive=positives, n_negative=negatives, width_px=size_px, height_px=size_px,
+            mpp=mpp, seed=seed, annotate=annotated,
+        )
+    except ValueError as exc:  # the generator's checks of these options
+        raise UsageError(
+            f"cannot generate this cohort ({exc}); check --positives, --negatives, --annotated, --size-px and --mpp"
+        ) from None
     click.echo(f"wrote {positives + negatives} slides to {out_dir}")
     return info
 

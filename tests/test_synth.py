@@ -319,3 +319,14 @@ def test_make_cohort_rejects_too_many_annotated(tmp_path):
     with pytest.raises(ValueError):
         synth.make_cohort(tmp_path, n_positive=1, n_negative=1, width_px=600, height_px=500,
                           annotate=3)
+
+
+def test_synth_cli_bad_options_give_one_line_and_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    res = CliRunner().invoke(main, ["synth", str(tmp_path / "c"), "--positives", "1", "--negatives", "1"])
+    assert res.exit_code == 2
+    assert "cannot generate this cohort" in res.output and "--annotated" in res.output
+    assert "Traceback" not in res.output
