@@ -54,8 +54,8 @@ class TilingConfig:
     block_tiles: int = 4
     """Output tiles per side of the canvas a worker decodes at once (memory and speed only)."""
     task_tiles: int = 2048
-    """Most tiles per parallel task; a slide is cut into bands of whole grid rows,
-    at least two per worker (speed only)."""
+    """Most tiles per parallel task; a slide is cut into bands of consecutive grid rows,
+    at least three per worker (speed only)."""
 
     def validate(self) -> None:
         if self.mpp <= 0:

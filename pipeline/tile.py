@@ -6,7 +6,7 @@ is readable (a Dask worker, or this process):
 1. :func:`plan_slide`   open the slide, find its resolution, compute the tissue
    mask on a low-resolution level, lay the global grid, keep tissue tiles,
    create the store's ``tiles`` array under a temporary name and cut the
-   tiles into bands of consecutive grid rows, at least two per worker, each
+   tiles into bands of consecutive grid rows, at least three per worker, each
    writing whole shard files (the short serial part);
 2. :func:`tile_band`    for one band, decode every source tile it touches once
    (fast TIFF path, canvas by canvas) or read it with OpenSlide, and encode
@@ -290,10 +290,14 @@ def plan_slide(job: TileJob) -> dict:
     except BaseException:
         discard_temp(tmp)  # the driver never learns this name: clean up here
         raise
-    n_bands = max(2 * job.n_workers, math.ceil(len(coords) / tcfg.task_tiles))
+    # At least three bands per worker, shrinking towards the end of the slide (weights n..1):
+    # workers take the next band as they free up, and small last bands even out their finish.
+    n_bands = max(3 * job.n_workers, math.ceil(len(coords) / tcfg.task_tiles))
     bands = [
         {"indices": b, "coords": coords[b], "cols_rows": cols_rows[b]}
-        for b in group_bands(cols_rows, n_bands, align=scfg.tiles_per_shard)  # each band writes whole shards
+        for b in group_bands(
+            cols_rows, n_bands, align=scfg.tiles_per_shard, weights=np.arange(n_bands, 0, -1)
+        )  # each band writes whole shards
     ]
     return {
         "status": "planned",

@@ -115,3 +115,13 @@ def test_composite_on_white_premultiplied():
     assert rgb[0, 0].tolist() == [255, 255, 255]  # transparent -> white, never black
     assert rgb[0, 1].tolist() == [100, 50, 20]
     assert rgb[0, 2].tolist() == [50 + 127, 25 + 127, 10 + 127]
+
+
+def test_group_bands_weights_taper_towards_the_end():
+    cr = np.array([[c, r] for r in range(40) for c in range(30)])
+    bands = group_bands(cr, 6, align=32, weights=np.arange(6, 0, -1))
+    sizes = [len(b) for b in bands]
+    assert np.concatenate(bands).tolist() == list(range(len(cr)))
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 3 * sizes[-1]
+    with pytest.raises(ValueError, match="weights"):
+        group_bands(cr, 3, weights=[1, 2])

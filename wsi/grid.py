@@ -144,8 +144,10 @@ def group_blocks(cols_rows: np.ndarray, block_tiles: int) -> list[np.ndarray]:
     return [np.sort(g) for g in np.split(order, starts)]
 
 
-def group_bands(cols_rows: np.ndarray, n_bands: int, *, align: int = 1) -> list[np.ndarray]:
-    """Split tiles into at most ``n_bands`` bands of neighbouring grid rows with about equal tile counts.
+def group_bands(
+    cols_rows: np.ndarray, n_bands: int, *, align: int = 1, weights: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Split tiles into at most ``n_bands`` bands of neighbouring grid rows.
 
     Parameters
     ----------
@@ -159,6 +161,10 @@ def group_bands(cols_rows: np.ndarray, n_bands: int, *, align: int = 1) -> list[
         tiles per shard file, so each band writes whole shards); a grid row
         may then be split between two bands. With ``align=1`` a band is made
         of whole grid rows.
+    weights : (n_bands,) array, optional
+        Relative tile counts of the bands, first band first (default: equal).
+        Decreasing weights leave small bands for the end of a slide, so
+        workers that pick tasks as they free up finish at about the same time.
 
     Returns
     -------
@@ -177,7 +183,13 @@ def group_bands(cols_rows: np.ndarray, n_bands: int, *, align: int = 1) -> list[
     align = max(1, int(align))
     row_starts = np.flatnonzero(np.r_[True, np.diff(cr[:, 1]) != 0])
     n = max(1, min(int(n_bands), len(row_starts)))
-    targets = np.arange(1, n) * n_tiles / n
+    if weights is None or n < int(n_bands):
+        targets = np.arange(1, n) * n_tiles / n
+    else:
+        w = np.asarray(weights, np.float64).reshape(-1)
+        if len(w) != n or (w <= 0).any():
+            raise ValueError(f"weights must be {n} positive numbers, got {weights!r}")
+        targets = np.cumsum(w)[:-1] / w.sum() * n_tiles
     if align > 1:
         # Cut at the multiple of `align` closest to each k * N / n.
         cuts = np.rint(targets / align).astype(np.int64) * align
