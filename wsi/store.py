@@ -251,21 +251,10 @@ class TileWriter:
         self._local_root = (
             Path(self._store.root) / self._prefix if isinstance(self._store, LocalStore) else None
         )
-        codecs = meta.codecs
-        self._per_shard = 1
-        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
-            sh = codecs[0]
-            if (
-                sh.index_location == ShardingCodecIndexLocation.end
-                and [c.to_dict() for c in sh.index_codecs] == _DEFAULT_INDEX_CODECS
-                and tuple(sh.chunk_shape[1:]) == tuple(meta.shape[1:])
-            ):
-                self._per_shard = int(meta.chunk_grid.chunk_shape[0]) // int(sh.chunk_shape[0])
-                self._encode = _chunk_encoder(sh.codecs)
-            else:  # a layout we don't write by hand: zarr's own pipeline
-                self._encode = None
-        else:
-            self._encode = _chunk_encoder(codecs)
+        layout = _tile_layout(meta)
+        self._per_shard = layout[0] if layout else 1
+        # None: a layout we don't write by hand, zarr's own pipeline then.
+        self._encode = _chunk_encoder(layout[1]) if layout else None
         self._pending: dict[int, dict[int, bytes]] = {}
         self.bytes_written = 0
         self._made: set[Path] = set()
@@ -339,6 +328,25 @@ class TileWriter:
             self._pending.clear()
 
 
+def _tile_layout(meta) -> tuple[int, tuple] | None:
+    """``(tiles per file, codecs of one tile)`` when every chunk is one whole tile, stored
+    one per file or in shards with zarr's default index at the end; None for any other layout."""
+    codecs, outer = tuple(meta.codecs), tuple(meta.chunk_grid.chunk_shape)
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        sh = codecs[0]
+        if (
+            sh.index_location == ShardingCodecIndexLocation.end
+            and [c.to_dict() for c in sh.index_codecs] == _DEFAULT_INDEX_CODECS
+            and tuple(sh.chunk_shape) == (1, *meta.shape[1:])
+            and tuple(outer[1:]) == tuple(meta.shape[1:])
+        ):
+            return int(outer[0]), tuple(sh.codecs)
+        return None
+    if outer == (1, *meta.shape[1:]):
+        return 1, codecs
+    return None
+
+
 #: zarr's default shard index codecs (little-endian uint64 pairs + crc32c), the only ones written by hand.
 _DEFAULT_INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 _EMPTY = np.uint64(2**64 - 1)
@@ -387,23 +395,9 @@ class RawChunks:
         self.root = Path(tiles_dir)
         self.meta = meta
         self.n = int(meta.shape[0])
-        codecs = meta.codecs
-        self.per_shard = 1
-        self.codecs = tuple(codecs)
-        self.supported = True
-        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
-            sh = codecs[0]
-            if (
-                sh.index_location == ShardingCodecIndexLocation.end
-                and [c.to_dict() for c in sh.index_codecs] == _DEFAULT_INDEX_CODECS
-                and int(sh.chunk_shape[0]) == 1
-            ):
-                self.per_shard = int(meta.chunk_grid.chunk_shape[0])
-                self.codecs = tuple(sh.codecs)
-            else:
-                self.supported = False
-        elif int(meta.chunk_grid.chunk_shape[0]) != 1:
-            self.supported = False
+        layout = _tile_layout(meta)
+        self.supported = layout is not None
+        self.per_shard, self.codecs = layout if layout else (1, tuple(meta.codecs))
         self._index: dict[int, np.ndarray | None] = {}
 
     def _shard_index(self, shard: int) -> np.ndarray | None:
