@@ -488,6 +488,7 @@ def run_classify(
     batch_size: int | None = None,
     loader_workers: int | None = None,
     workers: int | None = None,
+    processes: bool | None = None,
     scheduler: str | None = None,
     mpp_overrides: dict | None = None,
     assume_mpp: float | None = None,
@@ -564,7 +565,7 @@ def run_classify(
 
             log.info("tiling the slides of %s into %s with the run's tiling settings", src, out / "stores")
             try:
-                trep = run_tile(src, out / "stores", tiling_cfg, workers=workers, scheduler=scheduler,
+                trep = run_tile(src, out / "stores", tiling_cfg, workers=workers, processes=processes, scheduler=scheduler,
                                 mpp_overrides=mpp_overrides, assume_mpp=assume_mpp, quiet=quiet, progress=progress)
             except UsageError as exc:
                 if "no slides found" in str(exc):

@@ -39,6 +39,16 @@ def _common_options(fn):
     return fn
 
 
+def _worker_kind_option(fn):
+    return click.option(
+        "--processes/--threads",
+        "processes",
+        default=None,
+        help="Local Dask workers as spawned processes (a native-library crash fails one slide, not the run) "
+        "or as threads of this process (no start-up cost; the default, runtime.processes).",
+    )(fn)
+
+
 def _handle_errors(fn):
     """Turn expected errors into one clear line and exit code 2."""
 
@@ -86,24 +96,28 @@ def main():
 @click.option("--overlap-px", type=int, default=None, help="Overlap in pixels (tiling.overlap_px).")
 @click.option("--codec", type=click.Choice(["jpeg", "zstd"]), default=None, help="Tile codec (store.codec).")
 @click.option("--jpeg-quality", type=int, default=None, help="JPEG quality (store.jpeg_quality).")
-@click.option("--workers", type=int, default=None, help="Dask worker processes; 0 = in this process (runtime.workers).")
+@click.option("--workers", type=int, default=None, help="Dask workers; 0 = in this process, one task at a time (runtime.workers).")
+@_worker_kind_option
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Existing Dask scheduler, e.g. tcp://head:8786.")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
 @click.option("--assume-mpp", type=float, default=None, help="µm/px for slides whose metadata has none.")
 @_common_options
 @_handle_errors
 def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, codec, jpeg_quality, workers,
-         scheduler, mpp_csv, assume_mpp, quiet, verbose):
+         processes, scheduler, mpp_csv, assume_mpp, quiet, verbose):
     """Cut tissue tiles from SLIDES into one Zarr store per slide.
 
     SLIDES is a folder (searched recursively for slide files), one slide, or a
     text file listing slide paths. Re-running skips slides whose file and
     tiling settings are unchanged; a failed slide never stops the others.
+    The work runs on a Dask LocalCluster of --workers threads (or --processes),
+    or on an existing cluster (--scheduler).
 
     \b
     Examples:
       wsi-pipeline tile /data/slides --out /data/stores
       wsi-pipeline tile slides.txt --out stores --config tiny --workers 4
+      wsi-pipeline tile slides/ --out stores --workers 8 --processes
       wsi-pipeline tile scan.svs --out stores --mpp 1.0 --codec zstd
       wsi-pipeline tile slides/ --out stores --mpp-csv mpp.csv --assume-mpp 0.25
       wsi-pipeline tile slides/ --out stores --scheduler tcp://head:8786
@@ -122,6 +136,7 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
             "tiling.overlap_px": overlap_px,
             "store.codec": codec,
             "store.jpeg_quality": jpeg_quality,
+            "runtime.processes": processes,
         },
     )
     overrides = load_mpp_csv(mpp_csv) if mpp_csv else None
@@ -261,14 +276,15 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
 @click.option("--batch-size", type=int, default=None, help="Tiles per inference batch (default: the run's em.predict_batch_size).")
 @click.option("--loader-workers", type=int, default=None,
               help="DataLoader processes reading tiles (default: the run's runtime.loader_workers).")
-@click.option("--workers", type=int, default=None, help="Dask worker processes for tiling slides; 0 = in this process.")
+@click.option("--workers", type=int, default=None, help="Dask workers for tiling slides; 0 = in this process.")
+@_worker_kind_option
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Existing Dask scheduler for tiling, e.g. tcp://head:8786.")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
 @click.option("--assume-mpp", type=float, default=None, help="µm/px for slides whose metadata has none.")
 @_common_options
 @_handle_errors
 def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geojson, device, batch_size,
-             loader_workers, workers, scheduler, mpp_csv, assume_mpp, quiet, verbose):
+             loader_workers, workers, processes, scheduler, mpp_csv, assume_mpp, quiet, verbose):
     """Score slides with a trained run: predictions.csv, heatmaps, GeoJSON regions and report.html.
 
     SLIDES is a folder of slides (searched recursively; tiled into OUT/stores with
@@ -300,7 +316,8 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
     try:
         report = run_classify(
             slides, run_dir, out_dir, round_=round_, threshold=threshold, device=device, batch_size=batch_size,
-            loader_workers=loader_workers, workers=workers, scheduler=scheduler, mpp_overrides=overrides,
+            loader_workers=loader_workers, workers=workers, processes=processes, scheduler=scheduler,
+            mpp_overrides=overrides,
             assume_mpp=assume_mpp, region_threshold=region_threshold, geojson=geojson, quiet=quiet,
             progress=not quiet,
         )
@@ -363,10 +380,12 @@ def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, qu
 @click.option("--size-px", type=int, default=4096, show_default=True, help="Slide side at level 0 (0.5 um/px).")
 @click.option("--rounds", type=int, default=2, show_default=True, help="EM rounds.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=None, help="Dask worker processes for tiling (runtime.workers).")
+@click.option("--workers", type=int, default=None, help="Dask workers for tiling (runtime.workers).")
+@_worker_kind_option
 @_common_options
 @_handle_errors
-def demo(out_dir, config_path, set_items, positives, negatives, size_px, rounds, seed, workers, quiet, verbose):
+def demo(out_dir, config_path, set_items, positives, negatives, size_px, rounds, seed, workers, processes, quiet,
+         verbose):
     """Run every stage on a generated cohort: synth -> tile -> em-round -> classify -> evaluate.
 
     Uses configs/tiny.yaml unless --config is given, so it runs in minutes on a
@@ -385,7 +404,7 @@ def demo(out_dir, config_path, set_items, positives, negatives, size_px, rounds,
 
     setup_logging(quiet, verbose)
     t = time.perf_counter()
-    cfg = build_config(config_path or "tiny", set_items, {})
+    cfg = build_config(config_path or "tiny", set_items, {"runtime.processes": processes})
     res = run_demo(out_dir, cfg, n_positive=positives, n_negative=negatives, size_px=size_px, rounds=rounds,
                    seed=seed, workers=workers, quiet=quiet)
     val = res["val"] or {}

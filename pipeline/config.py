@@ -140,7 +140,10 @@ class RuntimeConfig:
     """Where and how work runs (does not change results)."""
 
     workers: int = 2
-    """Dask worker processes for tiling; 0 runs everything in this process."""
+    """Dask workers for tiling; 0 runs everything in this process, one task after another."""
+    processes: bool = False
+    """Local Dask workers as processes (True) or as threads of this process (False: no
+    start-up cost, same throughput, since tiling's decode/encode release the GIL)."""
     torch_threads: int = 0
     """torch.set_num_threads for training/inference; 0 leaves torch's default."""
     loader_workers: int = 2

@@ -1,8 +1,9 @@
 """Where per-slide work runs: this process, a local Dask cluster, or an existing one.
 
 Workers open slides and read pixels themselves; only small dicts travel back
-to the driver. Dask worker processes are spawned (not forked), so no slide
-handle or lock is ever inherited.
+to the driver. A local Dask cluster has thread workers in this process by
+default and worker processes on request; worker processes are spawned (not
+forked), so no slide handle or lock is ever inherited.
 """
 
 from __future__ import annotations
@@ -134,21 +135,38 @@ def future_error(fut) -> BaseException | None:
 
 
 @contextmanager
-def make_executor(workers: int = 0, scheduler: str | None = None, *, quiet: bool = True, warm: tuple[str, ...] = ()):
+def make_executor(
+    workers: int = 0,
+    scheduler: str | None = None,
+    *,
+    processes: bool = False,
+    quiet: bool = True,
+    warm: tuple[str, ...] = (),
+):
     """An executor for per-slide work.
 
     Parameters
     ----------
     workers : int
-        0 runs in this process; N >= 1 starts a Dask ``LocalCluster`` with N
-        single-threaded worker processes.
+        0 runs in this process, one call after another; N >= 1 starts a Dask
+        ``LocalCluster`` with N single-threaded workers.
+    processes : bool
+        False (default): the ``LocalCluster``'s workers are threads of this
+        process. Tiling's heavy work (JPEG decode and encode, OpenSlide reads,
+        OpenCV, file writes) runs in C with the GIL released, so N threads do
+        the work of N processes, start in ~0.03 s instead of ~0.8 s (spawned
+        interpreters importing Dask and the tiling modules) and share one copy
+        of the imported libraries. True: the workers are spawned processes; a
+        crash inside a native library (a segfault on a malformed file) then
+        takes down one worker, and its slide fails alone, instead of the whole
+        run. Ignored with ``scheduler`` or ``workers=0``.
     scheduler : str, optional
         Address of an existing Dask scheduler (``tcp://host:8786``), e.g. one
         started by dask-jobqueue on SLURM or a Kubernetes Dask cluster. The
         workers there must see the same file paths as this machine.
     warm : tuple of str
-        Modules every Dask worker imports before the executor is handed out
-        (part of the start-up, like the workers themselves).
+        Modules every Dask worker process imports before the executor is
+        handed out (part of the start-up, like the workers themselves).
     """
     if scheduler:
         from distributed import Client
@@ -176,14 +194,16 @@ def make_executor(workers: int = 0, scheduler: str | None = None, *, quiet: bool
         cluster = LocalCluster(
             n_workers=int(workers),
             threads_per_worker=1,
-            processes=True,
+            processes=bool(processes),
             dashboard_address=None,
             silence_logs=logging.ERROR if quiet else logging.WARNING,
         )
         client = Client(cluster)
         ex = DaskExecutor(client)
+        ex.description = f"dask LocalCluster ({ex.n_workers} {'processes' if processes else 'threads'})"
         try:
-            ex.warm(warm)
+            if processes:
+                ex.warm(warm)
             yield ex
         finally:
             client.close()

@@ -563,6 +563,7 @@ def run_tile(
     config: Config,
     *,
     workers: int | None = None,
+    processes: bool | None = None,
     scheduler: str | None = None,
     mpp_overrides: dict | None = None,
     assume_mpp: float | None = None,
@@ -578,7 +579,10 @@ def run_tile(
     out_dir : path
         The store folder: ``<slide_id>.zarr`` per slide, ``reports/``, ``tile-report.json``.
     workers : int, optional
-        Dask worker processes (default ``config.runtime.workers``; 0 = this process).
+        Dask workers (default ``config.runtime.workers``; 0 = this process, one task at a time).
+    processes : bool, optional
+        Local Dask workers as processes instead of threads (default
+        ``config.runtime.processes``; see :func:`pipeline.executor.make_executor`).
     scheduler : str, optional
         An existing Dask scheduler's address (takes precedence over ``workers``).
     """
@@ -588,6 +592,7 @@ def run_tile(
         raise UsageError("no slides given")
     out = ensure_writable_dir(out_dir, "store folder")
     workers = config.runtime.workers if workers is None else workers
+    processes = config.runtime.processes if processes is None else bool(processes)
     report = RunReport(
         command="tile",
         settings={
@@ -595,6 +600,7 @@ def run_tile(
             "config": config.to_dict(),
             "config_hash": config.tiling_hash(),
             "workers": workers,
+            "processes": processes,
             "scheduler": scheduler,
         },
     )
@@ -606,7 +612,7 @@ def run_tile(
         for p, reason in dups.items():
             report.add(SlideOutcome(slide_id_for(p), str(p), "failed", reason))
         t_ex = time.perf_counter()
-        with make_executor(workers, scheduler, quiet=quiet, warm=("pipeline.tile",)) as ex:
+        with make_executor(workers, scheduler, processes=processes, quiet=quiet, warm=("pipeline.tile",)) as ex:
             report.settings["executor_start_s"] = round(time.perf_counter() - t_ex, 3)
             log.info("tiling %d slides into %s (%s)", len(usable), out, ex.description)
             _drive(ex, usable, out, config, mpp_overrides, assume_mpp, report, progress and not quiet)

@@ -1,9 +1,12 @@
-"""The executors: a real Dask LocalCluster with the driver-side queue, and the inline one."""
+"""The executors: real Dask LocalClusters (threads and processes) with the driver-side queue, and the inline one."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
+import dask
 import pytest
 
 from pipeline.executor import future_error, make_executor
@@ -19,8 +22,17 @@ def _boom() -> None:
     raise ValueError("bad slide")
 
 
-def test_dask_queue_limits_in_flight_and_honours_priority():
-    with make_executor(2, quiet=True, warm=("json",)) as ex:
+def _where() -> tuple[int, int]:
+    return os.getpid(), threading.get_ident()
+
+
+def _crash() -> None:
+    os.abort()  # what a segfault in a native decoder does to the process
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_dask_queue_limits_in_flight_and_honours_priority(processes):
+    with make_executor(2, quiet=True, processes=processes, warm=("json",)) as ex:
         assert ex.n_workers == 2 and ex.in_flight == 2
         futs = [ex.submit(_stamp, f"low{i}", 0.3) for i in range(4)]
         urgent = ex.submit(_stamp, "urgent", 0.05, priority=5)
@@ -41,6 +53,33 @@ def test_dask_queue_limits_in_flight_and_honours_priority():
             assert sum(1 for a, b in spans if a <= t0 + 1e-3 and b > t0 + 1e-3) <= 2
         # the urgent call, submitted last, started before the low-priority calls still queued
         assert done["urgent"][0] < max(t0 for tag, (t0, _) in done.items() if tag.startswith("low"))
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_local_cluster_workers_are_threads_or_processes(processes):
+    with make_executor(2, quiet=True, processes=processes) as ex:
+        assert ("processes" if processes else "threads") in ex.description
+        futs = [ex.submit(_stamp, "x", 0.2) for _ in range(2)] + [ex.submit(_where) for _ in range(4)]
+        where = {f.result() for f in ex.completed() if f.result()[0] != "x"}
+    pids = {pid for pid, _ in where}
+    if processes:
+        assert os.getpid() not in pids
+    else:
+        assert pids == {os.getpid()} and threading.get_ident() not in {t for _, t in where}
+    assert len(futs) == 6
+
+
+def test_a_crashing_worker_process_fails_its_call_alone():
+    # The reason --processes exists: a native crash kills one worker process, the
+    # call fails (Dask's KilledWorker) and the other calls and the driver go on.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with make_executor(2, quiet=True, processes=True) as ex:
+            bad = ex.submit(_crash)
+            good = [ex.submit(_stamp, f"ok{i}", 0.05) for i in range(3)]
+            finished = list(ex.completed())
+            assert len(finished) == 4
+            assert future_error(bad) is not None
+            assert [g.result()[0] for g in good] == ["ok0", "ok1", "ok2"]
 
 
 def test_inline_executor_runs_at_once():

@@ -252,15 +252,17 @@ def test_read_tiles_pads_beyond_edge(synth_slides):
         assert (t[0, :64, :64] > 200).all()  # glass inside the slide
 
 
-def test_local_cluster_equals_single_process(tmp_path, synth_slides):
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_local_cluster_equals_single_process(tmp_path, synth_slides, processes):
     d = tmp_path / "in"
     d.mkdir()
     for k in ("tissue", "tissue40x"):
         shutil.copy2(synth_slides[k], d / synth_slides[k].name)
     cfg = _cfg(**{"tiling.block_tiles": 3})
     r0 = _run(d, tmp_path / "inline", cfg, workers=0)
-    r2 = _run(d, tmp_path / "dask", cfg, workers=2)
+    r2 = _run(d, tmp_path / "dask", cfg, workers=2, processes=processes)
     assert r0.ok and r2.ok
+    assert r2.settings["processes"] is processes
     for sid in ("tissue", "tissue40x"):
         a = TileStore(tmp_path / "inline" / f"{sid}.zarr")
         b = TileStore(tmp_path / "dask" / f"{sid}.zarr")
