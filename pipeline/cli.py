@@ -44,8 +44,9 @@ def _worker_kind_option(fn):
         "--processes/--threads",
         "processes",
         default=None,
-        help="Local Dask workers as spawned processes (a native-library crash fails one slide, not the run) "
-        "or as threads of this process (no start-up cost; the default, runtime.processes).",
+        help="Run the --workers as a Dask LocalCluster of spawned worker processes (a native-library crash "
+        "then fails one slide, not the run) or as threads of this process (the default: no start-up, "
+        "same throughput; runtime.processes).",
     )(fn)
 
 
@@ -96,7 +97,7 @@ def main():
 @click.option("--overlap-px", type=int, default=None, help="Overlap in pixels (tiling.overlap_px).")
 @click.option("--codec", type=click.Choice(["jpeg", "zstd"]), default=None, help="Tile codec (store.codec).")
 @click.option("--jpeg-quality", type=int, default=None, help="JPEG quality (store.jpeg_quality).")
-@click.option("--workers", type=int, default=None, help="Dask workers; 0 = in this process, one task at a time (runtime.workers).")
+@click.option("--workers", type=int, default=None, help="Parallel workers; 0 = one task at a time in this thread (runtime.workers).")
 @_worker_kind_option
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Existing Dask scheduler, e.g. tcp://head:8786.")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
@@ -110,8 +111,9 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
     SLIDES is a folder (searched recursively for slide files), one slide, or a
     text file listing slide paths. Re-running skips slides whose file and
     tiling settings are unchanged; a failed slide never stops the others.
-    The work runs on a Dask LocalCluster of --workers threads (or --processes),
-    or on an existing cluster (--scheduler).
+    The work runs on --workers threads of this process, on a Dask LocalCluster
+    of worker processes (--processes), or on an existing Dask cluster
+    (--scheduler).
 
     \b
     Examples:
@@ -276,7 +278,7 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
 @click.option("--batch-size", type=int, default=None, help="Tiles per inference batch (default: the run's em.predict_batch_size).")
 @click.option("--loader-workers", type=int, default=None,
               help="DataLoader processes reading tiles (default: the run's runtime.loader_workers).")
-@click.option("--workers", type=int, default=None, help="Dask workers for tiling slides; 0 = in this process.")
+@click.option("--workers", type=int, default=None, help="Parallel tiling workers; 0 = one task at a time (runtime.workers).")
 @_worker_kind_option
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Existing Dask scheduler for tiling, e.g. tcp://head:8786.")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
@@ -380,7 +382,7 @@ def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, qu
 @click.option("--size-px", type=int, default=4096, show_default=True, help="Slide side at level 0 (0.5 um/px).")
 @click.option("--rounds", type=int, default=2, show_default=True, help="EM rounds.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=None, help="Dask workers for tiling (runtime.workers).")
+@click.option("--workers", type=int, default=None, help="Parallel tiling workers (runtime.workers).")
 @_worker_kind_option
 @_common_options
 @_handle_errors

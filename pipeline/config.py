@@ -55,7 +55,7 @@ class TilingConfig:
     """Output tiles per side of the canvas a worker decodes at once (memory and speed only)."""
     task_tiles: int = 2048
     """Most tiles per parallel task; a slide is cut into bands of consecutive grid rows,
-    at least three per worker (speed only)."""
+    at least four per worker (speed only)."""
 
     def validate(self) -> None:
         if self.mpp <= 0:
@@ -140,10 +140,11 @@ class RuntimeConfig:
     """Where and how work runs (does not change results)."""
 
     workers: int = 2
-    """Dask workers for tiling; 0 runs everything in this process, one task after another."""
+    """Parallel tiling workers; 0 runs everything in this thread, one task after another."""
     processes: bool = False
-    """Local Dask workers as processes (True) or as threads of this process (False: no
-    start-up cost, same throughput, since tiling's decode/encode release the GIL)."""
+    """Workers as a Dask LocalCluster of spawned processes (a native crash fails one slide,
+    not the run) instead of threads of this process (no start-up; same throughput, since
+    tiling's decoding and encoding release the GIL)."""
     torch_threads: int = 0
     """torch.set_num_threads for training/inference; 0 leaves torch's default."""
     loader_workers: int = 2

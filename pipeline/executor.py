@@ -1,9 +1,9 @@
-"""Where per-slide work runs: this process, a local Dask cluster, or an existing one.
+"""Where per-slide work runs: threads of this process, a local Dask cluster of
+worker processes, an existing Dask cluster, or this thread alone.
 
 Workers open slides and read pixels themselves; only small dicts travel back
-to the driver. A local Dask cluster has thread workers in this process by
-default and worker processes on request; worker processes are spawned (not
-forked), so no slide handle or lock is ever inherited.
+to the driver. Dask worker processes are spawned (not forked), so no slide
+handle or lock is ever inherited.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import collections
 import concurrent.futures as cf
 import heapq
 import logging
+import queue
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -47,7 +48,7 @@ class InlineExecutor:
 
 
 class _Queued:
-    """A call waiting in the driver's queue; becomes a Dask future once dispatched."""
+    """A call waiting in the driver's queue; gets its backend future once dispatched."""
 
     __slots__ = ("fn", "args", "kwargs", "future")
 
@@ -61,36 +62,24 @@ class _Queued:
         return self.future.exception()
 
 
-class DaskExecutor:
-    """Submits calls to a Dask cluster and yields them as they finish.
+class _DriverQueue:
+    """Calls wait in a priority queue in the driver and start only when a worker slot is free.
 
-    Calls wait in a priority queue here and go to the cluster only when a
-    worker thread is free (at most ``in_flight`` at once, by default one per
-    worker thread). Dask assigns tasks without dependencies to workers as
-    soon as they are submitted, guessing their duration; with a handful of
-    second-long tasks that guess leaves one worker with two tasks queued
-    while another sits idle. Holding them here makes every free worker take
-    the next most urgent call instead.
+    At most ``in_flight`` calls run at once (one per worker thread); a free
+    slot takes the most urgent call queued (higher ``priority`` first, then
+    first come first served). Backends say how a call starts (``_start``) and
+    how finished ones come back (``_finished``).
     """
 
-    def __init__(self, client, *, in_flight: int | None = None) -> None:
-        from distributed import as_completed
+    n_workers: int
+    in_flight: int
+    description: str
 
-        self.client = client
-        self._ac = as_completed([])
-        info = client.scheduler_info()["workers"]
-        self.n_workers = max(1, len(info))
-        threads = sum(int(w.get("nthreads", 1)) for w in info.values()) or self.n_workers
-        self.in_flight = int(in_flight) if in_flight else threads
+    def __init__(self, in_flight: int) -> None:
+        self.in_flight = max(1, int(in_flight))
         self._queue: list = []
         self._seq = 0
         self._running: dict = {}
-        self.description = f"dask {client.scheduler.address} ({self.n_workers} workers)"
-
-    def warm(self, modules: tuple[str, ...]) -> None:
-        """Import ``modules`` on every worker now, so the first tasks don't pay for it."""
-        if modules:
-            self.client.run(_import_modules, tuple(modules))
 
     def submit(self, fn: Callable, *args: Any, priority: int = 0, **kwargs: Any) -> _Queued:
         """Queue ``fn(*args, **kwargs)``; higher ``priority`` goes first, then first come first served."""
@@ -103,17 +92,90 @@ class DaskExecutor:
     def _pump(self) -> None:
         while self._queue and len(self._running) < self.in_flight:
             _, _, item = heapq.heappop(self._queue)
-            item.future = self.client.submit(item.fn, *item.args, pure=False, **item.kwargs)
+            item.future = self._start(item.fn, item.args, item.kwargs)
             item.fn = item.args = item.kwargs = None
             self._running[item.future] = item
-            self._ac.add(item.future)
 
     def completed(self) -> Iterator[_Queued]:
         """Yield calls as they finish; calls submitted meanwhile are yielded too."""
-        for fut in self._ac:
+        for fut in self._finished():
             item = self._running.pop(fut)
             self._pump()
             yield item
+
+    def _start(self, fn, args, kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _finished(self) -> Iterator:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ThreadExecutor(_DriverQueue):
+    """Runs calls on ``n_threads`` threads of this process (the default for local runs).
+
+    Tiling's heavy work (JPEG decoding and encoding in imagecodecs, OpenSlide
+    reads through ctypes, OpenCV, file writes) runs in C with the GIL
+    released, so N threads do the work of N processes, with nothing to start
+    (a spawned interpreter importing Dask and the tiling modules costs
+    ~0.4 s of CPU) and nothing to pass between processes. A crash inside a
+    native library takes this process down, though: see ``--processes``.
+    """
+
+    def __init__(self, n_threads: int) -> None:
+        super().__init__(n_threads)
+        self.n_workers = int(n_threads)
+        self._pool = cf.ThreadPoolExecutor(self.n_workers, thread_name_prefix="wsi-worker")
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self.description = f"{self.n_workers} threads in this process"
+
+    def _start(self, fn, args, kwargs) -> cf.Future:
+        fut = self._pool.submit(fn, *args, **kwargs)
+        fut.add_done_callback(self._done.put)
+        return fut
+
+    def _finished(self) -> Iterator[cf.Future]:
+        while self._running:
+            yield self._done.get()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DaskExecutor(_DriverQueue):
+    """Submits calls to a Dask cluster and yields them as they finish.
+
+    Calls wait in the driver's queue (:class:`_DriverQueue`) and go to the
+    cluster only when a worker thread is free. Dask assigns tasks without
+    dependencies to workers as soon as they are submitted, guessing their
+    duration; with a handful of second-long tasks that guess leaves one worker
+    with two tasks queued while another sits idle. Holding them here makes
+    every free worker take the next most urgent call instead.
+    """
+
+    def __init__(self, client, *, in_flight: int | None = None) -> None:
+        from distributed import as_completed
+
+        info = client.scheduler_info()["workers"]
+        n_workers = max(1, len(info))
+        threads = sum(int(w.get("nthreads", 1)) for w in info.values()) or n_workers
+        super().__init__(int(in_flight) if in_flight else threads)
+        self.client = client
+        self.n_workers = n_workers
+        self._ac = as_completed([])
+        self.description = f"dask {client.scheduler.address} ({self.n_workers} workers)"
+
+    def warm(self, modules: tuple[str, ...]) -> None:
+        """Import ``modules`` on every worker now, so the first tasks don't pay for it."""
+        if modules:
+            self.client.run(_import_modules, tuple(modules))
+
+    def _start(self, fn, args, kwargs):
+        fut = self.client.submit(fn, *args, pure=False, **kwargs)
+        self._ac.add(fut)
+        return fut
+
+    def _finished(self):
+        return iter(self._ac)
 
     def close(self) -> None:
         self.client.close()
@@ -134,11 +196,9 @@ def future_error(fut) -> BaseException | None:
         return exc
 
 
-#: Dask's periodic bookkeeping, which serves its dashboard (not started here): the
-#: statistical profiler samples every worker thread's stack each 10 ms, the event-loop
-#: tick runs every 20 ms and the system monitor every 0.5 s. With thread workers all of
-#: it takes the GIL from the tiling threads; turned off or slowed it cost 4-6 % less
-#: CPU on the 20000 px bench slide (medians of 7 interleaved runs).
+#: Dask's periodic bookkeeping for its dashboard, which is never started here: the
+#: statistical profiler samples each worker thread's stack every 10 ms and the event loop
+#: ticks every 20 ms, both taking the GIL from the task running in the worker process.
 _QUIET_LOOP = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
@@ -160,25 +220,24 @@ def make_executor(
     Parameters
     ----------
     workers : int
-        0 runs in this process, one call after another; N >= 1 starts a Dask
-        ``LocalCluster`` with N single-threaded workers.
+        0 runs every call at once in this thread; N >= 1 runs N calls at a time
+        on N threads of this process (:class:`ThreadExecutor`) or, with
+        ``processes``, on a Dask ``LocalCluster`` of N single-threaded worker
+        processes.
     processes : bool
-        False (default): the ``LocalCluster``'s workers are threads of this
-        process. Tiling's heavy work (JPEG decode and encode, OpenSlide reads,
-        OpenCV, file writes) runs in C with the GIL released, so N threads do
-        the work of N processes, start in ~0.03 s instead of ~0.8 s (spawned
-        interpreters importing Dask and the tiling modules) and share one copy
-        of the imported libraries. True: the workers are spawned processes; a
-        crash inside a native library (a segfault on a malformed file) then
-        takes down one worker, and its slide fails alone, instead of the whole
-        run. Ignored with ``scheduler`` or ``workers=0``.
+        Spawned Dask worker processes instead of threads. They cost ~0.7 s to
+        start and ~0.2 s to stop here (each interpreter imports Dask and the
+        tiling modules) and a few milliseconds per task, for the same
+        throughput; in exchange a crash inside a native library (a segfault on
+        a malformed file) kills one worker and fails its call alone instead of
+        taking down the run. Ignored with ``scheduler`` or ``workers=0``.
     scheduler : str, optional
         Address of an existing Dask scheduler (``tcp://host:8786``), e.g. one
         started by dask-jobqueue on SLURM or a Kubernetes Dask cluster. The
         workers there must see the same file paths as this machine.
     warm : tuple of str
-        Modules every Dask worker process imports before the executor is
-        handed out (part of the start-up, like the workers themselves).
+        Modules every Dask worker imports before the executor is handed out
+        (part of the start-up, like the workers themselves).
     """
     if scheduler:
         from distributed import Client
@@ -199,6 +258,13 @@ def make_executor(
     if workers <= 0:
         yield InlineExecutor()
         return
+    if not processes:
+        ex = ThreadExecutor(int(workers))
+        try:
+            yield ex
+        finally:
+            ex.close()
+        return
     import dask
     from distributed import Client, LocalCluster
 
@@ -206,16 +272,15 @@ def make_executor(
         cluster = LocalCluster(
             n_workers=int(workers),
             threads_per_worker=1,
-            processes=bool(processes),
+            processes=True,
             dashboard_address=None,
             silence_logs=logging.ERROR if quiet else logging.WARNING,
         )
         client = Client(cluster)
         ex = DaskExecutor(client)
-        ex.description = f"dask LocalCluster ({ex.n_workers} {'processes' if processes else 'threads'})"
+        ex.description = f"dask LocalCluster ({ex.n_workers} worker processes)"
         try:
-            if processes:
-                ex.warm(warm)
+            ex.warm(warm)
             yield ex
         finally:
             client.close()

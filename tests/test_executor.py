@@ -1,4 +1,5 @@
-"""The executors: real Dask LocalClusters (threads and processes) with the driver-side queue, and the inline one."""
+"""The executors: threads of this process and a real Dask LocalCluster of worker processes, both
+behind the driver-side queue, and the inline one."""
 
 from __future__ import annotations
 
