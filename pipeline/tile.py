@@ -616,6 +616,7 @@ def run_tile(
         t_ex = time.perf_counter()
         with make_executor(workers, scheduler, processes=processes, quiet=quiet, warm=("pipeline.tile",)) as ex:
             report.settings["executor_start_s"] = round(time.perf_counter() - t_ex, 3)
+            report.settings["executor"] = ex.description
             log.info("tiling %d slides into %s (%s)", len(usable), out, ex.description)
             _drive(ex, usable, out, config, mpp_overrides, assume_mpp, report, progress and not quiet)
             t_stop = time.perf_counter()

@@ -263,6 +263,7 @@ def test_local_cluster_equals_single_process(tmp_path, synth_slides, processes):
     r2 = _run(d, tmp_path / "dask", cfg, workers=2, processes=processes)
     assert r0.ok and r2.ok
     assert r2.settings["processes"] is processes
+    assert ("worker processes" if processes else "2 threads in this process") in r2.settings["executor"]
     for sid in ("tissue", "tissue40x"):
         a = TileStore(tmp_path / "inline" / f"{sid}.zarr")
         b = TileStore(tmp_path / "dask" / f"{sid}.zarr")
@@ -293,6 +294,7 @@ def test_cli_exit_codes_and_help(tmp_path, synth_slides):
     for cmd in (["--help"], ["tile", "--help"]):
         r = subprocess.run(exe + cmd, capture_output=True, text=True)
         assert r.returncode == 0 and "Examples" in r.stdout or "Usage" in r.stdout
+    assert "--processes / --threads" in r.stdout
     r = subprocess.run(exe + ["tile", str(slide.parent), "--out", str(tmp_path / "o"), "--config", "tiny",
                               "--workers", "0", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
