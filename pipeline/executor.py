@@ -268,7 +268,15 @@ def make_executor(
     import dask
     from distributed import Client, LocalCluster
 
-    with dask.config.set({"distributed.worker.daemon": False, "distributed.logging.distributed": "error", **_QUIET_LOOP}):
+    settings = {
+        "distributed.worker.daemon": False,
+        "distributed.logging.distributed": "error",
+        # A call whose worker process dies is retried once on a fresh worker, then fails
+        # (KilledWorker): a slide that crashes a native library fails alone, quickly.
+        "distributed.scheduler.allowed-failures": 1,
+        **_QUIET_LOOP,
+    }
+    with dask.config.set(settings):
         cluster = LocalCluster(
             n_workers=int(workers),
             threads_per_worker=1,

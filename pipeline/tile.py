@@ -26,8 +26,10 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import json
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -42,6 +44,7 @@ from pipeline.batch import (
     RunReport,
     SlideOutcome,
     UsageError,
+    atomic_write_json,
     check_unique_ids,
     discover_slides,
     ensure_writable_dir,
@@ -107,6 +110,13 @@ def describe_error(exc: BaseException, path: str) -> str:
 
     if isinstance(exc, SlideError):
         return str(exc)
+    if type(exc).__name__ == "KilledWorker":  # distributed.scheduler.KilledWorker
+        tries = exc.args[2] + 1 if len(exc.args) > 2 and isinstance(exc.args[2], int) else None
+        times = f" {tries} times" if tries and tries > 1 else ""
+        return (
+            f"{path}: the worker process tiling it died{times} (a crash inside a native library on this "
+            "file, or out of memory); check that the file opens in OpenSlide or QuPath, re-export or re-scan it"
+        )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return f"{path}: no space left on the device while writing its store; free space or choose another --out"
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS):
@@ -534,13 +544,56 @@ def discard_temp(tmp: str | Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clean_stale_temps(store_dir: Path) -> int:
-    """Remove temporaries left by crashed runs (call only while holding the run lock)."""
-    n = 0
+_TEMP_NAME = re.compile(r"^\.tmp-(?P<slide_id>.+)-\d+-[0-9a-f]+\.zarr$")
+
+
+def clean_stale_temps(store_dir: Path) -> list[str]:
+    """Remove temporaries left by runs that ended without finishing (call only while
+    holding the run lock); returns the ids of the slides they were building."""
+    ids = set()
     for p in list(store_dir.glob(".tmp-*")) + list(store_dir.glob(".old-*")):
+        m = _TEMP_NAME.match(p.name)
+        if m:
+            ids.add(m.group("slide_id"))
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        n += 1
-    return n
+    return sorted(ids)
+
+
+# --------------------------------------------------------------------------- suspect slides
+
+#: Slides that were being tiled when a run died, or that killed a worker process: until
+#: one of them is tiled (or skipped) successfully, runs that include it use worker processes.
+SUSPECTS_FILE = ".suspect-slides.json"
+_INTERRUPTED = "it was being tiled when an earlier run on this folder stopped without finishing"
+
+
+def load_suspects(store_dir: Path) -> dict[str, str]:
+    """``{slide_id: why}`` from the store folder's suspects file (empty if none or unreadable)."""
+    try:
+        data = json.loads((Path(store_dir) / SUSPECTS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def save_suspects(store_dir: Path, suspects: dict[str, str]) -> None:
+    path = Path(store_dir) / SUSPECTS_FILE
+    if suspects:
+        atomic_write_json(path, dict(sorted(suspects.items())))
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _update_suspects(suspects: dict[str, str], report: RunReport) -> dict[str, str]:
+    """Drop the suspects this run tiled or skipped; keep the failed ones with their reason."""
+    out = dict(suspects)
+    for o in report.slides:
+        if o.slide_id in out:
+            if o.status == "failed":
+                out[o.slide_id] = o.reason
+            else:
+                del out[o.slide_id]
+    return out
 
 
 # --------------------------------------------------------------------------- driver
@@ -607,12 +660,29 @@ def run_tile(
         },
     )
     with RunLock(out, "tile"):
-        removed = clean_stale_temps(out)
-        if removed:
-            log.info("removed %d temporary stores left by an interrupted run", removed)
+        interrupted = clean_stale_temps(out)
+        if interrupted:
+            log.info("removed the temporary stores of %s, left by a run that stopped without finishing",
+                     ", ".join(interrupted))
+        suspects = load_suspects(out)
+        for sid in interrupted:
+            suspects.setdefault(sid, _INTERRUPTED)
         usable, dups = check_unique_ids(paths)
         for p, reason in dups.items():
             report.add(SlideOutcome(slide_id_for(p), str(p), "failed", reason))
+        flagged = sorted({slide_id_for(p) for p in usable} & suspects.keys())
+        if flagged and not processes and not scheduler and workers > 0:
+            # A thread that crashes in a native library takes the whole run with it, and the
+            # next cron run would crash on the same slide: worker processes isolate it.
+            processes = True
+            report.settings["processes"] = True
+            report.settings["processes_reason"] = f"suspect slides: {', '.join(flagged)}"
+            log.warning(
+                "%s: %s; tiling with worker processes this time, so a slide that crashes a native "
+                "library fails alone (--processes always does this)",
+                ", ".join(flagged), suspects[flagged[0]] if len(flagged) == 1 else "earlier runs did not finish them",
+            )
+        save_suspects(out, suspects)
         t_ex = time.perf_counter()
         with make_executor(workers, scheduler, processes=processes, quiet=quiet, warm=("pipeline.tile",)) as ex:
             report.settings["executor_start_s"] = round(time.perf_counter() - t_ex, 3)
@@ -620,6 +690,7 @@ def run_tile(
             log.info("tiling %d slides into %s (%s)", len(usable), out, ex.description)
             _drive(ex, usable, out, config, mpp_overrides, assume_mpp, report, progress and not quiet)
             t_stop = time.perf_counter()
+        save_suspects(out, _update_suspects(suspects, report))
         report.settings["executor_stop_s"] = round(time.perf_counter() - t_stop, 3)
         report.finished_utc = utc_now()
         report.seconds = round(time.perf_counter() - t_run, 3)

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.batch import RunLock, UsageError
 from pipeline.config import load_config
-from pipeline.tile import read_tiles, run_tile
+from pipeline.tile import describe_error, load_suspects, read_tiles, run_tile
 from wsi.slide import read_region_rgb
 from wsi.store import TileStore, list_stores
 
@@ -238,6 +238,39 @@ def test_stale_temporaries_are_cleaned(tmp_path, synth_slides):
     assert _run(slide, out).ok
     assert list_stores(out) == [out / "tissue.zarr"]
     assert not list(out.glob(".tmp-*"))
+
+
+def test_slides_left_by_a_dead_run_are_tiled_in_worker_processes(tmp_path, synth_slides):
+    # A run that dies (a native crash in a tiling thread, a kill, a power cut) leaves the
+    # temporary stores of the slides it was building; the next run on the folder tiles
+    # those slides with worker processes, so one that crashes again fails alone.
+    slide = _one(tmp_path, synth_slides["tissue"])
+    (slide.parent / "bad.svs").write_bytes(b"not a slide" * 100)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tmp-tissue-4242-0badc0de.zarr").mkdir()
+    (out / ".tmp-bad-4242-0ddba11.zarr").mkdir()
+    rep = _run(slide.parent, out, workers=2)
+    assert rep.settings["processes"] is True and "worker processes" in rep.settings["executor"]
+    assert "bad" in rep.settings["processes_reason"] and "tissue" in rep.settings["processes_reason"]
+    o = _by_id(rep)
+    assert o["tissue"].status == "done" and o["bad"].status == "failed"
+    # tiled once without trouble: no longer suspect; the failed one stays, with its reason
+    assert load_suspects(out) == {"bad": o["bad"].reason}
+    rep = _run(slide.parent, out, workers=2)
+    assert rep.settings["processes"] is True and rep.settings["processes_reason"] == "suspect slides: bad"
+    (slide.parent / "bad.svs").unlink()
+    rep = _run(slide.parent, out, workers=2)
+    assert rep.ok and rep.settings["processes"] is False and "threads" in rep.settings["executor"]
+    assert _by_id(rep)["tissue"].status == "skipped"
+
+
+def test_a_killed_worker_is_described_plainly():
+    from distributed.scheduler import KilledWorker
+
+    msg = describe_error(KilledWorker("tile_band-1", "tcp://127.0.0.1:1", 1), "/data/x.svs")
+    assert msg.startswith("/data/x.svs: the worker process tiling it died 2 times (a crash inside")
+    assert "re-export or re-scan it" in msg
 
 
 def test_read_tiles_pads_beyond_edge(synth_slides):
