@@ -17,11 +17,12 @@ Input
   store tiled with other settings than the run's (``config_hash``, tile size,
   resolution) is refused with the difference named.
 
-Where the work runs: tiling goes through the Dask executor like ``tile``;
+Where the work runs: tiling goes through the executor of ``tile`` (worker threads,
+a Dask LocalCluster of processes, or a Dask cluster);
 scoring runs in this process, one slide after another, with batched inference
 on the chosen device (CUDA when available) and ``--loader-workers`` DataLoader
 processes reading tiles. One GPU is kept busy this way; slides are small work
-units for a GPU, so spreading them over Dask workers would mostly duplicate the
+units for a GPU, so spreading them over tiling workers would mostly duplicate the
 models in memory.
 
 Output folder ::

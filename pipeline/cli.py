@@ -295,7 +295,7 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
     Each slide's probability is the mean theta2 probability of the K tiles
     theta1 ranks highest; it is positive at probability >= threshold.
 
-    Tiling runs on the Dask executor (--workers/--scheduler); scoring runs in this
+    Tiling runs like `tile` (--workers, --processes, --scheduler); scoring runs in this
     process with batched inference on the chosen device and --loader-workers
     DataLoader processes. Re-running skips slides already scored with the same
     run, round and store; predictions.csv and report.html are rebuilt from all
