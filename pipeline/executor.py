@@ -44,7 +44,7 @@ class InlineExecutor:
     def close(self) -> None:
         pass
 
-    description = "in-process"
+    description = "one task at a time in this thread"
 
 
 class _Queued:

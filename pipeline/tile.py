@@ -104,13 +104,18 @@ class TileJob:
 # --------------------------------------------------------------------------- errors
 
 
+def _killed_worker(exc: BaseException) -> bool:
+    """Whether the call failed because its worker process died (``distributed.scheduler.KilledWorker``)."""
+    return type(exc).__name__ == "KilledWorker"
+
+
 def describe_error(exc: BaseException, path: str) -> str:
     """One line that names the file and what to do."""
     import openslide
 
     if isinstance(exc, SlideError):
         return str(exc)
-    if type(exc).__name__ == "KilledWorker":  # distributed.scheduler.KilledWorker
+    if _killed_worker(exc):
         tries = exc.args[2] + 1 if len(exc.args) > 2 and isinstance(exc.args[2], int) else None
         times = f" {tries} times" if tries and tries > 1 else ""
         return (
@@ -561,8 +566,9 @@ def clean_stale_temps(store_dir: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- suspect slides
 
-#: Slides that were being tiled when a run died, or that killed a worker process: until
-#: one of them is tiled (or skipped) successfully, runs that include it use worker processes.
+#: Slides that were being tiled when a run died, or that killed a worker process: a run
+#: that includes one uses worker processes. A suspect is cleared once it is tiled, skipped
+#: or fails with an ordinary error (it then did not bring the process down).
 SUSPECTS_FILE = ".suspect-slides.json"
 _INTERRUPTED = "it was being tiled when an earlier run on this folder stopped without finishing"
 
@@ -585,11 +591,12 @@ def save_suspects(store_dir: Path, suspects: dict[str, str]) -> None:
 
 
 def _update_suspects(suspects: dict[str, str], report: RunReport) -> dict[str, str]:
-    """Drop the suspects this run tiled or skipped; keep the failed ones with their reason."""
+    """The suspects after this run: those that killed their worker process again stay, with the
+    reason; those this run finished in any other way (tiled, skipped, failed cleanly) go."""
     out = dict(suspects)
     for o in report.slides:
         if o.slide_id in out:
-            if o.status == "failed":
+            if o.status == "failed" and o.details.get("worker_died"):
                 out[o.slide_id] = o.reason
             else:
                 del out[o.slide_id]
@@ -610,6 +617,7 @@ class _SlideState:
     read_seconds: float = 0.0
     extras_seconds: float = 0.0
     finalizing: bool = False
+    worker_died: bool = False
 
 
 def run_tile(
@@ -726,6 +734,7 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
             log.info("%s %s: %s tiles in %.1f s", status, st.job.slide_id, details.get("n_tiles", 0), secs)
 
     def fail(st: _SlideState, exc: BaseException) -> None:
+        st.worker_died |= _killed_worker(exc)
         if not st.failed:
             st.failed = describe_error(exc, st.job.path)
             if st.plan and st.plan.get("tmp"):
@@ -736,7 +745,7 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
         if st.outstanding == 0:
             if st.plan and st.plan.get("tmp"):
                 discard_temp(st.plan["tmp"])
-            finish(st, "failed", st.failed)
+            finish(st, "failed", st.failed, **({"worker_died": True} if st.worker_died else {}))
 
     def _maybe_finalize(st: _SlideState) -> None:
         if st.outstanding == 0 and not st.failed:

@@ -15,7 +15,8 @@ import pytest
 
 from pipeline.batch import RunLock, UsageError
 from pipeline.config import load_config
-from pipeline.tile import describe_error, load_suspects, read_tiles, run_tile
+from pipeline.batch import RunReport, SlideOutcome
+from pipeline.tile import SUSPECTS_FILE, _update_suspects, describe_error, load_suspects, read_tiles, run_tile
 from wsi.slide import read_region_rgb
 from wsi.store import TileStore, list_stores
 
@@ -252,17 +253,24 @@ def test_slides_left_by_a_dead_run_are_tiled_in_worker_processes(tmp_path, synth
     (out / ".tmp-bad-4242-0ddba11.zarr").mkdir()
     rep = _run(slide.parent, out, workers=2)
     assert rep.settings["processes"] is True and "worker processes" in rep.settings["executor"]
-    assert "bad" in rep.settings["processes_reason"] and "tissue" in rep.settings["processes_reason"]
+    assert rep.settings["processes_reason"] == "suspect slides: bad, tissue"
     o = _by_id(rep)
-    assert o["tissue"].status == "done" and o["bad"].status == "failed"
-    # tiled once without trouble: no longer suspect; the failed one stays, with its reason
-    assert load_suspects(out) == {"bad": o["bad"].reason}
+    assert o["tissue"].status == "done" and o["bad"].status == "failed" and "not a slide" in o["bad"].reason
+    assert not list(out.glob(".tmp-*"))
+    # Tiled, or failed with an ordinary error: neither brought the process down.
+    assert load_suspects(out) == {} and not (out / SUSPECTS_FILE).exists()
     rep = _run(slide.parent, out, workers=2)
-    assert rep.settings["processes"] is True and rep.settings["processes_reason"] == "suspect slides: bad"
-    (slide.parent / "bad.svs").unlink()
-    rep = _run(slide.parent, out, workers=2)
-    assert rep.ok and rep.settings["processes"] is False and "threads" in rep.settings["executor"]
-    assert _by_id(rep)["tissue"].status == "skipped"
+    assert rep.settings["processes"] is False and "threads" in rep.settings["executor"]
+    assert _by_id(rep)["tissue"].status == "skipped" and "processes_reason" not in rep.settings
+
+
+def test_a_slide_that_kills_its_worker_stays_suspect():
+    suspects = {"a": "interrupted", "b": "interrupted", "c": "interrupted", "d": "interrupted"}
+    rep = RunReport("tile")
+    rep.add(SlideOutcome("a", "a.svs", "done"))
+    rep.add(SlideOutcome("b", "b.svs", "failed", "b.svs: not a slide"))
+    rep.add(SlideOutcome("c", "c.svs", "failed", "c.svs: the worker process died", details={"worker_died": True}))
+    assert _update_suspects(suspects, rep) == {"c": "c.svs: the worker process died", "d": "interrupted"}
 
 
 def test_a_killed_worker_is_described_plainly():
