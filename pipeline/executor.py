@@ -212,7 +212,6 @@ def make_executor(
     scheduler: str | None = None,
     *,
     processes: bool = False,
-    quiet: bool = True,
     warm: tuple[str, ...] = (),
 ):
     """An executor for per-slide work.
@@ -282,7 +281,9 @@ def make_executor(
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
-            silence_logs=logging.ERROR if quiet else logging.WARNING,
+            # Task errors come back to the driver, which reports each as its slide's failure in
+            # one line; the workers' own "Compute Failed" tracebacks would only repeat it.
+            silence_logs=logging.CRITICAL,
         )
         client = Client(cluster)
         ex = DaskExecutor(client)

@@ -692,7 +692,7 @@ def run_tile(
             )
         save_suspects(out, suspects)
         t_ex = time.perf_counter()
-        with make_executor(workers, scheduler, processes=processes, quiet=quiet, warm=("pipeline.tile",)) as ex:
+        with make_executor(workers, scheduler, processes=processes, warm=("pipeline.tile",)) as ex:
             report.settings["executor_start_s"] = round(time.perf_counter() - t_ex, 3)
             report.settings["executor"] = ex.description
             log.info("tiling %d slides into %s (%s)", len(usable), out, ex.description)

@@ -32,7 +32,7 @@ def _crash() -> None:
 
 @pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
 def test_dask_queue_limits_in_flight_and_honours_priority(processes):
-    with make_executor(2, quiet=True, processes=processes, warm=("json",)) as ex:
+    with make_executor(2, processes=processes, warm=("json",)) as ex:
         assert ex.n_workers == 2 and ex.in_flight == 2
         futs = [ex.submit(_stamp, f"low{i}", 0.3) for i in range(4)]
         urgent = ex.submit(_stamp, "urgent", 0.05, priority=5)
@@ -57,7 +57,7 @@ def test_dask_queue_limits_in_flight_and_honours_priority(processes):
 
 @pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
 def test_local_cluster_workers_are_threads_or_processes(processes):
-    with make_executor(2, quiet=True, processes=processes) as ex:
+    with make_executor(2, processes=processes) as ex:
         assert ("processes" if processes else "threads") in ex.description
         futs = [ex.submit(_stamp, "x", 0.2) for _ in range(2)] + [ex.submit(_where) for _ in range(4)]
         where = {f.result() for f in ex.completed() if f.result()[0] != "x"}
@@ -73,7 +73,7 @@ def test_a_crashing_worker_process_fails_its_call_alone():
     # The reason --processes exists: a native crash kills one worker process, the
     # call is retried once on a fresh worker, then fails (Dask's KilledWorker), and
     # the other calls and the driver go on.
-    with make_executor(2, quiet=True, processes=True) as ex:
+    with make_executor(2, processes=True) as ex:
         bad = ex.submit(_crash)
         good = [ex.submit(_stamp, f"ok{i}", 0.05) for i in range(3)]
         finished = list(ex.completed())
