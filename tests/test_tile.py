@@ -264,6 +264,32 @@ def test_slides_left_by_a_dead_run_are_tiled_in_worker_processes(tmp_path, synth
     assert _by_id(rep)["tissue"].status == "skipped" and "processes_reason" not in rep.settings
 
 
+def test_a_run_killed_mid_slide_makes_the_next_run_isolate_that_slide(tmp_path, synth_slides):
+    import signal
+    import time
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(6):
+        shutil.copy2(synth_slides["tissue"], d / f"s{i}.tif")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.cli", "tile", str(d), "--out", str(out), "--config", "tiny",
+           "--set", "tiling.mpp=0.5", "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob(".tmp-*")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)  # what a segfault or the OOM killer does
+    proc.wait()
+    left = {p.name.split("-")[1] for p in out.glob(".tmp-*")}
+    assert left, "the run finished before it could be killed"
+    rep = _run(d, out, _cfg(), workers=2)
+    assert rep.ok and rep.settings["processes"] is True
+    assert all(sid in rep.settings["processes_reason"] for sid in left)
+    assert sorted(list_stores(out)) == [out / f"s{i}.zarr" for i in range(6)]
+    assert not list(out.glob(".tmp-*")) and load_suspects(out) == {}
+
+
 def test_a_slide_that_kills_its_worker_stays_suspect():
     suspects = {"a": "interrupted", "b": "interrupted", "c": "interrupted", "d": "interrupted"}
     rep = RunReport("tile")
