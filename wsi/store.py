@@ -364,6 +364,8 @@ def _write_all(fd: int, parts, nbytes: int) -> None:
     done = 0
     while done < nbytes:
         n = os.writev(fd, views[:1024])  # IOV_MAX
+        if n <= 0:
+            raise OSError(f"writev wrote nothing with {nbytes - done} bytes left")
         done += n
         while views and n >= len(views[0]):
             n -= len(views[0])
