@@ -1,4 +1,4 @@
-"""Peak memory of `tile` on a large slide (driver + Dask workers, sampled every 50 ms).
+"""Peak memory of `tile` on a large slide (this process's high-water mark; worker processes, if any, sampled every 50 ms).
 
     python bench/tile_memory.py --size-px 50000      # target: peak RSS < 2 GB
 """
@@ -39,7 +39,7 @@ def main() -> None:
     n = rep.slides[0].details["n_tiles"]
     print(f"{slide.name}: {args.size_px} x {args.size_px} px, {slide.stat().st_size / 1e6:.0f} MB, "
           f"{n} tiles in {secs:.1f} s ({n / secs:.0f} tiles/s), {args.workers} workers, "
-          f"peak RSS (driver + workers) {rss.peak / 1e9:.2f} GB   (target < 2 GB)")
+          f"peak RSS {rss.peak / 1e9:.2f} GB   (target < 2 GB)")
 
 
 if __name__ == "__main__":
