@@ -339,6 +339,22 @@ def test_local_cluster_equals_single_process(tmp_path, synth_slides, processes):
         np.testing.assert_array_equal(a.read(range(len(a))), b.read(range(len(b))))
 
 
+def test_an_existing_dask_cluster_equals_single_process(tmp_path, synth_slides):
+    # --scheduler: a cluster this run did not start (as dask-jobqueue or Kubernetes give),
+    # reached over TCP; its workers open the slides themselves.
+    from distributed import LocalCluster
+
+    slide = _one(tmp_path, synth_slides["tissue"])
+    cfg = _cfg(**{"tiling.block_tiles": 3})
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        r = _run(slide, tmp_path / "remote", cfg, scheduler=cluster.scheduler_address)
+    r0 = _run(slide, tmp_path / "inline", cfg)
+    assert r.ok and r0.ok and r.settings["executor"].startswith(f"dask {cluster.scheduler_address}")
+    a, b = TileStore(tmp_path / "inline" / "tissue.zarr"), TileStore(tmp_path / "remote" / "tissue.zarr")
+    assert len(a) == len(b) > 0
+    np.testing.assert_array_equal(a.read(range(len(a))), b.read(range(len(b))))
+
+
 def test_shared_real_svs(tmp_path, shared_slides):
     rep = _run(shared_slides, tmp_path / "out", _cfg(**{"tiling.tile_px": 512, "tiling.overlap_px": 128}))
     o = _by_id(rep)
