@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import collections
 import errno
-import logging
 import json
+import logging
 import math
 import os
 import re
@@ -698,8 +698,8 @@ def run_tile(
             log.info("tiling %d slides into %s (%s)", len(usable), out, ex.description)
             _drive(ex, usable, out, config, mpp_overrides, assume_mpp, report, progress and not quiet)
             t_stop = time.perf_counter()
-        save_suspects(out, _update_suspects(suspects, report))
         report.settings["executor_stop_s"] = round(time.perf_counter() - t_stop, 3)
+        save_suspects(out, _update_suspects(suspects, report))
         report.finished_utc = utc_now()
         report.seconds = round(time.perf_counter() - t_run, 3)
         report.write(out, "tile")
