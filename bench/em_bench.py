@@ -70,8 +70,9 @@ def bench_estep(args) -> None:
     import torch
 
     from pipeline.config import load_config
-    from pipeline.em import write_probmaps
-    from pipeline.inference import _seg_probs, build_model, resolve_device
+    from pipeline.probmaps import write_probmaps
+    from pipeline.inference import _seg_probs, resolve_device
+    from pipeline.run import build_model
     from pipeline.labels import SlideEntry
     from wsi.store import TileStore, list_stores
 
@@ -143,7 +144,8 @@ def bench_estep(args) -> None:
 def bench_compare(args) -> None:
     from pipeline.batch import setup_logging
     from pipeline.config import load_config, parse_set_options
-    from pipeline.em import format_comparison, run_em, write_comparison
+    from pipeline.compare import format_comparison, write_comparison
+    from pipeline.em import run_em
 
     setup_logging(quiet=not args.verbose)
     d = make_cohort(OUT, args.positives, args.negatives, 1024, 2.0, args.seed, args.annotate)
@@ -162,7 +164,7 @@ def bench_compare(args) -> None:
         print(f"{mode}: {time.perf_counter() - t0:.0f} s", flush=True)
         runs.append(run)
     path = write_comparison(runs, out)
-    from pipeline.em import compare_runs
+    from pipeline.compare import compare_runs
 
     print()
     print(format_comparison(compare_runs(runs)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
-import json
 import logging
 import os
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from wsi import __version__
+from wsi.atomic import atomic_write_json
 from wsi.slide import SLIDE_EXTENSIONS, slide_id_for
 
 log = logging.getLogger("wsi_pipeline")
@@ -152,24 +152,6 @@ class RunLock:
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so readers see either the old or the complete new content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 @dataclass

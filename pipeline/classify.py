@@ -49,7 +49,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import uuid
@@ -63,12 +62,13 @@ from pipeline.batch import (
     RunReport,
     SlideOutcome,
     UsageError,
-    atomic_write_json,
-    atomic_write_text,
     ensure_writable_dir,
     utc_now,
 )
+from pipeline.config import Config
+from pipeline.run import RunDir
 from wsi import __version__
+from wsi.atomic import atomic_path, atomic_write_json, atomic_write_text
 from wsi.store import replace_dir
 
 log = logging.getLogger("wsi_pipeline")
@@ -79,19 +79,9 @@ RESULT_FORMAT = "wsi-pipeline.classify-slide"
 RESULT_FORMAT_VERSION = 1
 REGION_CLASS = "Tumor (predicted)"
 TILE_THUMB_PX = 128
-OVERLAY_MIN_SIDE_PX = 512
 
 
 # --------------------------------------------------------------------------- run and threshold
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable ({exc})") from None
 
 
 def _round_arg(round_) -> str | int:
@@ -103,7 +93,7 @@ def _round_arg(round_) -> str | int:
     raise UsageError(f"--round {round_!r}: give 'best', 'last' or a round number (0, 1, ...)")
 
 
-def resolve_threshold(threshold: float | None, run_dir: Path, k: int, run_threshold: float | None) -> tuple[float, str]:
+def resolve_threshold(threshold: float | None, run: RunDir, k: int, run_threshold: float | None) -> tuple[float, str]:
     """The decision threshold and a sentence saying where it came from.
 
     ``--threshold`` wins; otherwise the run's threshold at 100 % sensitivity on
@@ -116,10 +106,10 @@ def resolve_threshold(threshold: float | None, run_dir: Path, k: int, run_thresh
         return t, "--threshold (given on the command line)"
     if run_threshold is None or (isinstance(run_threshold, float) and math.isnan(run_threshold)):
         raise UsageError(
-            f"{run_dir / f'round_{k}' / 'metrics.json'}: the run stored no validation threshold (its labels had "
+            f"{run.round_dir(k) / 'metrics.json'}: the run stored no validation threshold (its labels had "
             "no 'val' split with positive slides); pass --threshold X (a probability, e.g. from your own validation)"
         )
-    val = _read_json(run_dir / f"round_{k}" / "metrics.json").get("val") or {}
+    val = run.metrics(k, required=False).get("val") or {}
     spec = val.get("specificity_at_full_sensitivity")
     detail = f"{val.get('n_pos', '?')} positive / {val.get('n_neg', '?')} negative slides"
     if spec is not None:
@@ -127,41 +117,18 @@ def resolve_threshold(threshold: float | None, run_dir: Path, k: int, run_thresh
     return float(run_threshold), f"run validation split, round {k}: 100% sensitivity ({detail})"
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _round_fingerprint(run_dir: Path, meta: dict, k: int) -> str:
-    """Identity of the models used: the run's training hash, the round and both checkpoints' bytes."""
-    rdir = run_dir / f"round_{k}"
-    parts = [str(meta.get("train_hash")), str(k), _file_sha(rdir / "seg.pt"), _file_sha(rdir / "cls.pt")]
-    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
-
-
-def _tiling_config(meta: dict, run_dir: Path):
+def _tiling_config(run: RunDir, meta: dict) -> Config:
     """The Config that tiles new slides exactly as the run's stores were tiled."""
-    from pipeline.config import ConfigError, load_config
-
-    conf = meta.get("config") or {}
-    overrides = {}
-    for sec in ("tiling", "tissue", "store", "runtime"):
-        for key, value in (conf.get(sec) or {}).items():
-            overrides[f"{sec}.{key}"] = value
     try:
-        cfg = load_config(None, overrides)
-    except ConfigError as exc:
+        cfg = run.config(meta)
+    except UsageError as exc:
         raise UsageError(
-            f"{run_dir / 'run.json'}: this software version cannot reproduce the run's tiling settings ({exc}); "
-            "tile the slides with the version the run was made with and pass the store folder"
+            f"{exc}; or tile the slides with the version the run was made with and pass the store folder"
         ) from None
     want = (meta.get("tiling") or {}).get("config_hash")
     if cfg.tiling_hash() != want:
         raise UsageError(
-            f"{run_dir / 'run.json'}: the run's stores have tiling hash {want}, but its recorded settings give "
+            f"{run.meta_path}: the run's stores have tiling hash {want}, but its recorded settings give "
             f"{cfg.tiling_hash()} with this software version {__version__}; tile the slides with the version "
             f"the run was made with ({meta.get('software_version')}) and pass the store folder"
         )
@@ -306,44 +273,12 @@ def _read_json_quiet(path: Path):
 def _atomic_image(path: Path, img: np.ndarray, quality: int = 88) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
+    with atomic_path(path, durable=False) as tmp:
         im = Image.fromarray(np.ascontiguousarray(img))
         if path.suffix.lower() in (".jpg", ".jpeg"):
             im.convert("RGB").save(str(tmp), format="JPEG", quality=quality)
         else:
             im.save(str(tmp), format="PNG", compress_level=3)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _upscale(thumb: np.ndarray) -> int:
-    """Integer factor bringing a small thumbnail to at least OVERLAY_MIN_SIDE_PX (at most 8)."""
-    return max(1, min(8, int(math.ceil(OVERLAY_MIN_SIDE_PX / max(thumb.shape[0], thumb.shape[1], 1)))))
-
-
-def _overlay_image(thumb: np.ndarray, heat: np.ndarray, tissue: np.ndarray, region_threshold: float) -> np.ndarray:
-    """Heatmap over the tissue of the thumbnail (scaled up to >= 512 px for small slides), positive regions outlined."""
-    import cv2
-
-    from wsi.preview import heatmap_overlay
-
-    H, W = thumb.shape[:2]
-    f = _upscale(thumb)
-    valid = ~np.isnan(heat) & tissue
-    base = thumb
-    if f > 1:
-        base = cv2.resize(thumb, (W * f, H * f), interpolation=cv2.INTER_CUBIC)
-        heat = cv2.resize(np.nan_to_num(heat, nan=0.0), (W * f, H * f), interpolation=cv2.INTER_NEAREST)
-        valid = cv2.resize(valid.astype(np.uint8), (W * f, H * f), interpolation=cv2.INTER_NEAREST).astype(bool)
-    img = np.ascontiguousarray(heatmap_overlay(base, np.nan_to_num(heat, nan=0.0), alpha=0.45, valid=valid))
-    pos = ((np.nan_to_num(heat, nan=0.0) >= region_threshold) & valid).astype(np.uint8)
-    if pos.any():
-        contours, _ = cv2.findContours(pos, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(img, contours, -1, (255, 255, 255), max(1, f // 2))
-    return img
 
 
 def _score_one(ctx: _Ctx, sid: str, store_path: Path, source: str) -> dict:
@@ -351,7 +286,8 @@ def _score_one(ctx: _Ctx, sid: str, store_path: Path, source: str) -> dict:
     import cv2
 
     from pipeline.inference import score_slide
-    from wsi.heatmap import assemble_heatmap, heatmap_regions, regions_geojson, write_heatmap_zarr
+    from wsi.heatmap import heatmap_regions, regions_geojson, store_heatmap, write_heatmap_zarr
+    from wsi.preview import overlay_upscale, render_heatmap_overlay
     from wsi.store import TileStore
 
     t0 = time.perf_counter()
@@ -364,15 +300,11 @@ def _score_one(ctx: _Ctx, sid: str, store_path: Path, source: str) -> dict:
     r = score_slide(rm, st, batch_size=ctx.batch_size, loader_workers=ctx.loader_workers, progress=ctx.progress)
     out = ctx.out
     slide_attrs = st.attrs.get("slide") or {}
-    bounds = slide_attrs.get("bounds_xywh") or [0, 0, 0, 0]
-    origin = (float(bounds[0]), float(bounds[1]))
     m = st.mask_downsample
-    tissue = st.mask
     thumb = st.thumbnail
     tile_l0 = st.tile_px * st.downsample
     maps = r["prob_maps"] if r["prob_maps"] is not None else np.zeros((0, 1, 1), np.float16)
-    heat = assemble_heatmap(st.coords, maps, tile_level0_px=tile_l0, origin_level0_xy=origin, downsample=m,
-                            shape=tissue.shape, reduce="max")
+    heat, tissue, origin = store_heatmap(st, maps)
 
     # top-K tiles
     tiles_dir = out / "tiles" / sid
@@ -400,10 +332,10 @@ def _score_one(ctx: _Ctx, sid: str, store_path: Path, source: str) -> dict:
     # heatmap pictures and array
     hdir = out / "heatmaps"
     png, thumb_path, zpath = hdir / f"{sid}.png", hdir / f"{sid}_thumbnail.jpg", hdir / f"{sid}.zarr"
-    f = _upscale(thumb)
+    f = overlay_upscale(thumb)
     big = cv2.resize(thumb, (thumb.shape[1] * f, thumb.shape[0] * f), interpolation=cv2.INTER_CUBIC) if f > 1 else thumb
     _atomic_image(thumb_path, big, quality=88)
-    _atomic_image(png, _overlay_image(thumb, heat, tissue, ctx.region_threshold))
+    _atomic_image(png, render_heatmap_overlay(thumb, heat, tissue, ctx.region_threshold))
     covered = ~np.isnan(heat)
     heat_t = np.where(tissue & covered, heat, np.nan)
     pos_px = int((np.nan_to_num(heat_t, nan=0.0) >= ctx.region_threshold).sum())
@@ -514,7 +446,6 @@ def run_classify(
     """
     from tqdm.auto import tqdm
 
-    from pipeline.em import read_run
     from pipeline.inference import load_round
 
     t_run = time.perf_counter()
@@ -525,15 +456,16 @@ def run_classify(
     src = Path(slides)
     stores = _gather_stores(src)
     which = _round_arg(round_)
-    meta = read_run(run_dir)
-    tiling_cfg = _tiling_config(meta, run_dir) if stores is None else None
-    cfg = meta.get("config") or {}
-    bs = int(batch_size if batch_size is not None else (cfg.get("em") or {}).get("predict_batch_size", 64))
-    lw = int(loader_workers if loader_workers is not None else (cfg.get("runtime") or {}).get("loader_workers", 0))
+    run = RunDir(run_dir)
+    meta = run.read_meta()
+    cfg = run.config(meta)
+    tiling_cfg = _tiling_config(run, meta) if stores is None else None
+    bs = int(batch_size if batch_size is not None else cfg.em.predict_batch_size)
+    lw = int(loader_workers if loader_workers is not None else cfg.runtime.loader_workers)
     if bs < 1 or lw < 0:
         raise UsageError("--batch-size must be >= 1 and --loader-workers >= 0")
     rm = load_round(run_dir, which, device=device or "auto")
-    thr, thr_source = resolve_threshold(threshold, run_dir, rm.round, rm.threshold_at_full_sensitivity)
+    thr, thr_source = resolve_threshold(threshold, run, rm.round, rm.threshold_at_full_sensitivity)
     out = ensure_writable_dir(out, "output folder")
     show = progress and not quiet
     report = RunReport(
@@ -559,7 +491,7 @@ def run_classify(
         for sub in ("slides", "heatmaps", "regions", "tiles"):  # leftovers of an interrupted run (never stores/)
             for p in list((out / sub).glob(".tmp-*")) + list((out / sub).glob(".old-*")):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        run_fp = _round_fingerprint(run_dir, meta, rm.round)
+        run_fp = run.fingerprint(rm.round, meta)
         todo: list[tuple[str, Path, str]] = []
         if stores is None:
             from pipeline.tile import run_tile
@@ -616,7 +548,7 @@ def run_classify(
         bar.close()
         report.slides.sort(key=lambda s: s.slide_id)
 
-        provenance = _provenance(run_dir, meta, rm, thr, thr_source, round_)
+        provenance = _provenance(run, meta, rm, thr, thr_source, round_)
         results, others = collect_results(out, run_fp)
         # a slide that failed now is listed as failed, not with an older result of a previous file/store
         failed_now = {s.slide_id for s in report.slides if s.status == "failed"}
@@ -656,13 +588,12 @@ def collect_results(out: Path, run_fp: str) -> tuple[list[dict], list[str]]:
     return keep, others
 
 
-def _provenance(run_dir: Path, meta: dict, rm, thr: float, thr_source: str, round_requested) -> dict:
-    metrics = _read_json(run_dir / f"round_{rm.round}" / "metrics.json")
-    cfg = meta.get("config") or {}
+def _provenance(run: RunDir, meta: dict, rm, thr: float, thr_source: str, round_requested) -> dict:
+    metrics = run.metrics(rm.round, required=False)
     return {
         "software_version": __version__,
         "generated_utc": utc_now(),
-        "run_dir": str(run_dir.resolve()),
+        "run_dir": str(run.path.resolve()),
         "run_created_utc": meta.get("created_utc"),
         "run_software_version": meta.get("software_version"),
         "run_mode": meta.get("mode"),
@@ -673,11 +604,11 @@ def _provenance(run_dir: Path, meta: dict, rm, thr: float, thr_source: str, roun
         "threshold": thr,
         "threshold_source": thr_source,
         "top_k": rm.top_k,
-        "seg_arch": (cfg.get("model") or {}).get("seg_arch"),
-        "cls_arch": (cfg.get("model") or {}).get("cls_arch"),
+        "seg_arch": rm.config.model.seg_arch,
+        "cls_arch": rm.config.model.cls_arch,
         "tiling": meta.get("tiling"),
         "validation": {k: v for k, v in (metrics.get("val") or {}).items() if k != "slides"},
         "stage2_loss": metrics.get("stage2_loss"),
         "device": str(rm.device),
-        "config": cfg,
+        "config": rm.config.to_dict(),
     }

@@ -494,22 +494,18 @@ def load_config(
         ``{"tiling.mpp": 1.0, ...}``; values may be strings (from the CLI) and are
         converted to the field's type.
     """
-    types = _section_types()
-    sections = {name: typ() for name, typ in types.items()}
+    data: Mapping[str, Any] = {}
+    where = "defaults"
     if path is not None:
         fpath = resolve_config_path(path)
+        where = str(fpath)
         try:
             data = yaml.safe_load(fpath.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{fpath}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{fpath}: the top level must be a mapping of sections")
-        for sec, values in data.items():
-            if sec not in sections:
-                raise ConfigError(f"{fpath}: unknown section {sec!r}{_suggest(sec, sections)}")
-            if not isinstance(values, dict):
-                raise ConfigError(f"{fpath}: section {sec!r} must be a mapping")
-            _apply(sections[sec], values, f"{fpath}: {sec}")
+    sections = _sections_from(data, where)
     for key, value in (overrides or {}).items():
         sec, dot, leaf = key.partition(".")
         if not dot or sec not in sections:
@@ -519,6 +515,24 @@ def load_config(
             )
         _apply(sections[sec], {leaf: value}, f"override {sec}")
     return Config(**sections).validate()
+
+
+def _sections_from(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Default sections updated from a nested mapping ``{section: {key: value}}`` (not yet validated)."""
+    sections = {name: typ() for name, typ in _section_types().items()}
+    for sec, values in (data or {}).items():
+        if sec not in sections:
+            raise ConfigError(f"{where}: unknown section {sec!r}{_suggest(sec, sections)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where}: section {sec!r} must be a mapping")
+        _apply(sections[sec], values, f"{where}: {sec}")
+    return sections
+
+
+def config_from_dict(data: Mapping[str, Any], where: str = "config") -> Config:
+    """A typed, validated Config from a nested mapping (``Config.to_dict()``, e.g. read back from a run's
+    ``run.json``); keys missing there keep their defaults, unknown ones are an error naming ``where``."""
+    return Config(**_sections_from(data, where)).validate()
 
 
 def parse_set_options(items: typing.Iterable[str]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.batch import UsageError
-from pipeline.pseudolabels import positive_pseudo_labels
+from pipeline.pseudolabels import PseudoTargets
 from wsi.annotations import AnnotationError, Annotations, load_geojson, rasterize_mask, rasterize_tile
 from wsi.store import TileStore
 
@@ -399,9 +399,10 @@ class TileTargetDataset(Dataset):
     items : TileItems
     annotations : dict, optional
         ``slide index -> PixelAnnotation`` for ``SOURCE_ANNOTATED`` items.
-    probmaps : path, optional
-        ``probmaps.zarr`` of the previous round (``SOURCE_PSEUDO`` items read
-        ``<probmaps>/<slide_id>/maps[tile]``); ``slide_ids`` names the groups.
+    pseudo : PseudoTargets, optional
+        The E-step's target rule and the previous round's ``probmaps.zarr``
+        (``SOURCE_PSEUDO`` items read ``<probmaps>/<slide_id>/maps[tile]``);
+        ``slide_ids`` names the groups.
     """
 
     def __init__(
@@ -411,9 +412,7 @@ class TileTargetDataset(Dataset):
         *,
         slide_ids: Sequence[str] | None = None,
         annotations: dict[int, PixelAnnotation] | None = None,
-        probmaps: str | Path | None = None,
-        V: float = 4.0,
-        floor: float = 0.01,
+        pseudo: PseudoTargets | None = None,
         flip: bool = True,
         rotate90: bool = True,
     ):
@@ -421,12 +420,11 @@ class TileTargetDataset(Dataset):
         self.items = items
         self.slide_ids = list(slide_ids) if slide_ids is not None else None
         self.annotations = annotations or {}
-        self.probmaps = None if probmaps is None else str(probmaps)
-        self.V, self.floor = float(V), float(floor)
+        self.pseudo = pseudo
         self.flip, self.rotate90 = bool(flip), bool(rotate90)
         self.cache = StoreCache()
-        if (items.source == SOURCE_PSEUDO).any() and (self.probmaps is None or self.slide_ids is None):
-            raise ValueError("pseudo-positive items need probmaps and slide_ids")
+        if (items.source == SOURCE_PSEUDO).any() and (pseudo is None or pseudo.probmaps is None or self.slide_ids is None):
+            raise ValueError("pseudo-positive items need the E-step's PseudoTargets (with probmaps) and slide_ids")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -439,8 +437,7 @@ class TileTargetDataset(Dataset):
             ann = self.annotations[s]
             return ann.tile_target(store.coords[t], T, store.downsample).astype(np.float32)
         if src == SOURCE_PSEUDO:
-            pmap = np.asarray(self.cache.array(self.probmaps, f"{self.slide_ids[s]}/maps")[t], np.float32)
-            y = positive_pseudo_labels(pmap[None], V=self.V, floor=self.floor)[0]
+            y = self.pseudo.positive(self.cache.array(self.pseudo.probmaps, f"{self.slide_ids[s]}/maps")[t])
             if y.shape != (T, T):
                 y = cv2.resize(y, (T, T), interpolation=cv2.INTER_LINEAR)
             return y
@@ -559,3 +556,22 @@ def collate(batch: list[dict]) -> dict:
         else:
             out[key] = torch.as_tensor(np.asarray(vals))
     return out
+
+
+def make_loader(dataset, batch_sampler, *, loader_workers: int, device) -> "torch.utils.data.DataLoader":
+    """The training DataLoader: ``loader_workers`` seeded worker processes (0 = in this process),
+    this module's collate, pinned memory on CUDA."""
+    from torch.utils.data import DataLoader
+
+    import models
+
+    w = int(loader_workers)
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=w,
+        collate_fn=collate,
+        worker_init_fn=models.seed_worker if w else None,
+        pin_memory=torch.device(device).type == "cuda",
+        prefetch_factor=4 if w else None,
+    )

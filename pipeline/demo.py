@@ -12,8 +12,10 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.batch import UsageError, atomic_write_text
+from pipeline.batch import UsageError
+from wsi.atomic import atomic_write_json, atomic_write_text
 from pipeline.config import Config
+from pipeline.run import RunDir
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -93,9 +95,10 @@ def run_demo(
 
     ev = run_evaluate(out / "classified" / "predictions.csv", labels, split="test",
                       masks=[cohort / "annotations"])
-    run_meta = json.loads((out / "run" / "run.json").read_text())
-    best = run_meta.get("best_round")
-    val = json.loads((out / "run" / f"round_{best}" / "metrics.json").read_text()).get("val") or {}
+    run = RunDir(out / "run")
+    run_meta = run.read_meta()
+    best = run.resolve_round("best", run_meta)
+    val = run.metrics(best).get("val") or {}
     summary = {
         "report": str((out / "classified" / "report.html").resolve()),
         "best_round": best,
@@ -104,5 +107,5 @@ def run_demo(
         "test": ev,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    atomic_write_text(out / "demo-summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_json(out / "demo-summary.json", summary)
     return summary

@@ -42,7 +42,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.batch import UsageError, atomic_write_json, utc_now
+from pipeline.batch import UsageError, utc_now
+from wsi.atomic import atomic_path, atomic_write_json
 from pipeline.metrics import roc_auc, roc_curve, sensitivity_specificity, specificity_at_full_sensitivity
 
 log = logging.getLogger("wsi_pipeline")
@@ -350,9 +351,8 @@ def draw_roc_png(path: str | Path, fpr, tpr, *, auc: float | None = None, title:
         d.text((left + pw - 232, y), label, fill="black", font=f_small, anchor="lm")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    img.save(str(tmp), format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        img.save(str(tmp), format="PNG")
     return path
 
 

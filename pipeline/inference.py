@@ -22,7 +22,6 @@ slide's maps independently (per-slide groups in ``probmaps.zarr``).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,37 +32,22 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.batch import UsageError
+from pipeline.config import Config
+from pipeline.run import RunDir, model_from_checkpoint
 from pipeline.sampling import topk_tiles
 from wsi.store import TileStore
 
 log = logging.getLogger("wsi_pipeline")
 
 __all__ = [
-    "RunFormatError",
     "RoundModels",
     "resolve_device",
-    "build_model",
-    "model_from_checkpoint",
     "load_round",
     "iter_predictions",
     "predict_tiles",
     "classify_tiles",
     "score_slide",
-    "RUN_FORMAT",
-    "RUN_FORMAT_VERSION",
 ]
-
-RUN_FORMAT = "wsi-pipeline.em-run"
-RUN_FORMAT_VERSION = 1
-
-
-def _usage_error():
-    return UsageError
-
-
-class RunFormatError(UsageError):
-    """A run directory or checkpoint cannot be used (missing, incomplete, other format)."""
-
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """``'auto'``/None: CUDA if available, else CPU; otherwise the named device."""
@@ -73,34 +57,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _usage_error()(f"runtime.device={spec!r} but CUDA is not available here; use 'auto' or 'cpu'")
+        raise UsageError(f"runtime.device={spec!r} but CUDA is not available here; use 'auto' or 'cpu'")
     return dev
-
-
-def build_model(arch: str, arch_kwargs: dict | None = None) -> torch.nn.Module:
-    """A model from the registry (random weights; nothing is downloaded)."""
-    import models
-
-    try:
-        return models.create_model(arch, **(arch_kwargs or {}))
-    except models.UnknownModelError as exc:
-        raise _usage_error()(f"{exc} (config model.seg_arch / model.cls_arch)") from None
-
-
-def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model saved in a checkpoint (``{"arch", "arch_kwargs", "model", ...}``), in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunFormatError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or foreign file
-        raise RunFormatError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ckpt, dict) or "arch" not in ckpt or "model" not in ckpt:
-        raise RunFormatError(f"{path}: not a wsi-pipeline checkpoint (no 'arch'/'model' entries)")
-    model = build_model(ckpt["arch"], ckpt.get("arch_kwargs"))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
 
 
 @dataclass
@@ -109,82 +67,57 @@ class RoundModels:
 
     seg_model: torch.nn.Module
     cls_model: torch.nn.Module
-    top_k: int
-    tile_px: int
-    tiling_hash: str
-    threshold_at_full_sensitivity: float | None
+    config: Config
+    tiling: dict
     round: int
-    config: dict
     device: torch.device
-    map_stride_px: int = 4
-    amp: bool = True
-    tiling: dict | None = None
+    threshold_at_full_sensitivity: float | None = None
     run_dir: Path | None = None
 
+    @classmethod
+    def for_config(cls, seg_model, cls_model, config: Config, tiling: dict, *, round: int, device,
+                   threshold_at_full_sensitivity: float | None = None, run_dir: Path | None = None) -> "RoundModels":
+        return cls(seg_model, cls_model, config, dict(tiling), int(round), device, threshold_at_full_sensitivity,
+                   run_dir)
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RunFormatError(f"{path}: not found") from None
-    except (OSError, ValueError) as exc:
-        raise RunFormatError(f"{path}: unreadable ({exc})") from None
+    @property
+    def top_k(self) -> int:
+        return self.config.stage2.top_k
+
+    @property
+    def map_stride_px(self) -> int:
+        return self.config.model.map_stride_px
+
+    @property
+    def amp(self) -> bool:
+        return self.config.runtime.amp
+
+    @property
+    def tile_px(self) -> int:
+        return int(self.tiling["tile_px"])
+
+    @property
+    def tiling_hash(self) -> str:
+        return str(self.tiling["config_hash"])
 
 
 def load_round(run_dir: str | Path, round: str | int = "best", device=None) -> RoundModels:
     """Load the models of a finished round (``'best'``, ``'last'`` or a round number).
 
-    Raises :class:`RunFormatError` naming the file when the run directory is not an EM run,
+    Raises :class:`pipeline.run.RunFormatError` naming the file when the run directory is not an EM run,
     the round is missing or unfinished, or a checkpoint is unreadable.
     """
-    run_dir = Path(run_dir)
-    meta = _read_json(run_dir / "run.json")
-    if meta.get("format") != RUN_FORMAT:
-        raise RunFormatError(f"{run_dir}/run.json: not an EM run directory (format {meta.get('format')!r})")
-    if meta.get("format_version") != RUN_FORMAT_VERSION:
-        raise RunFormatError(
-            f"{run_dir}/run.json: run format version {meta.get('format_version')}, this software reads "
-            f"{RUN_FORMAT_VERSION}; re-train with 'wsi-pipeline em-round'"
-        )
-    done = [int(r) for r in meta.get("rounds_completed", [])]
-    if round == "best":
-        if (run_dir / "best").is_file():
-            k = int(_read_json(run_dir / "best")["round"])
-        elif meta.get("best_round") is not None:
-            k = int(meta["best_round"])
-        else:
-            raise RunFormatError(f"{run_dir}: no finished round yet (no 'best'); run 'wsi-pipeline em-round'")
-    elif round == "last":
-        if not done:
-            raise RunFormatError(f"{run_dir}: no finished round yet; run 'wsi-pipeline em-round'")
-        k = max(done)
-    else:
-        k = int(round)
-    rdir = run_dir / f"round_{k}"
-    if not (rdir / "DONE").is_file():
-        raise RunFormatError(f"{rdir}: round {k} is not finished (finished rounds: {done or 'none'})")
-    dev = resolve_device(device if device is not None else meta.get("config", {}).get("runtime", {}).get("device", "auto"))
-    seg, _ = model_from_checkpoint(rdir / "seg.pt", dev)
-    cls, _ = model_from_checkpoint(rdir / "cls.pt", dev)
-    metrics = _read_json(rdir / "metrics.json")
-    cfg = meta.get("config", {})
-    val = metrics.get("val") or {}
-    tiling = meta.get("tiling", {})
-    return RoundModels(
-        seg_model=seg,
-        cls_model=cls,
-        top_k=int(cfg.get("stage2", {}).get("top_k", 16)),
-        tile_px=int(tiling.get("tile_px", 0)),
-        tiling_hash=str(tiling.get("config_hash", "")),
-        threshold_at_full_sensitivity=val.get("threshold_at_full_sensitivity"),
-        round=k,
-        config=cfg,
-        device=dev,
-        map_stride_px=int(cfg.get("model", {}).get("map_stride_px", 4)),
-        amp=bool(cfg.get("runtime", {}).get("amp", True)),
-        tiling=tiling,
-        run_dir=run_dir,
-    )
+    run = RunDir(run_dir)
+    meta = run.read_meta()
+    k = run.resolve_round(round, meta)
+    cfg = run.config(meta)
+    dev = resolve_device(device if device is not None else cfg.runtime.device)
+    seg, _ = model_from_checkpoint(run.checkpoint(k, "seg"), dev)
+    cls, _ = model_from_checkpoint(run.checkpoint(k, "cls"), dev)
+    val = run.metrics(k).get("val") or {}
+    return RoundModels.for_config(seg, cls, cfg, meta.get("tiling") or {}, round=k, device=dev,
+                                  threshold_at_full_sensitivity=val.get("threshold_at_full_sensitivity"),
+                                  run_dir=run.path)
 
 
 # --------------------------------------------------------------------------- theta1

@@ -17,14 +17,22 @@ maps into training targets for the next M-step:
 
 All functions are pure numpy and vectorised over a batch of maps of shape
 ``(N, H, W)`` (any trailing shape works: the reduction is over all axes but
-the first).  Every number is a parameter whose default is the paper's value.
+the first).  T, V and floor come from the config (``em.*``, the paper's values by
+default) through one :class:`PseudoTargets`, which the E-step hands to the M-step's dataset.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
 import numpy as np
 
 __all__ = [
+    "PseudoTargets",
+    "EStep",
+    "e_step",
     "keep_confident",
     "positive_pseudo_labels",
     "negative_pseudo_labels",
@@ -43,7 +51,7 @@ def _check_prob_maps(prob_maps) -> np.ndarray:
     return p
 
 
-def keep_confident(prob_maps, threshold_T: float = 0.4) -> np.ndarray:
+def keep_confident(prob_maps, threshold_T: float) -> np.ndarray:
     """Confidence filter: which tiles survive the threshold ``T``.
 
     Parameters
@@ -51,7 +59,7 @@ def keep_confident(prob_maps, threshold_T: float = 0.4) -> np.ndarray:
     prob_maps : ndarray, shape (N, H, W)
         Per-pixel positive probabilities ``p`` in ``[0, 1]`` from ``theta_1``.
     threshold_T : float
-        Paper's ``T`` (default 0.4).  A tile is removed when its **maximum**
+        Paper's ``T`` (``em.threshold_T``, 0.4 in the paper).  A tile is removed when its **maximum**
         pixel probability is below ``T``; a tile whose maximum equals ``T``
         is kept.
 
@@ -66,7 +74,7 @@ def keep_confident(prob_maps, threshold_T: float = 0.4) -> np.ndarray:
     return tile_max >= threshold_T
 
 
-def positive_pseudo_labels(prob_maps, V: float = 4.0, floor: float = 0.01) -> np.ndarray:
+def positive_pseudo_labels(prob_maps, *, V: float, floor: float) -> np.ndarray:
     """Re-weighted soft targets for tiles of positive slides.
 
     Parameters
@@ -74,16 +82,16 @@ def positive_pseudo_labels(prob_maps, V: float = 4.0, floor: float = 0.01) -> np
     prob_maps : ndarray, shape (N, H, W)
         Per-pixel positive probabilities ``p`` in ``[0, 1]``.
     V : float
-        Paper's re-weighting factor ``V`` (default 4).
+        Paper's re-weighting factor ``V`` (``em.reweight_V``, 4 in the paper).
     floor : float
         Re-weighted values ``V * p`` below ``floor`` are set to 0
-        (default 0.01), so near-zero noise does not become a weak positive.
+        (``em.floor``), so near-zero noise does not become a weak positive.
 
     Returns
     -------
     y_pos : ndarray of float32, same shape
         ``y+ = clip(V * p, 0, 1)``, and 0 where ``V * p < floor``.  E.g. with
-        the defaults p = 0.1 -> 0.4, p = 0.3 -> 1.0, p = 0.002 -> 0.
+        V = 4, floor = 0.01: p = 0.1 -> 0.4, p = 0.3 -> 1.0, p = 0.002 -> 0.
     """
     p = _check_prob_maps(prob_maps)
     if V < 0:
@@ -112,9 +120,9 @@ def e_step_slide(
     prob_maps,
     slide_label,
     *,
-    T: float = 0.4,
-    V: float = 4.0,
-    floor: float = 0.01,
+    T: float,
+    V: float,
+    floor: float,
     materialize_negatives: bool = False,
 ):
     """Apply the E-step rules to all tiles of one slide.
@@ -179,3 +187,94 @@ def e_step_slide(
         "pseudo_positive_pixel_fraction": frac,
     }
     return kept_idx, targets, stats
+
+
+# --------------------------------------------------------------------------- the E-step of a round
+
+
+@dataclass(frozen=True)
+class PseudoTargets:
+    """The E-step's rule, carried from the E-step to the M-step's dataset so it is defined once.
+
+    ``probmaps`` is the previous round's ``probmaps.zarr``; :meth:`positive` turns one tile's
+    map into its pseudo-positive target ``clip(V p, 0, 1)`` (< floor -> 0).
+    """
+
+    T: float
+    V: float
+    floor: float
+    probmaps: str | None = None
+
+    @classmethod
+    def from_config(cls, em_cfg, probmaps: str | Path | None = None) -> "PseudoTargets":
+        return cls(float(em_cfg.threshold_T), float(em_cfg.reweight_V), float(em_cfg.floor),
+                   None if probmaps is None else str(probmaps))
+
+    def positive(self, prob_map: np.ndarray) -> np.ndarray:
+        """(H, W) float32 target of one pseudo-positive tile from its (H, W) map."""
+        return positive_pseudo_labels(np.asarray(prob_map, np.float32)[None], V=self.V, floor=self.floor)[0]
+
+
+@dataclass
+class EStep:
+    """What the E-step of round k hands to the M-step: the tiles, their target rule and statistics."""
+
+    pseudo_positive: object  # pipeline.data.TileItems
+    hard_negative: object  # pipeline.data.TileItems
+    targets: PseudoTargets
+    stats: dict = field(default_factory=dict)
+
+
+def _empty_stats(rule: PseudoTargets, annotated: set) -> dict:
+    side = {"slides": 0, "tiles": 0, "kept": 0, "removed": 0}
+    return {
+        "threshold_T": rule.T, "reweight_V": rule.V, "floor": rule.floor,
+        "positive_slides": dict(side), "negative_slides": dict(side),
+        "pseudo_positive_tiles": 0, "pseudo_positive_pixel_fraction": 0.0, "pseudo_positive_mean_target": 0.0,
+        "hard_negative_tiles": 0, "annotated_slides_excluded": sorted(annotated), "per_slide": {},
+    }
+
+
+def e_step(prev_maps: str | Path, train: Sequence, annotated: Sequence[str], em_cfg) -> EStep:
+    """The E-step: pseudo-positive and hard-negative tiles from a round's probability maps.
+
+    Tiles are filtered on the stored per-tile maximum (``max_prob``); full maps are read
+    only for the kept tiles of positive slides (for the target statistics), so memory
+    follows the kept tiles, not the slide. ``train`` are the training slides (item
+    ``slide`` indices refer to this list); ``annotated`` slides are not pseudo-labelled.
+    """
+    from pipeline.data import SOURCE_NEGATIVE, SOURCE_PSEUDO, TileItems
+    from pipeline.probmaps import read_maps, read_max_probs
+
+    rule = PseudoTargets.from_config(em_cfg, prev_maps)
+    annotated = set(annotated)
+    stats = _empty_stats(rule, annotated)
+    pp, hn = [], []
+    nonzero, target_sum, all_pixels = 0.0, 0.0, 0
+    for i, s in enumerate(train):
+        if s.slide_id in annotated:
+            continue
+        maxp = read_max_probs(prev_maps, s.slide_id)
+        kept = np.flatnonzero(maxp >= rule.T).astype(np.int64)
+        agg = stats["positive_slides" if s.label == 1 else "negative_slides"]
+        agg["slides"] += 1
+        agg["tiles"] += len(maxp)
+        agg["kept"] += len(kept)
+        agg["removed"] += len(maxp) - len(kept)
+        per = {"slide_label": int(s.label), "n_tiles": len(maxp), "n_kept": len(kept), "n_removed": len(maxp) - len(kept)}
+        if s.label == 1:
+            pp.append(TileItems.make(i, kept, SOURCE_PSEUDO))
+            y = positive_pseudo_labels(read_maps(prev_maps, s.slide_id, kept), V=rule.V, floor=rule.floor)
+            nonzero += float(np.count_nonzero(y))
+            target_sum += float(y.sum(dtype=np.float64))
+            all_pixels += int(y.size)
+            per["pseudo_positive_pixel_fraction"] = float(np.count_nonzero(y) / y.size) if y.size else 0.0
+        else:
+            hn.append(TileItems.make(i, kept, SOURCE_NEGATIVE))
+        stats["per_slide"][s.slide_id] = per
+    result = EStep(TileItems.concat(pp), TileItems.concat(hn), rule, stats)
+    stats["pseudo_positive_tiles"] = len(result.pseudo_positive)
+    stats["hard_negative_tiles"] = len(result.hard_negative)
+    stats["pseudo_positive_pixel_fraction"] = nonzero / all_pixels if all_pixels else 0.0
+    stats["pseudo_positive_mean_target"] = target_sum / all_pixels if all_pixels else 0.0
+    return result

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 
-from pipeline.batch import atomic_write_text
+from wsi.atomic import atomic_write_text
 
 __all__ = ["PREDICTION_COLUMNS", "decision_for", "write_predictions_csv", "render_report_html", "write_report_html"]
 

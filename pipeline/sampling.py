@@ -515,3 +515,9 @@ def select_best_round(round_losses: Mapping[int, float]) -> int:
     if not valid:
         raise ValueError(f"no round with a valid (non-NaN) loss: {dict(round_losses)}")
     return min(valid)[1]
+
+
+def round_seed(seed: int, k: int, step: int) -> int:
+    """The seed of one random step of EM round ``k`` (initialisation, sampling, augmentation...):
+    distinct per (seed, round, step), so steps never share a stream and a resumed round repeats."""
+    return int(seed) * 1_000_003 + int(k) * 1009 + int(step)

@@ -44,7 +44,6 @@ from pipeline.batch import (
     RunReport,
     SlideOutcome,
     UsageError,
-    atomic_write_json,
     check_unique_ids,
     discover_slides,
     ensure_writable_dir,
@@ -53,6 +52,7 @@ from pipeline.batch import (
 from pipeline.config import Config
 from pipeline.executor import future_error, make_executor
 from wsi import __version__
+from wsi.atomic import atomic_write_json
 from wsi.grid import group_bands, group_blocks, make_grid, select_tiles, tissue_fractions
 from wsi.preview import draw_tissue_overlay, save_png
 from wsi.slide import (

@@ -371,3 +371,29 @@ def test_help_has_examples():
     for cmd in ("classify", "evaluate"):
         r = CliRunner().invoke(main, [cmd, "--help"])
         assert r.exit_code == 0 and "Examples:" in r.output and f"wsi-pipeline {cmd}" in r.output
+
+
+def test_every_output_file_is_readable_as_the_umask_says(trained, tmp_path):
+    """Predictions, reports, GeoJSON, heatmaps, tiles and stores: 0o666 & ~umask, like any new file."""
+    import os
+    import stat
+
+    from pipeline.classify import run_classify
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for sid in sorted(trained.labels)[:2]:
+        shutil.copy(Path(trained.cohort) / f"{sid}.tif", slides / f"{sid}.tif")
+    old = os.umask(0o002)
+    try:
+        rep = run_classify(slides, trained.run, tmp_path / "out", workers=0, quiet=True, progress=False)
+    finally:
+        os.umask(old)
+    assert rep.ok
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != ".wsi-pipeline.lock"]
+    names = {p.name for p in files}
+    assert {"predictions.csv", "report.html", "classify-report.json"} <= names
+    assert any(p.suffix == ".geojson" for p in files) and any(p.suffix == ".jpg" for p in files)
+    wrong = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+             if stat.S_IMODE(p.stat().st_mode) != 0o664}
+    assert not wrong

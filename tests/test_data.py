@@ -199,7 +199,7 @@ def _pseudo_zarr(path, sid, n, h, seed=0):
 def test_targets_per_source(em_cohort, cohort, tmp_path):
     import cv2
 
-    from pipeline.pseudolabels import positive_pseudo_labels
+    from pipeline.pseudolabels import PseudoTargets, positive_pseudo_labels
 
     sid = em_cohort.annotated_ids[0]
     entry = cohort.by_id()[sid]
@@ -214,7 +214,8 @@ def test_targets_per_source(em_cohort, cohort, tmp_path):
         TileItems.make(1, [3], SOURCE_CONSTANT, 1.0),
     ])
     ds = TileTargetDataset([entry.store_path, neg.store_path], items, slide_ids=[sid, neg.slide_id],
-                           annotations={0: ann[sid]}, probmaps=tmp_path / "pm.zarr", V=4.0, floor=0.01)
+                           annotations={0: ann[sid]},
+                           pseudo=PseudoTargets(T=0.4, V=4.0, floor=0.01, probmaps=str(tmp_path / "pm.zarr")))
     n = len(st)
     assert len(ds) == n + 7
     for i in range(n):

@@ -22,7 +22,8 @@ from pipeline.batch import UsageError  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.config import Config, ConfigError, load_config  # noqa: E402
 from pipeline.data import SOURCE_NEGATIVE, SOURCE_PSEUDO, TileTargetDataset  # noqa: E402
-from pipeline.em import EMHooks, e_step, run_em  # noqa: E402
+from pipeline.em import EMHooks, run_em  # noqa: E402
+from pipeline.pseudolabels import e_step  # noqa: E402
 from pipeline.labels import load_cohort, read_labels_csv  # noqa: E402
 from tests.em_fixtures import em_cohort, em_run, em_threads  # noqa: E402,F401
 from wsi import __version__  # noqa: E402
@@ -147,7 +148,8 @@ def test_e_step_pseudo_labels(em_run, em_cohort):
     cfg = load_config("tiny")
     cohort = load_cohort(em_cohort.stores, em_cohort.labels)
     maps_path = em_run / "round_0" / "probmaps.zarr"
-    pp, hn, stats = e_step(maps_path, cohort.train, em_cohort.annotated_ids, cfg.em)
+    est = e_step(maps_path, cohort.train, em_cohort.annotated_ids, cfg.em)
+    pp, hn, stats = est.pseudo_positive, est.hard_negative, est.stats
     root = zarr.open_group(str(maps_path), mode="r")
     labels = np.array([s.label for s in cohort.train])
     assert set(labels[pp.slide]) <= {1} and set(labels[hn.slide]) <= {0}
@@ -161,8 +163,7 @@ def test_e_step_pseudo_labels(em_run, em_cohort):
         kept = set(pp.tile[pp.slide == i].tolist()) | set(hn.tile[hn.slide == i].tolist())
         assert kept == set(np.flatnonzero(maxp >= cfg.em.threshold_T).tolist())
     ds = TileTargetDataset([s.store_path for s in cohort.train], type(pp).concat([pp, hn]),
-                           slide_ids=[s.slide_id for s in cohort.train], probmaps=maps_path,
-                           V=cfg.em.reweight_V, floor=cfg.em.floor)
+                           slide_ids=[s.slide_id for s in cohort.train], pseudo=est.targets)
     assert len(hn) == stats["hard_negative_tiles"] > 0
     for j in range(len(pp), len(ds)):  # negative slides' pseudo labels are all zero
         item = ds[j]
@@ -342,7 +343,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(em_cohort, tmp_pa
 
 @pytest.mark.slow
 def test_three_modes_give_comparable_metrics(em_run, em_cohort, tmp_path, em_threads):
-    from pipeline.em import compare_runs, format_comparison, write_comparison
+    from pipeline.compare import compare_runs, format_comparison, write_comparison
 
     cfg = {m: load_config("tiny", {"em.mode": m}) for m in ("pixel", "image")}
     s_pixel = run_em(em_cohort.stores, em_cohort.labels, tmp_path / "pixel", cfg["pixel"],

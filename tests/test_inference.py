@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from pipeline.run import RunFormatError  # noqa: E402
 from pipeline.inference import (  # noqa: E402
-    RunFormatError,
     classify_tiles,
     iter_predictions,
     load_round,

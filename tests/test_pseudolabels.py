@@ -19,7 +19,7 @@ def _maps(*maxima, shape=(4, 4)):
 
 def test_reweighting_and_clipping_hand_values():
     p = np.array([[[0.1, 0.3], [0.002, 0.0]], [[1.0, 0.25], [0.003, 0.2]]], dtype=np.float32)
-    y = positive_pseudo_labels(p)  # V = 4, floor = 0.01
+    y = positive_pseudo_labels(p, V=4.0, floor=0.01)
     assert y.dtype == np.float32 and y.shape == p.shape
     np.testing.assert_allclose(y, [[[0.4, 1.0], [0.0, 0.0]], [[1.0, 1.0], [0.012, 0.8]]], atol=1e-6)
 
@@ -32,9 +32,9 @@ def test_reweighting_parameters():
 
 def test_keep_confident_threshold():
     p = _maps(0.39, 0.4, 0.41, 0.9, 0.0)
-    np.testing.assert_array_equal(keep_confident(p), [False, True, True, True, False])
+    np.testing.assert_array_equal(keep_confident(p, 0.4), [False, True, True, True, False])
     np.testing.assert_array_equal(keep_confident(p, threshold_T=0.5), [False, False, False, True, False])
-    assert keep_confident(np.zeros((0, 4, 4))).shape == (0,)
+    assert keep_confident(np.zeros((0, 4, 4)), 0.4).shape == (0,)
 
 
 def test_keep_confident_uses_maximum_not_mean():
@@ -51,7 +51,7 @@ def test_negative_pseudo_labels_zero():
 
 def test_e_step_positive_slide():
     p = _maps(0.1, 0.5, 0.3, 0.45)
-    kept, targets, stats = e_step_slide(p, 1)
+    kept, targets, stats = e_step_slide(p, 1, T=0.4, V=4.0, floor=0.01)
     np.testing.assert_array_equal(kept, [1, 3])
     assert targets.shape == (2, 4, 4) and targets.dtype == np.float32
     # background 0.01 * 4 = 0.04 >= floor stays; the peak clips to 1
@@ -71,28 +71,28 @@ def test_e_step_positive_slide_pixel_fraction():
 
 def test_e_step_negative_slide_hard_negatives():
     p = _maps(0.9, 0.1, 0.6)
-    kept, targets, stats = e_step_slide(p, 0)
+    kept, targets, stats = e_step_slide(p, 0, T=0.4, V=4.0, floor=0.01)
     np.testing.assert_array_equal(kept, [0, 2])
     assert targets is None
     assert stats["n_kept"] == 2 and stats["n_removed"] == 1
     assert stats["pseudo_positive_pixel_fraction"] == 0.0
-    kept2, zeros, _ = e_step_slide(p, False, materialize_negatives=True)
+    kept2, zeros, _ = e_step_slide(p, False, T=0.4, V=4.0, floor=0.01, materialize_negatives=True)
     np.testing.assert_array_equal(kept2, kept)
     assert zeros.shape == (2, 4, 4) and zeros.dtype == np.float32 and not zeros.any()
 
 
 def test_e_step_nothing_kept():
-    kept, targets, stats = e_step_slide(np.zeros((3, 4, 4)), 1)
+    kept, targets, stats = e_step_slide(np.zeros((3, 4, 4)), 1, T=0.4, V=4.0, floor=0.01)
     assert kept.size == 0 and targets.shape == (0, 4, 4)
     assert stats["n_removed"] == 3 and stats["pseudo_positive_pixel_fraction"] == 0.0
 
 
 def test_input_validation():
     with pytest.raises(ValueError, match="slide_label"):
-        e_step_slide(_maps(0.5), 2)
+        e_step_slide(_maps(0.5), 2, T=0.4, V=4.0, floor=0.01)
     with pytest.raises(ValueError, match="slide_label"):
-        e_step_slide(_maps(0.5), "positive")
+        e_step_slide(_maps(0.5), "positive", T=0.4, V=4.0, floor=0.01)
     with pytest.raises(ValueError, match="NaN"):
-        keep_confident(np.full((1, 2, 2), np.nan))
+        keep_confident(np.full((1, 2, 2), np.nan), 0.4)
     with pytest.raises(TypeError):
-        positive_pseudo_labels(np.ones((1, 2, 2), dtype=np.uint8))
+        positive_pseudo_labels(np.ones((1, 2, 2), dtype=np.uint8), V=4.0, floor=0.01)

@@ -43,6 +43,7 @@ from wsi.store import replace_dir
 __all__ = [
     "HEATMAP_FORMAT",
     "assemble_heatmap",
+    "store_heatmap",
     "heatmap_regions",
     "regions_geojson",
     "write_heatmap_zarr",
@@ -138,6 +139,22 @@ def assemble_heatmap(
 
 
 # --------------------------------------------------------------------------- vectorisation
+
+
+def store_heatmap(store, maps: np.ndarray, reduce: str = "max") -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """The heatmap of a tile store's per-tile maps on its thumbnail/mask grid.
+
+    Returns ``(heat, tissue, origin_level0_xy)``: ``heat`` (h, w) float32 (NaN = no tile), the store's
+    tissue mask as bool, and the level-0 corner of the slide's bounds.
+    """
+    bounds = (store.attrs.get("slide") or {}).get("bounds_xywh") or [0, 0, 0, 0]
+    origin = (float(bounds[0]), float(bounds[1]))
+    tissue = np.asarray(store.mask).astype(bool)
+    maps = maps if len(maps) else np.zeros((0, 1, 1), np.float16)
+    heat = assemble_heatmap(store.coords, maps, tile_level0_px=store.tile_px * store.downsample,
+                            origin_level0_xy=origin, downsample=store.mask_downsample, shape=tissue.shape,
+                            reduce=reduce)
+    return heat, tissue, origin
 
 
 def heatmap_regions(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cv2
@@ -61,6 +62,38 @@ def heatmap_overlay(
         a = a * v[..., None]
     out = thumbnail.astype(np.float32) * (1 - a) + colour.astype(np.float32) * a
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+#: Small thumbnails are scaled up to at least this side for overlays people look at.
+OVERLAY_MIN_SIDE_PX = 512
+
+
+def overlay_upscale(thumb: np.ndarray) -> int:
+    """Integer factor bringing a small thumbnail to at least OVERLAY_MIN_SIDE_PX (at most 8)."""
+    return max(1, min(8, int(math.ceil(OVERLAY_MIN_SIDE_PX / max(thumb.shape[0], thumb.shape[1], 1)))))
+
+
+def render_heatmap_overlay(
+    thumb: np.ndarray, heat: np.ndarray, tissue: np.ndarray, region_threshold: float | None = None
+) -> np.ndarray:
+    """The one heatmap picture: a heatmap on the thumbnail's grid (NaN = no tile) over the tissue of the
+    thumbnail, scaled up to >= 512 px for small slides, regions at ``region_threshold`` outlined (None: none)."""
+    H, W = thumb.shape[:2]
+    f = overlay_upscale(thumb)
+    valid = ~np.isnan(heat) & tissue
+    base = thumb
+    if f > 1:
+        base = cv2.resize(thumb, (W * f, H * f), interpolation=cv2.INTER_CUBIC)
+        heat = cv2.resize(np.nan_to_num(heat, nan=0.0), (W * f, H * f), interpolation=cv2.INTER_NEAREST)
+        valid = cv2.resize(valid.astype(np.uint8), (W * f, H * f), interpolation=cv2.INTER_NEAREST).astype(bool)
+    img = np.ascontiguousarray(heatmap_overlay(base, np.nan_to_num(heat, nan=0.0), alpha=0.45, valid=valid))
+    if region_threshold is None:
+        return img
+    pos = ((np.nan_to_num(heat, nan=0.0) >= region_threshold) & valid).astype(np.uint8)
+    if pos.any():
+        contours, _ = cv2.findContours(pos, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(img, contours, -1, (255, 255, 255), max(1, f // 2))
+    return img
 
 
 def save_png(path: str | Path, image: np.ndarray, *, max_side: int | None = None) -> None:

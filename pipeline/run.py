@@ -1,0 +1,385 @@
+"""The EM run directory: the one owner of its layout, identity, progress and checkpoints.
+
+``em-round`` writes a run directory, ``classify``, ``evaluate`` and the demo
+read it; all of them go through :class:`RunDir`, so the layout below is
+written down once::
+
+    RUN/run.json                  identity (config, hashes, inputs) and progress
+    RUN/best                      {"round": k}
+    RUN/round_k/seg.pt, cls.pt    checkpoints (model, optimiser, scheduler, round, config, version)
+    RUN/round_k/probmaps.zarr     theta1 maps of every train/val tile (pipeline.probmaps)
+    RUN/round_k/heatmaps/*.png
+    RUN/round_k/metrics.json      written last, with DONE
+    RUN/round_k/DONE              the round is complete
+    RUN/round_k/state/            in-progress checkpoints (removed when the round is done)
+
+The config comes back typed (:meth:`RunDir.config`), never as raw dicts with
+defaults written again at each use. Checkpoints are saved atomically and read
+back with one clear error for a missing, truncated or foreign file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.batch import UsageError, utc_now
+from pipeline.config import Config, ConfigError, config_from_dict
+from wsi import __version__
+from wsi.atomic import atomic_path, atomic_write_json
+
+log = logging.getLogger("wsi_pipeline")
+
+__all__ = [
+    "RUN_FORMAT", "RUN_FORMAT_VERSION", "RunFormatError", "RunDir", "file_sha256", "run_identity",
+    "save_checkpoint", "load_checkpoint", "checkpoint_payload", "model_from_checkpoint", "new_model", "load_weights",
+]
+
+RUN_FORMAT = "wsi-pipeline.em-run"
+RUN_FORMAT_VERSION = 1
+RUN_JSON = "run.json"
+BEST_FILE = "best"
+DONE_FILE = "DONE"
+METRICS_FILE = "metrics.json"
+SEG_CKPT, CLS_CKPT = "seg.pt", "cls.pt"
+PROBMAPS = "probmaps.zarr"
+
+
+class RunFormatError(UsageError):
+    """A run directory or checkpoint cannot be used (missing, incomplete, other format)."""
+
+
+def file_sha256(path: str | Path, digits: int | None = None) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB pieces), optionally shortened to ``digits`` hex digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:digits] if digits else h.hexdigest()
+
+
+def _read_json(path: Path, default: Any = ...) -> Any:
+    """JSON of ``path``; a missing file gives ``default`` when one is given, else a RunFormatError."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        if default is not ...:
+            return default
+        raise RunFormatError(f"{path}: not found") from None
+    except (OSError, ValueError) as exc:
+        if default is not ...:
+            return default
+        raise RunFormatError(f"{path}: unreadable ({exc})") from None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _nan_to_none(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory (see the module docstring for its layout)."""
+
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    # paths ------------------------------------------------------------------------
+    @property
+    def meta_path(self) -> Path:
+        return self.path / RUN_JSON
+
+    def round_dir(self, k: int) -> Path:
+        return self.path / f"round_{int(k)}"
+
+    def checkpoint(self, k: int, kind: str) -> Path:
+        """``seg.pt`` (theta1) or ``cls.pt`` (theta2) of round ``k``."""
+        return self.round_dir(k) / {"seg": SEG_CKPT, "cls": CLS_CKPT}[kind]
+
+    def probmaps(self, k: int) -> Path:
+        return self.round_dir(k) / PROBMAPS
+
+    def state_dir(self, k: int) -> Path:
+        return self.round_dir(k) / "state"
+
+    # reading ----------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.meta_path.is_file()
+
+    def read_meta(self) -> dict:
+        """``run.json``, checked to be an EM run this software reads."""
+        meta = _read_json(self.meta_path)
+        if meta.get("format") != RUN_FORMAT:
+            raise RunFormatError(f"{self.meta_path}: not an EM run directory (format {meta.get('format')!r})")
+        if meta.get("format_version") != RUN_FORMAT_VERSION:
+            raise RunFormatError(
+                f"{self.meta_path}: run format version {meta.get('format_version')}, this software reads "
+                f"{RUN_FORMAT_VERSION}; re-train with 'wsi-pipeline em-round' into a new --run directory"
+            )
+        return meta
+
+    def config(self, meta: dict | None = None) -> Config:
+        """The run's config, typed (unknown or invalid keys: one line naming run.json)."""
+        meta = self.read_meta() if meta is None else meta
+        try:
+            return config_from_dict(meta.get("config") or {}, where=str(self.meta_path))
+        except ConfigError as exc:
+            raise RunFormatError(
+                f"{exc}; this software version cannot read the run's settings: use the version that made it "
+                f"({meta.get('software_version')}) or re-train"
+            ) from None
+
+    def is_done(self, k: int) -> bool:
+        return (self.round_dir(k) / DONE_FILE).is_file()
+
+    def metrics(self, k: int, required: bool = True) -> dict:
+        return _read_json(self.round_dir(k) / METRICS_FILE, ... if required else {})
+
+    def best_round(self, meta: dict | None = None) -> int | None:
+        """The round ``best`` names (``run.json``'s ``best_round`` when the file is missing)."""
+        best = _read_json(self.path / BEST_FILE, None)
+        if isinstance(best, dict) and best.get("round") is not None:
+            return int(best["round"])
+        meta = self.read_meta() if meta is None else meta
+        return None if meta.get("best_round") is None else int(meta["best_round"])
+
+    def resolve_round(self, which: str | int = "best", meta: dict | None = None) -> int:
+        """A finished round: ``'best'``, ``'last'`` or a number (RunFormatError naming what is missing)."""
+        meta = self.read_meta() if meta is None else meta
+        done = sorted(int(r) for r in meta.get("rounds_completed", []))
+        if which == "best":
+            k = self.best_round(meta)
+            if k is None:
+                raise RunFormatError(f"{self.path}: no finished round yet (no 'best'); run 'wsi-pipeline em-round'")
+        elif which == "last":
+            if not done:
+                raise RunFormatError(f"{self.path}: no finished round yet; run 'wsi-pipeline em-round'")
+            k = max(done)
+        else:
+            k = int(which)
+        if not self.is_done(k):
+            raise RunFormatError(f"{self.round_dir(k)}: round {k} is not finished (finished rounds: {done or 'none'})")
+        return k
+
+    def fingerprint(self, k: int, meta: dict | None = None) -> str:
+        """Identity of round ``k``'s models: the run's training hash, the round and both checkpoints' bytes."""
+        meta = self.read_meta() if meta is None else meta
+        parts = [str(meta.get("train_hash")), str(k), file_sha256(self.checkpoint(k, "seg")),
+                 file_sha256(self.checkpoint(k, "cls"))]
+        return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+
+    # writing ----------------------------------------------------------------------
+    def create(self, identity: dict) -> dict:
+        """Start a run in an empty folder: writes ``run.json`` and returns it."""
+        leftovers = [p.name for p in self.path.iterdir() if not p.name.startswith(".")]
+        if leftovers:
+            raise UsageError(
+                f"{self.path}: the folder is not empty ({', '.join(sorted(leftovers)[:5])}) and is not an EM run; "
+                "choose an empty or new --run directory"
+            )
+        meta = {**identity, "created_utc": utc_now(), "rounds_completed": [], "best_round": None, "round_losses": {}}
+        atomic_write_json(self.meta_path, meta)
+        return meta
+
+    def check_compatible(self, meta: dict, ident: dict) -> None:
+        """Refuse to continue a run with other settings or inputs (one line naming the difference and the fix)."""
+        where = self.meta_path
+        if meta.get("mode") != ident["mode"]:
+            raise UsageError(
+                f"{self.path}: this run was trained with --mode {meta.get('mode')}, not {ident['mode']}; "
+                "use a separate --run directory per mode"
+            )
+        if meta.get("tiling", {}).get("config_hash") != ident["tiling"]["config_hash"]:
+            raise UsageError(
+                f"{self.path}: the run was trained on stores tiled with {meta.get('tiling')}, the given stores have "
+                f"{ident['tiling']}; use the stores it was trained on or a new --run directory"
+            )
+        if meta.get("train_hash") != ident["train_hash"]:
+            diff = _config_diff(meta.get("config", {}), ident["config"])
+            shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
+            raise UsageError(
+                f"{self.path}: the run was made with a different config ({shown or 'training settings differ'}); "
+                f"pass the config it was made with (saved in {where}) or use a new --run directory"
+            )
+        if meta.get("labels_sha256") != ident["labels_sha256"]:
+            raise UsageError(
+                f"{ident['labels']}: the labels differ from those the run was trained with ({meta.get('labels')}); "
+                "use the same labels or a new --run directory"
+            )
+        old_ann = {k: [e["sha256"] for e in v] for k, v in meta.get("annotations", {}).items()}
+        new_ann = {k: [e["sha256"] for e in v] for k, v in ident["annotations"].items()}
+        if old_ann != new_ann:
+            raise UsageError(
+                f"{self.path}: the pixel annotations differ from those the run was trained with "
+                f"(slides {sorted(old_ann)} before, {sorted(new_ann)} now); use the same --annotations or a new "
+                "--run directory"
+            )
+
+    def record_round(self, meta: dict, k: int, metrics: dict) -> dict:
+        """Add finished round ``k`` to ``run.json`` and point ``best`` at the lowest stage-2 loss."""
+        from pipeline.sampling import select_best_round
+
+        done = sorted(set(int(r) for r in meta.get("rounds_completed", [])) | {k})
+        losses = {str(r): v for r, v in meta.get("round_losses", {}).items()}
+        losses[str(k)] = _nan_to_none(metrics.get("stage2_loss"))
+        valid = {int(r): v for r, v in losses.items() if v is not None}
+        best = select_best_round(valid) if valid else k
+        meta = {**meta, "rounds_completed": done, "round_losses": losses, "best_round": best, "updated_utc": utc_now()}
+        atomic_write_json(self.meta_path, meta)
+        atomic_write_json(self.path / BEST_FILE, {"round": best})
+        return meta
+
+    def finish_round(self, k: int, metrics: dict) -> None:
+        """Write round ``k``'s metrics, then its DONE marker, then drop its in-progress state."""
+        atomic_write_json(self.round_dir(k) / METRICS_FILE, metrics)
+        atomic_write_json(self.round_dir(k) / DONE_FILE, {"finished_utc": utc_now()})
+        shutil.rmtree(self.state_dir(k), ignore_errors=True)
+
+    def clear_rounds(self, meta: dict) -> dict:
+        """Delete every round (``--force``) and reset the progress in ``run.json``."""
+        for p in sorted(self.path.glob("round_*")):
+            if p.is_dir():
+                shutil.rmtree(p)
+        (self.path / BEST_FILE).unlink(missing_ok=True)
+        meta = {**meta, "rounds_completed": [], "best_round": None, "round_losses": {}}
+        atomic_write_json(self.meta_path, meta)
+        log.info("--force: removed the previous rounds of %s", self.path)
+        return meta
+
+
+def _config_diff(old: dict, new: dict) -> list[str]:
+    sections = Config.TRAIN_SECTIONS
+    a = _flatten({s: old.get(s, {}) for s in sections})
+    b = _flatten({s: new.get(s, {}) for s in sections})
+    keys = sorted((set(a) | set(b)) - set(Config.TRAIN_EXCLUDE))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def run_identity(cfg: Config, cohort, annotations: dict, train, val) -> dict:
+    """What a run is made of: config, hashes, inputs and splits (compared on every resume)."""
+    return {
+        "format": RUN_FORMAT,
+        "format_version": RUN_FORMAT_VERSION,
+        "config": cfg.to_dict(),
+        "train_hash": cfg.train_hash(tiling_hash=cohort.tiling["config_hash"]),
+        "tiling": dict(cohort.tiling),
+        "mode": cfg.em.mode,
+        "stores": str(cohort.stores_dir.resolve()),
+        "labels": str(cohort.labels_path.resolve()),
+        "labels_sha256": cohort.labels_sha256,
+        "annotations": {
+            sid: [{"path": str(Path(p).resolve()), "sha256": file_sha256(p, 16)} for p in a.sources]
+            for sid, a in sorted(annotations.items())
+        },
+        "splits": {"train": [s.slide_id for s in train], "val": [s.slide_id for s in val]},
+        "software_version": __version__,
+    }
+
+
+# --------------------------------------------------------------------------- checkpoints and weights
+
+
+def checkpoint_payload(model, trainer, cfg: Config, k: int, kind: str) -> dict:
+    """What a checkpoint holds: how to rebuild the model, its (and the trainer's) state, round and config."""
+    d = trainer.state_dict() if trainer is not None else {"model": model.state_dict()}
+    return {
+        "kind": kind,
+        "arch": getattr(model, "model_name", None),
+        "arch_kwargs": dict(getattr(model, "model_kwargs", {}) or {}),
+        **d,
+        "round": k,
+        "config": cfg.to_dict(),
+        "software_version": __version__,
+    }
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> None:
+    """``torch.save`` under a temporary name, fsynced, then renamed into place."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint` (RunFormatError for a missing or foreign file)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise RunFormatError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or foreign file
+        raise RunFormatError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict):
+        raise RunFormatError(f"{path}: not a wsi-pipeline checkpoint (a {type(ckpt).__name__})")
+    return ckpt
+
+
+def build_model(arch: str, arch_kwargs: dict | None = None):
+    """A model from the registry (random weights; nothing is downloaded)."""
+    import models
+
+    try:
+        return models.create_model(arch, **(arch_kwargs or {}))
+    except models.UnknownModelError as exc:
+        raise UsageError(f"{exc} (config model.seg_arch / model.cls_arch)") from None
+
+
+def model_from_checkpoint(path: str | Path, device="cpu"):
+    """Rebuild the model saved in a checkpoint (``{"arch", "arch_kwargs", "model", ...}``), in eval mode."""
+    ckpt = load_checkpoint(path)
+    if "arch" not in ckpt or "model" not in ckpt:
+        raise RunFormatError(f"{path}: not a wsi-pipeline checkpoint (no 'arch'/'model' entries)")
+    model = build_model(ckpt["arch"], ckpt.get("arch_kwargs"))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def new_model(arch: str, seed: int, arch_kwargs: dict | None = None):
+    """A freshly initialised model, seeded so that the same seed gives the same weights."""
+    import models
+
+    models.seed_everything(seed)
+    return build_model(arch, {"num_classes": 1, **(arch_kwargs or {})})
+
+
+def load_weights(model, path: str | Path, what: str) -> str:
+    """Load a user's local weights file into ``model``; returns a line for the run's records."""
+    import models
+
+    try:
+        sd = load_checkpoint(path)
+    except RunFormatError as exc:
+        raise UsageError(f"{exc}; give a torch state dict or checkpoint for the {what} model") from None
+    try:
+        rep = models.load_state_dict_flexible(model, sd)
+    except TypeError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    if not rep.loaded_keys:
+        raise UsageError(f"{path}: none of its tensors fit the {what} model ({rep}); is it the right architecture?")
+    if not rep.ok:
+        log.warning("%s weights %s loaded partially: %s", what, path, rep)
+    return f"weights {path} ({len(rep.loaded_keys)} tensors)"
