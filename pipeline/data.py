@@ -233,7 +233,7 @@ def load_pixel_annotations(
         raise UsageError(f"annotations: {head}")
     if out:
         partial = sum(not a.complete for a in out.values())
-        log.info("annotations: %d slide(s) annotated only inside their regions (%s), %d whole slide (no region feature)",
+        log.log(logging.INFO if partial else logging.DEBUG,"annotations: %d slide(s) annotated only inside their regions (%s), %d whole slide (no region feature)",
                  partial, ", ".join(region_classes) or "no region classes", len(out) - partial)
     return out
 
