@@ -32,7 +32,7 @@ as all-negative truth; positive slides without one are skipped. Dice and IoU are
 given per slide, pooled over all pixels of all slides, and averaged over the
 positive slides.
 
-Only numpy, Pillow and OpenCV are used: no torch.
+Only numpy, Pillow, OpenCV and shapely (via wsi.annotations) are used: no torch.
 """
 
 from __future__ import annotations
