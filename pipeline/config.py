@@ -231,6 +231,10 @@ class EMConfig:
     """Cap on batches per epoch; None = one pass over the annotated tiles (image mode: the selected tiles)."""
     positive_classes: list[str] = field(default_factory=lambda: ["Tumor", "Tumour"])
     """GeoJSON classification names that count as positive (case-insensitive)."""
+    annotated_region_classes: list[str] = field(default_factory=lambda: ["Region*"])
+    """GeoJSON classification names (case-insensitive, shell patterns) of the regions inside which the
+    annotation is complete; outside them pixels are unlabelled. A file without such a feature annotates
+    the whole slide. See wsi.annotations."""
     mask_downsample: Optional[float] = None
     """Level-0 pixels per pixel of annotation mask images; None = from a '<mask>.json' sidecar
     ('downsample' key) or from the slide's width / the mask's width."""
@@ -281,6 +285,10 @@ class EMConfig:
             raise ConfigError("em.batches_per_epoch must be >= 1 or null (one pass)")
         if not self.positive_classes:
             raise ConfigError("em.positive_classes must name at least one class, e.g. [Tumor]")
+        clash = {c.casefold() for c in self.positive_classes} & {c.casefold() for c in self.annotated_region_classes}
+        if clash:
+            raise ConfigError(f"em.annotated_region_classes repeats positive class(es) {sorted(clash)}; "
+                              "a class is either positive or a region")
         if self.mask_downsample is not None and self.mask_downsample <= 0:
             raise ConfigError("em.mask_downsample must be > 0 or null")
         for name in ("brightness", "contrast", "saturation"):

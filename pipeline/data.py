@@ -5,8 +5,8 @@ each process (the main one or a DataLoader worker) opens the stores it needs
 on first use (:class:`StoreCache`) and reads one tile per item. Pixel targets
 are made per item too:
 
-* annotated tiles: the slide's GeoJSON polygons and/or mask image rasterised
-  onto the tile (:class:`PixelAnnotation`, the paper's ``y_p``);
+* annotated tiles: the slide's GeoJSON polygons or mask image rasterised
+  onto the tile (:class:`wsi.annotations.SlideAnnotation`, the paper's ``y_p``);
 * pseudo-positive tiles: ``clip(V * p, 0, 1)`` (values < floor -> 0) of the
   tile's E-step probability map, read from the round's ``probmaps.zarr`` and
   upsampled bilinearly to the tile size;
@@ -22,12 +22,11 @@ loader workers and a resumed epoch repeats exactly.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -36,7 +35,13 @@ from torch.utils.data import Dataset
 
 from pipeline.batch import UsageError
 from pipeline.pseudolabels import PseudoTargets
-from wsi.annotations import AnnotationError, Annotations, load_geojson, rasterize_mask, rasterize_tile
+from wsi.annotations import (
+    AnnotationError,
+    SlideAnnotation,
+    annotation_files,
+    load_slide_annotation,
+    match_annotation_files,
+)
 from wsi.store import TileStore
 
 log = logging.getLogger("wsi_pipeline")
@@ -60,10 +65,6 @@ __all__ = [
 ]
 
 SOURCE_ANNOTATED, SOURCE_PSEUDO, SOURCE_NEGATIVE, SOURCE_CONSTANT = 0, 1, 2, 3
-
-GEOJSON_SUFFIXES = (".geojson", ".json")
-MASK_SUFFIXES = (".png", ".tif", ".tiff")
-MASK_NAME_SUFFIXES = ("_lesion_mask", "_mask", ".mask", "-mask", "_labels", "-labels")
 
 
 # --------------------------------------------------------------------------- lazy stores
@@ -165,73 +166,8 @@ class StoreCache:
 
 # --------------------------------------------------------------------------- annotations
 
-
-@dataclass
-class PixelAnnotation:
-    """Positive regions of one slide: GeoJSON polygons and/or a mask image (union of both)."""
-
-    slide_id: str
-    sources: list[str] = field(default_factory=list)
-    geo: Annotations | None = None
-    mask: np.ndarray | None = None
-    mask_downsample: float | None = None
-
-    def tile_target(self, level0_xy, tile_px: int, downsample: float, out_px: int | None = None) -> np.ndarray:
-        """(out_px, out_px) uint8, 1 = positive (see :mod:`wsi.annotations` for the pixel rule)."""
-        n = tile_px if out_px is None else out_px
-        out = np.zeros((n, n), np.uint8)
-        if self.geo is not None:
-            out |= rasterize_tile(self.geo, level0_xy, tile_px, downsample, out_px=n)
-        if self.mask is not None:
-            out |= rasterize_mask(self.mask, self.mask_downsample, level0_xy, tile_px, downsample, out_px=n)
-        return out
-
-
-def _slide_for_mask(stem: str, known: Iterable[str]) -> str | None:
-    known = set(known)
-    if stem in known:
-        return stem
-    for suf in MASK_NAME_SUFFIXES:
-        if stem.endswith(suf) and stem[: -len(suf)] in known:
-            return stem[: -len(suf)]
-    return None
-
-
-def _expand_annotation_paths(paths: Sequence[str | Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            for f in sorted(p.iterdir()):
-                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in GEOJSON_SUFFIXES + MASK_SUFFIXES:
-                    files.append(f)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise UsageError(f"{p}: no such annotation file or folder")
-    # a '<mask>.json' next to '<mask>.png' describes the mask; it is not GeoJSON
-    images = {f.with_suffix("") for f in files if f.suffix.lower() in MASK_SUFFIXES}
-    return [f for f in files if not (f.suffix.lower() == ".json" and f.with_suffix("") in images)]
-
-
-def _mask_downsample(path: Path, mask: np.ndarray, slide_wh: tuple[int, int], override: float | None) -> float:
-    if override is not None:
-        return float(override)
-    side = path.with_suffix(".json")
-    if side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-            return float(meta["downsample"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{side}: expected JSON with a 'downsample' number ({exc}); fix it or set em.mask_downsample") from None
-    w, h = slide_wh
-    ds_x, ds_y = w / mask.shape[1], h / mask.shape[0]
-    if abs(ds_x - ds_y) > max(ds_x, ds_y) / min(mask.shape) * 1.5:
-        raise UsageError(
-            f"{path}: mask of {mask.shape[1]}x{mask.shape[0]} px does not have the slide's aspect "
-            f"({w}x{h} level-0 px); give its downsample in {side.name} ({{\"downsample\": N}}) or em.mask_downsample"
-        )
-    return float(ds_x)
+PixelAnnotation = SlideAnnotation
+"""One slide's pixel annotation (:class:`wsi.annotations.SlideAnnotation`; the name training code uses)."""
 
 
 def load_pixel_annotations(
@@ -239,19 +175,26 @@ def load_pixel_annotations(
     slides: dict,
     *,
     positive_classes: Sequence[str] = ("Tumor", "Tumour"),
+    region_classes: Sequence[str] = ("Region*",),
     mask_downsample: float | None = None,
-) -> dict[str, PixelAnnotation]:
+) -> dict[str, SlideAnnotation]:
     """Read annotation files and check them against the labelled slides.
+
+    Which file belongs to which slide, and how it is read, is :mod:`wsi.annotations`'
+    rule (the same as ``evaluate``'s): GeoJSON ``<slide_id>.geojson`` (or ``.json``), level-0
+    pixel coordinates as QuPath exports them; mask images ``<slide_id>[_mask|-mask|_lesion_mask|...].png``
+    (or ``.tif``), non-zero = positive, at a downsample given by a ``<mask>.json`` sidecar
+    (``{"downsample": 16}``), ``mask_downsample``, or the slide width / mask width. A slide with
+    several files uses its GeoJSON (else its first mask) and the log names the others.
 
     Parameters
     ----------
     paths : sequence of paths
-        Files or folders. GeoJSON: ``<slide_id>.geojson`` (or ``.json``), level-0 pixel
-        coordinates as QuPath exports them. Mask images: ``<slide_id>[_mask|_lesion_mask].png``
-        (or ``.tif``), non-zero = positive, at a downsample given by a ``<mask>.json`` sidecar
-        (``{"downsample": 16}``), ``mask_downsample``, or the slide width / mask width.
+        Files or folders.
     slides : dict
         ``slide_id -> SlideEntry`` of the labelled slides (:mod:`pipeline.labels`).
+    positive_classes, region_classes : sequence of str
+        ``em.positive_classes`` and ``em.annotated_region_classes`` (see :func:`wsi.annotations.load_slide_annotation`).
 
     Raises
     ------
@@ -259,58 +202,49 @@ def load_pixel_annotations(
         An annotation for a slide that is not labelled, for a negative slide, outside
         its slide, or without any region of ``positive_classes``; each message names the file.
     """
-    out: dict[str, PixelAnnotation] = {}
-    problems: list[str] = []
-    for f in _expand_annotation_paths(paths):
-        suffix = f.suffix.lower()
-        sid = f.stem if suffix in GEOJSON_SUFFIXES else _slide_for_mask(f.stem, slides)
-        entry = slides.get(sid) if sid else None
-        if entry is None:
-            problems.append(
-                f"{f}: no labelled slide {sid or f.stem!r}; annotation files must be named after a slide id of the "
-                "labels CSV (<slide_id>.geojson or <slide_id>_mask.png)"
-            )
-            continue
+    try:
+        files = annotation_files(paths)
+    except AnnotationError as exc:
+        raise UsageError(str(exc)) from None
+    by_slide, unmatched = match_annotation_files(files, slides)
+    problems = [
+        f"{f}: no labelled slide {f.stem!r}; annotation files must be named after a slide id of the "
+        "labels CSV (<slide_id>.geojson or <slide_id>_mask.png)"
+        for f in unmatched
+    ]
+    out: dict[str, SlideAnnotation] = {}
+    for sid, fs in by_slide.items():
+        f = fs[0]
+        if len(fs) > 1:
+            log.info("slide %s: annotation %s used; not used: %s", sid, f.name, ", ".join(x.name for x in fs[1:]))
+        entry = slides[sid]
         if entry.label != 1:
             problems.append(f"{f}: slide {sid!r} is labelled negative (0) but has a tumour annotation; fix the label or drop the file")
             continue
-        st = TileStore(entry.store_path)
-        slide = st.attrs.get("slide", {})
-        wh = (int(slide.get("width", 0)), int(slide.get("height", 0)))
-        ann = out.setdefault(sid, PixelAnnotation(sid))
+        slide = TileStore(entry.store_path).attrs.get("slide", {})
+        wh = (int(slide.get("width", 0)) or None, int(slide.get("height", 0)) or None)
         try:
-            if suffix in GEOJSON_SUFFIXES:
-                ann.geo = load_geojson(f, positive_classes=positive_classes, slide_dimensions=wh if all(wh) else None)
-            else:
-                mask = _read_mask(f)
-                ds = _mask_downsample(f, mask, wh, mask_downsample)
-                if all(wh) and (mask.shape[1] * ds > wh[0] + 2 * ds or mask.shape[0] * ds > wh[1] + 2 * ds):
-                    raise UsageError(
-                        f"{f}: the mask covers {mask.shape[1] * ds:.0f}x{mask.shape[0] * ds:.0f} level-0 px at "
-                        f"downsample {ds:g}, larger than the slide ({wh[0]}x{wh[1]}): wrong downsample or wrong slide"
-                    )
-                if not mask.any():
-                    raise UsageError(f"{f}: the mask has no positive (non-zero) pixel")
-                ann.mask, ann.mask_downsample = mask, ds
-            ann.sources.append(str(f))
+            out[sid] = load_slide_annotation(f, sid, positive_classes=positive_classes, region_classes=region_classes,
+                                             slide_dimensions=wh, mask_downsample=mask_downsample)
         except AnnotationError as exc:
-            hint = "" if "outside" in str(exc) else f" (em.positive_classes={list(positive_classes)})"
-            problems.append(f"{exc}{hint}")
-        except UsageError as exc:
-            problems.append(str(exc))
+            problems.append(f"{exc}{_annotation_hint(str(exc), positive_classes)}")
     if problems:
         head = "; ".join(problems[:6]) + (f"; ... and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise UsageError(f"annotations: {head}")
-    return {k: v for k, v in out.items() if v.sources}
+    if out:
+        partial = sum(not a.complete for a in out.values())
+        log.log(logging.INFO if partial else logging.DEBUG,"annotations: %d slide(s) annotated only inside their regions (%s), %d whole slide (no region feature)",
+                 partial, ", ".join(region_classes) or "no region classes", len(out) - partial)
+    return out
 
 
-def _read_mask(path: Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise UsageError(f"{path}: cannot read the mask image (PNG or TIFF expected)")
-    if img.ndim == 3:
-        img = img[..., :3].max(axis=2) if img.shape[2] >= 3 else img[..., 0]
-    return (img != 0).astype(np.uint8)
+def _annotation_hint(msg: str, positive_classes: Sequence[str]) -> str:
+    """The config setting that fixes an annotation error, where there is one."""
+    if "no positive annotation" in msg:
+        return f" (em.positive_classes={list(positive_classes)})"
+    if "downsample" in msg:
+        return " (or set em.mask_downsample)"
+    return ""
 
 
 # --------------------------------------------------------------------------- augmentation

@@ -18,23 +18,26 @@ Slides without tissue (empty probability), without a label, or outside
 
 Pixel level (``--masks``)
 -------------------------
-Ground truth: QuPath GeoJSON (``<slide_id>.geojson``, level-0 px, classes
-Tumor/Tumour) or mask images (``<slide_id>_lesion_mask.png``, ``<slide_id>_mask.png``,
-``<slide_id>.png``; downsample from a ``<mask>.json`` sidecar ``{"downsample": N}``
-or slide width / mask width), GeoJSON preferred when both exist. The truth is
-rasterised on each slide's heatmap grid (pixel centres, see :mod:`wsi.heatmap`)
-and compared with ``heatmap >= 0.5`` over the tissue mask. Negative slides
-without a file count as all-negative truth; positive slides without one are
-skipped. Dice and IoU are given per slide, pooled over all pixels of all
-slides, and averaged over the positive slides.
+Ground truth is found and read exactly as training reads annotations
+(:mod:`wsi.annotations`): QuPath GeoJSON (``<slide_id>.geojson``, level-0 px,
+classes ``positive_classes``, default ``em.positive_classes``) or mask images
+(``<slide_id>_lesion_mask.png``, ``<slide_id>_mask.png``, ``<slide_id>-mask.png``,
+``<slide_id>.png``, ...; downsample from a ``<mask>.json`` sidecar
+``{"downsample": N}`` or slide width / mask width), GeoJSON preferred when both
+exist. The truth is rasterised on each slide's heatmap grid (pixel centres, see
+:mod:`wsi.heatmap`) and compared with ``heatmap >= 0.5`` over the tissue mask;
+a region-limited annotation (``Region*`` features, or a mask's unlabelled value)
+is compared only over its labelled pixels. Negative slides without a file count
+as all-negative truth; positive slides without one are skipped. Dice and IoU are
+given per slide, pooled over all pixels of all slides, and averaged over the
+positive slides.
 
-Only numpy, Pillow and OpenCV are used: no torch.
+Only numpy, Pillow, OpenCV and shapely (via wsi.annotations) are used: no torch.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from pathlib import Path
@@ -43,16 +46,14 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.batch import UsageError, utc_now
+from pipeline.config import EMConfig
 from wsi.atomic import atomic_path, atomic_write_json
 from pipeline.metrics import roc_auc, roc_curve, sensitivity_specificity, specificity_at_full_sensitivity
+from wsi.annotations import AnnotationError, annotation_files, load_slide_annotation, match_annotation_files
 
 log = logging.getLogger("wsi_pipeline")
 
 __all__ = ["read_predictions_csv", "run_evaluate", "format_evaluation", "draw_roc_png", "pixel_scores"]
-
-MASK_NAME_SUFFIXES = ("_lesion_mask", "_mask", "")
-MASK_SUFFIXES = (".png", ".tif", ".tiff")
-GEOJSON_SUFFIXES = (".geojson", ".json")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -157,61 +158,18 @@ def slide_level(y, s, threshold: float | None, threshold_source: str = "") -> di
 # --------------------------------------------------------------------------- pixel level
 
 
-def _find_truth(slide_id: str, dirs: Sequence[Path]) -> tuple[str, Path] | None:
-    for d in dirs:
-        for suf in GEOJSON_SUFFIXES:
-            p = d / f"{slide_id}{suf}"
-            if p.is_file():
-                return "geojson", p
-    for d in dirs:
-        for name in MASK_NAME_SUFFIXES:
-            for suf in MASK_SUFFIXES:
-                p = d / f"{slide_id}{name}{suf}"
-                if p.is_file():
-                    return "mask", p
-    return None
-
-
-def _mask_downsample(path: Path, mask: np.ndarray, slide_width: float | None) -> float:
-    side = path.with_suffix(".json")
-    if side.is_file():
-        try:
-            return float(json.loads(side.read_text())["downsample"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{side}: expected JSON with a 'downsample' number ({exc})") from None
-    if not slide_width:
-        raise UsageError(f"{path}: give the mask's downsample in {side.name} ({{\"downsample\": N}})")
-    return float(slide_width) / mask.shape[1]
-
-
-def truth_on_grid(kind: str, path: Path, shape: tuple[int, int], origin_level0_xy, downsample: float,
-                  slide_width: float | None = None, slide_height: float | None = None,
-                  positive_classes: Sequence[str] = ("Tumor", "Tumour")) -> np.ndarray:
-    """Ground truth rasterised on a heatmap grid (bool, ``shape``): pixel centre inside a positive region."""
-    import cv2
-
-    from wsi.annotations import AnnotationError, load_geojson, rasterize_mask, rasterize_tile
-
-    H, W = int(shape[0]), int(shape[1])
-    side = max(H, W, 1)
-    xy = (float(origin_level0_xy[0]), float(origin_level0_xy[1]))
-    if kind == "geojson":
-        dims = (int(slide_width), int(slide_height)) if slide_width and slide_height else None
-        try:
-            ann = load_geojson(path, positive_classes=positive_classes, slide_dimensions=dims, allow_empty=True)
-        except AnnotationError as exc:
-            raise UsageError(str(exc)) from None
-        full = rasterize_tile(ann, xy, side, downsample, out_px=side)
-    else:
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise UsageError(f"{path}: cannot read the mask image (PNG or TIFF expected)")
-        if img.ndim == 3:
-            img = img[..., :3].max(axis=2)
-        mask = (img != 0).astype(np.uint8)
-        ds = _mask_downsample(path, mask, slide_width)
-        full = rasterize_mask(mask, ds, xy, side, downsample, out_px=side)
-    return full[:H, :W].astype(bool)
+def truth_on_grid(path: Path, slide_id: str, shape: tuple[int, int], origin_level0_xy, downsample: float,
+                  slide_width: float | None = None, slide_height: float | None = None, *,
+                  positive_classes: Sequence[str], region_classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth on a heatmap grid: ``(truth, labelled)``, bool arrays of ``shape``; ``truth`` where the
+    pixel centre is positive, ``labelled`` where the annotation says anything (all of it unless region-limited)."""
+    dims = (int(slide_width) if slide_width else None, int(slide_height) if slide_height else None)
+    try:
+        ann = load_slide_annotation(path, slide_id, positive_classes=positive_classes, region_classes=region_classes,
+                                    slide_dimensions=dims, allow_empty=True)
+    except AnnotationError as exc:
+        raise UsageError(str(exc)) from None
+    return ann.grid_labels(shape, origin_level0_xy, downsample)
 
 
 def pixel_scores(heat: np.ndarray, truth: np.ndarray, tissue: np.ndarray | None, threshold: float = 0.5) -> dict:
@@ -234,9 +192,24 @@ def pixel_scores(heat: np.ndarray, truth: np.ndarray, tissue: np.ndarray | None,
     }
 
 
-def _pixel_level(rows: list[dict], labels: dict, mask_dirs: Sequence[Path], threshold: float) -> dict:
+def _truth_files(masks: Sequence[str | Path], slide_ids) -> dict[str, Path]:
+    """Each slide's ground-truth file (the rule of :func:`wsi.annotations.match_annotation_files`)."""
+    try:
+        files = annotation_files(masks)
+    except AnnotationError as exc:
+        raise UsageError(str(exc)) from None
+    by_slide, _ = match_annotation_files(files, slide_ids)
+    for sid, fs in by_slide.items():
+        if len(fs) > 1:
+            log.debug("slide %s: ground truth %s used; not used: %s", sid, fs[0].name, ", ".join(f.name for f in fs[1:]))
+    return {sid: fs[0] for sid, fs in by_slide.items()}
+
+
+def _pixel_level(rows: list[dict], labels: dict, masks: Sequence[str | Path], threshold: float,
+                 positive_classes: Sequence[str], region_classes: Sequence[str]) -> dict:
     from wsi.heatmap import read_heatmap_zarr
 
+    truth_files = _truth_files(masks, labels)
     per, skipped = {}, {}
     for r in rows:
         sid = r["slide_id"]
@@ -245,7 +218,7 @@ def _pixel_level(rows: list[dict], labels: dict, mask_dirs: Sequence[Path], thre
         if r["heatmap_zarr"] is None:
             skipped[sid] = "no heatmap_zarr in predictions.csv"
             continue
-        found = _find_truth(sid, mask_dirs)
+        found = truth_files.get(sid)
         if found is None and labels[sid] == 1:
             skipped[sid] = "positive slide without ground-truth file"
             continue
@@ -255,14 +228,18 @@ def _pixel_level(rows: list[dict], labels: dict, mask_dirs: Sequence[Path], thre
             skipped[sid] = str(exc)
             continue
         if found is None:
-            truth = np.zeros(heat.shape, bool)
+            truth, labelled = np.zeros(heat.shape, bool), None
             src = "none (negative slide)"
         else:
-            truth = truth_on_grid(found[0], found[1], heat.shape, attrs["origin_level0_xy"], attrs["downsample"],
-                                  attrs.get("slide_width_px"), attrs.get("slide_height_px"))
-            src = str(found[1])
-        sc = pixel_scores(heat, truth, tissue, threshold)
-        per[sid] = {"label": labels[sid], "truth": src, **sc}
+            truth, labelled = truth_on_grid(found, sid, heat.shape, attrs["origin_level0_xy"], attrs["downsample"],
+                                            attrs.get("slide_width_px"), attrs.get("slide_height_px"),
+                                            positive_classes=positive_classes, region_classes=region_classes)
+            src = str(found)
+        region = tissue
+        if labelled is not None and not labelled.all():
+            region = labelled if tissue is None else np.asarray(tissue, bool) & labelled
+        sc = pixel_scores(heat, truth, region, threshold)
+        per[sid] = {"label": labels[sid], "truth": src, "region_limited": region is not tissue, **sc}
     tp = sum(v["tp_px"] for v in per.values())
     fp = sum(v["fp_px"] for v in per.values())
     fn = sum(v["fn_px"] for v in per.values())
@@ -367,9 +344,15 @@ def run_evaluate(
     masks: Sequence[str | Path] = (),
     split: str | None = None,
     pixel_threshold: float = 0.5,
+    positive_classes: Sequence[str] | None = None,
+    region_classes: Sequence[str] | None = None,
 ) -> dict:
     """Evaluate ``predictions.csv`` against ``labels``; writes ``evaluation.json`` and ``roc.png`` into
-    ``out_dir`` (default: the predictions file's folder) and returns the results."""
+    ``out_dir`` (default: the predictions file's folder) and returns the results.
+
+    ``masks`` are ground-truth files or folders (see the module docstring); ``positive_classes`` and
+    ``region_classes`` are the config's ``em.positive_classes`` / ``em.annotated_region_classes``
+    (None: their defaults)."""
     from pipeline.labels import read_labels_csv
 
     predictions = Path(predictions)
@@ -408,13 +391,11 @@ def run_evaluate(
         "slides": {r["slide_id"]: {"label": int(lab[r["slide_id"]]), "probability": r["probability"]} for r in used},
     }
     if masks:
-        dirs = []
-        for m in masks:
-            m = Path(m)
-            if not m.exists():
-                raise UsageError(f"{m}: no such ground-truth folder or file")
-            dirs.append(m if m.is_dir() else m.parent)
-        result["pixel"] = _pixel_level(rows, lab, dirs, pixel_threshold)
+        em_defaults = EMConfig()
+        pos = list(em_defaults.positive_classes if positive_classes is None else positive_classes)
+        reg = list(em_defaults.annotated_region_classes if region_classes is None else region_classes)
+        result["pixel"] = _pixel_level(rows, lab, masks, pixel_threshold, pos, reg)
+        result["pixel"]["positive_classes"] = pos
     out = Path(out_dir) if out_dir is not None else predictions.parent
     from pipeline.batch import ensure_writable_dir
 

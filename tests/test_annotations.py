@@ -7,7 +7,11 @@ import shapely
 from wsi.annotations import (
     AnnotationError,
     Annotations,
+    annotation_files,
+    annotation_slide_id,
     load_geojson,
+    load_slide_annotation,
+    match_annotation_files,
     positive_fraction,
     rasterize_mask,
     rasterize_tile,
@@ -332,3 +336,144 @@ def test_coords_shape_checked():
     ann = Annotations(shapely.box(0, 0, 1, 1))
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         positive_fraction(ann, np.zeros((3, 3)), 4, 1.0)
+
+
+# ------------------------------------------------- files of a slide, one loader
+
+
+def test_discovery_rule_names_and_preference(tmp_path):
+    for name in ("s1.geojson", "s1_lesion_mask.png", "s1_lesion_mask.json", "s2-mask.png", "s3.png",
+                 "s3_mask.tif", "notes.geojson", ".hidden.png", "readme.txt"):
+        (tmp_path / name).write_bytes(b"")
+    files = annotation_files([tmp_path, tmp_path / "s2-mask.png"])  # a file given twice is listed once
+    assert [f.name for f in files] == ["notes.geojson", "s1.geojson", "s1_lesion_mask.png", "s2-mask.png",
+                                       "s3.png", "s3_mask.tif"]  # the mask's sidecar is not GeoJSON
+    by_slide, unmatched = match_annotation_files(files, ["s1", "s2", "s3", "s4"])
+    assert {k: [f.name for f in v] for k, v in by_slide.items()} == {
+        "s1": ["s1.geojson", "s1_lesion_mask.png"],  # GeoJSON first
+        "s2": ["s2-mask.png"],
+        "s3": ["s3_mask.tif", "s3.png"],  # a name suffix before the bare slide id
+    }
+    assert [f.name for f in unmatched] == ["notes.geojson"]
+    # an exact slide id wins over a stripped suffix; GeoJSON never strips one
+    assert annotation_slide_id("a_mask.png", {"a", "a_mask"}) == "a_mask"
+    assert annotation_slide_id("a_mask.png", {"a"}) == "a"
+    assert annotation_slide_id("a_mask.geojson", {"a"}) is None
+    with pytest.raises(AnnotationError, match=r"readme\.txt: not an annotation file"):
+        annotation_files([tmp_path / "readme.txt"])
+    with pytest.raises(AnnotationError, match=r"nope: no such annotation file or folder"):
+        annotation_files([tmp_path / "nope"])
+
+
+def _region_file(tmp_path, region_cls="Region 1"):
+    path = tmp_path / "s.geojson"
+    path.write_text(json.dumps(_collection(
+        _feature([_ring(0, 0, 8, 8)], region_cls),
+        _feature([_ring(2, 2, 6, 4)], "Tumor"),       # inside the region
+        _feature([_ring(10, 0, 12, 2)], "Tumor"),     # outside it: still positive (and labelled)
+        _feature([_ring(0, 10, 4, 12)], "Other"),     # ignored
+    )))
+    return path
+
+
+def test_region_limited_geojson_target_weight_and_tiles(tmp_path):
+    ann = load_slide_annotation(_region_file(tmp_path))
+    assert ann.slide_id == "s" and not ann.complete and ann.geo.has_regions
+    target, weight = ann.tile_labels((0, 0), 12, 1.0)
+    want_t = np.zeros((12, 12), np.uint8)
+    want_t[2:4, 2:6] = 1
+    want_t[0:2, 10:12] = 1
+    want_w = np.zeros((12, 12), np.uint8)
+    want_w[0:8, 0:8] = 1
+    want_w[0:2, 10:12] = 1
+    np.testing.assert_array_equal(target, want_t)
+    np.testing.assert_array_equal(weight, want_w)
+    np.testing.assert_array_equal(ann.tile_target((0, 0), 12, 1.0), want_t)
+    # tiles of 8 level-0 px: the region's tile, the outside tumour's tile; a corner contact is no overlap
+    coords = np.array([[0, 0], [16, 16], [8, 8], [8, 0]])
+    np.testing.assert_array_equal(ann.labelled_tiles(coords, 4, 2.0), [True, False, False, True])
+    # the same file without region classes annotates the whole slide
+    whole = load_slide_annotation(tmp_path / "s.geojson", region_classes=())
+    assert whole.complete
+    t2, w2 = whole.tile_labels((0, 0), 12, 1.0)
+    np.testing.assert_array_equal(t2, want_t)
+    assert w2.all() and whole.labelled_tiles(coords, 4, 2.0).all()
+
+
+@pytest.mark.parametrize("cls", ["Region 1", "region", "REGION*"])
+def test_region_classes_are_case_insensitive_patterns(tmp_path, cls):
+    ann = load_slide_annotation(_region_file(tmp_path, cls))
+    assert ann.geo.has_regions
+
+
+def test_region_only_file_is_not_empty(tmp_path):
+    path = tmp_path / "r.geojson"
+    path.write_text(json.dumps(_collection(_feature([_ring(0, 0, 4, 4)], "Region"))))
+    ann = load_slide_annotation(path)
+    assert not ann.has_positive and not ann.complete
+    t, w = ann.tile_labels((0, 0), 8, 1.0)
+    assert not t.any() and w.sum() == 16
+    with pytest.raises(AnnotationError, match=r"r\.geojson: no positive annotation"):
+        load_slide_annotation(path, region_classes=())
+
+
+def _mask(tmp_path, name, img, sidecar=None):
+    import cv2
+
+    path = tmp_path / name
+    assert cv2.imwrite(str(path), np.asarray(img, np.uint8))
+    if sidecar is not None:
+        path.with_suffix(".json").write_text(json.dumps(sidecar))
+    return path
+
+
+def test_mask_unlabelled_value_and_heatmap_grid(tmp_path):
+    img = np.zeros((4, 4), np.uint8)  # downsample 4: covers level-0 [0, 16)^2
+    img[0, 0:2] = 255
+    img[1, :] = 128
+    path = _mask(tmp_path, "s-mask.png", img, {"downsample": 4, "unlabelled": 128})
+    ann = load_slide_annotation(path, "s")
+    assert ann.mask_downsample == 4 and not ann.complete and ann.sources == [str(path)]
+    # one output pixel per mask pixel (centres 2, 6, 10, 14)
+    target, weight = ann.tile_labels((0, 0), 8, 2.0, out_px=4)
+    np.testing.assert_array_equal(target, (img == 255).astype(np.uint8))
+    np.testing.assert_array_equal(weight, (img != 128).astype(np.uint8))
+    np.testing.assert_array_equal(ann.labelled_tiles(np.array([[0, 0], [0, 4], [0, 8]]), 2, 2.0),
+                                  [True, False, True])
+    # heatmap grid (3 x 5) at downsample 4 from level-0 (4, 0): centres x 6..22 -> mask cols 1, 2, 3, outside
+    truth, labelled = ann.grid_labels((3, 5), (4, 0), 4.0)
+    assert truth.shape == labelled.shape == (3, 5)
+    want_t = np.zeros((3, 5), bool)
+    want_t[0, 0] = True
+    want_l = np.ones((3, 5), bool)
+    want_l[1, 0:3] = False
+    np.testing.assert_array_equal(truth, want_t)
+    np.testing.assert_array_equal(labelled, want_l)
+    # without the unlabelled value every non-zero pixel is positive
+    plain = load_slide_annotation(_mask(tmp_path, "t_mask.png", img, {"downsample": 4}), "t")
+    assert plain.complete and plain.mask.sum() == 6
+
+
+def test_mask_downsample_rules_and_errors(tmp_path):
+    img = np.zeros((25, 25), np.uint8)
+    img[3, 3] = 1
+    ann = load_slide_annotation(_mask(tmp_path, "a.png", img), slide_dimensions=(100, 100))
+    assert ann.mask_downsample == 4  # slide width / mask width
+    assert load_slide_annotation(tmp_path / "a.png", slide_dimensions=(100, 100), mask_downsample=2).mask_downsample == 2
+    with pytest.raises(AnnotationError, match=r"a\.png: the mask's downsample is unknown.*a\.json"):
+        load_slide_annotation(tmp_path / "a.png")
+    with pytest.raises(AnnotationError, match=r"a\.png: mask of 25x25 px does not have the slide's aspect"):
+        load_slide_annotation(tmp_path / "a.png", slide_dimensions=(100, 200))
+    big = _mask(tmp_path, "b.png", img, {"downsample": 20})
+    with pytest.raises(AnnotationError, match=r"b\.png: the mask covers 500x500 level-0 px.*larger than the slide"):
+        load_slide_annotation(big, slide_dimensions=(100, 100))
+    bad = _mask(tmp_path, "c.png", img, {"downsample": "sixteen"})
+    with pytest.raises(AnnotationError, match=r"c\.json: 'downsample' must be a number"):
+        load_slide_annotation(bad)
+    empty = _mask(tmp_path, "d.png", np.zeros((4, 4)), {"downsample": 4})
+    with pytest.raises(AnnotationError, match=r"d\.png: the mask has no positive"):
+        load_slide_annotation(empty)
+    assert not load_slide_annotation(empty, allow_empty=True).has_positive
+    (tmp_path / "e.png").write_bytes(b"not a png")
+    with pytest.raises(AnnotationError, match=r"e\.png: cannot read the mask image"):
+        load_slide_annotation(tmp_path / "e.png")

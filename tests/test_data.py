@@ -163,6 +163,62 @@ def test_geojson_and_mask_targets_agree(em_cohort, cohort):
     np.testing.assert_allclose(tg.mean(axis=(1, 2)), frac, atol=0.02)
 
 
+def test_training_and_evaluate_find_the_same_files_and_honour_positive_classes(em_cohort, cohort, tmp_path):
+    from pipeline.evaluate import _truth_files
+    from wsi.annotations import positive_fraction as area_fraction
+
+    sid = em_cohort.annotated_ids[0]
+    slides = cohort.by_id()
+    src = em_cohort.cohort / "annotations"
+    st = TileStore(slides[sid].store_path)
+    ref = load_pixel_annotations([src / f"{sid}_lesion_mask.png"], slides)[sid]
+
+    dash = tmp_path / "dash"
+    dash.mkdir()
+    shutil.copy(src / f"{sid}_lesion_mask.png", dash / f"{sid}-mask.png")
+    shutil.copy(src / f"{sid}_lesion_mask.json", dash / f"{sid}-mask.json")
+    got = load_pixel_annotations([dash], slides)
+    assert list(got) == [sid] and got[sid].sources == [str(dash / f"{sid}-mask.png")]
+    assert got[sid].mask_downsample == 16
+    assert _truth_files([dash], slides) == {sid: dash / f"{sid}-mask.png"}  # evaluate finds the same file
+    for xy in st.coords:
+        np.testing.assert_array_equal(got[sid].tile_target(xy, st.tile_px, st.downsample),
+                                      ref.tile_target(xy, st.tile_px, st.downsample))
+
+    # a class that is positive only when the config says so
+    gj = json.loads((src / f"{sid}.geojson").read_text())
+    for f in gj["features"]:
+        f["properties"]["classification"]["name"] = "Carcinoma"
+    carc = tmp_path / "carcinoma"
+    carc.mkdir()
+    (carc / f"{sid}.geojson").write_text(json.dumps(gj))
+    with pytest.raises(UsageError, match=f"{sid}.geojson: no positive annotation.*em.positive_classes="):
+        load_pixel_annotations([carc], slides)
+    geo = load_pixel_annotations([carc], slides, positive_classes=["Carcinoma"])[sid]
+    assert geo.complete and geo.has_positive
+    frac = area_fraction(geo.geo, st.coords, st.tile_px, st.downsample)
+    tg = np.stack([geo.tile_target(xy, st.tile_px, st.downsample) for xy in st.coords])
+    np.testing.assert_allclose(tg.mean(axis=(1, 2)), frac, atol=0.02)
+
+    # a Region rectangle over the left half: the right half is unlabelled except the lesions there
+    gj["features"].append({"type": "Feature", "properties": {"classification": {"name": "Region"}},
+                           "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [512, 0], [512, 1024], [0, 1024], [0, 0]]]}})
+    (carc / f"{sid}.geojson").write_text(json.dumps(gj))
+    part = load_pixel_annotations([carc], slides, positive_classes=["Carcinoma"])[sid]
+    assert not part.complete
+    span = st.tile_px * st.downsample
+    want = (st.coords[:, 0] < 512) | (frac > 0)
+    np.testing.assert_array_equal(part.labelled_tiles(st.coords, st.tile_px, st.downsample), want)
+    assert 0 < want.sum() < len(want)
+    for xy, fr in zip(st.coords, frac):
+        target, weight = part.tile_labels(xy, st.tile_px, st.downsample)
+        np.testing.assert_array_equal(target, geo.tile_target(xy, st.tile_px, st.downsample))
+        if xy[0] + span <= 512:
+            assert weight.all()
+        elif xy[0] >= 512 and fr == 0:
+            assert not weight.any()
+
+
 # --------------------------------------------------------------------------- datasets
 
 

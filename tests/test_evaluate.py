@@ -166,3 +166,52 @@ def test_pixel_dice_iou_against_geojson_and_mask(tmp_path):
     # the threshold moves which pixels count
     low = pixel_scores(np.full((2, 2), 0.3, np.float32), np.ones((2, 2), bool), None, threshold=0.25)
     assert low["dice"] == 1.0 and low["predicted_px"] == 4
+
+
+def _box_geojson(path, x0, y0, x1, y1, cls="Tumor", region=None):
+    feats = [{"type": "Feature", "properties": {"classification": {"name": cls}},
+              "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}}]
+    if region is not None:
+        rx0, ry0, rx1, ry1 = region
+        feats.append({"type": "Feature", "properties": {"classification": {"name": "Region 1"}},
+                      "geometry": {"type": "Polygon",
+                                   "coordinates": [[[rx0, ry0], [rx1, ry0], [rx1, ry1], [rx0, ry1], [rx0, ry0]]]}})
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+
+
+def test_pixel_truth_found_and_read_as_training_does(tmp_path):
+    # same geometry as above: truth cols 3-6 x rows 2-5, predicted cols 2-5 x rows 2-5
+    out = tmp_path / "cls"
+    for sid in ("m1", "c1", "r1"):
+        _heatmap(out / "heatmaps" / f"{sid}.zarr")
+    (out / "predictions.csv").write_text(
+        "slide_id,probability,threshold,heatmap_zarr\n"
+        "m1,0.9,0.5,heatmaps/m1.zarr\nc1,0.8,0.5,heatmaps/c1.zarr\nr1,0.7,0.5,heatmaps/r1.zarr\n"
+    )
+    (tmp_path / "labels.csv").write_text("slide_id,label\nm1,1\nc1,1\nr1,1\n")
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    mask = np.zeros((32, 28), np.uint8)
+    mask[12:20, 10:18] = 255
+    cv2.imwrite(str(gt / "m1-mask.png"), mask)  # the '-mask' name training accepts
+    (gt / "m1-mask.json").write_text(json.dumps({"downsample": 4}))
+    _box_geojson(gt / "c1.geojson", 40, 48, 72, 80, cls="Carcinoma")
+    # region x [56, 112): predicted column 2 lies outside it and outside the tumour, so it is unlabelled
+    _box_geojson(gt / "r1.geojson", 40, 48, 72, 80, region=(56, 32, 112, 112))
+
+    res = run_evaluate(out / "predictions.csv", tmp_path / "labels.csv", masks=[gt], out_dir=tmp_path / "ev")
+    px = res["pixel"]
+    assert px["slides"]["m1"]["truth"].endswith("m1-mask.png") and px["skipped"] == {}
+    assert px["slides"]["m1"]["dice"] == pytest.approx(0.75)
+    assert px["slides"]["c1"]["truth_px"] == 0 and px["slides"]["c1"]["dice"] == 0.0  # Carcinoma is not positive
+    assert px["positive_classes"] == ["Tumor", "Tumour"]
+    r1 = px["slides"]["r1"]
+    assert r1["region_limited"] and not px["slides"]["m1"]["region_limited"]
+    assert (r1["tp_px"], r1["fp_px"], r1["fn_px"], r1["tissue_px"]) == (12, 0, 4, 58)
+    assert r1["dice"] == pytest.approx(24 / 28) and r1["iou"] == pytest.approx(0.75)
+
+    res = run_evaluate(out / "predictions.csv", tmp_path / "labels.csv", masks=[gt], out_dir=tmp_path / "ev2",
+                       positive_classes=["carcinoma"])
+    c1 = res["pixel"]["slides"]["c1"]
+    assert c1["dice"] == pytest.approx(0.75) and c1["truth_px"] == 16
+    assert res["pixel"]["slides"]["r1"]["truth_px"] == 0  # its Tumor box is no longer positive

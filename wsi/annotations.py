@@ -1,5 +1,11 @@
 """Pixel-level annotations: QuPath GeoJSON or mask images -> per-tile targets.
 
+This module is the one owner of annotations for training and evaluation:
+which files belong to which slide (:func:`match_annotation_files`), reading
+one slide's file into a :class:`SlideAnnotation` (:func:`load_slide_annotation`)
+and rasterising it onto a tile or a heatmap grid (positive target plus a
+labelled weight, see *Region-limited annotations* below).
+
 Coordinate conventions
 ----------------------
 All geometry lives in **level-0 pixel coordinates** of the slide: ``x`` grows to
@@ -24,17 +30,43 @@ Centres that fall exactly on a polygon edge follow the half-open rule
 ``[x0, x1) x [y0, y1)`` (level 0) sets exactly the pixels whose centres satisfy
 ``x0 <= cx < x1`` and ``y0 <= cy < y1``, so two rectangles sharing an edge
 never both claim, nor both miss, a pixel.
+
+Region-limited annotations
+--------------------------
+Annotators often outline a few regions and annotate completely only inside
+them (QuPath: rectangles of class ``Region*`` with ``Tumor`` polygons in them).
+Features of the *region classes* mark where the annotation is complete: there a
+pixel is positive (inside a positive polygon) or negative; outside every region
+it is **unlabelled** (weight 0), except inside a positive polygon, which is
+positive wherever it lies.  Features of *negative classes* (known-benign
+tissue) also count as labelled, negative, area.  A file without region and
+negative features annotates the whole slide (every pixel labelled).  Mask
+images express the same with an *unlabelled value* (``"unlabelled": N`` in the
+``<mask>.json`` sidecar): pixels equal to it are unlabelled, other non-zero
+pixels positive, zero pixels negative.
+
+File names
+----------
+A GeoJSON file ``<slide_id>.geojson`` (or ``.json``) belongs to slide
+``slide_id``; a mask image ``<slide_id><name>.png`` (or ``.tif`` / ``.tiff``)
+with ``<name>`` empty or one of :data:`MASK_NAME_SUFFIXES` (``_lesion_mask``,
+``_mask``, ``-mask``, ...).  A ``<mask>.json`` next to ``<mask>.png`` is the
+mask's sidecar (``{"downsample": 16}``), not GeoJSON.  A slide uses one file:
+its GeoJSON when there is one, else its first mask image in the order of
+:data:`MASK_NAME_SUFFIXES`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import shapely
@@ -43,6 +75,15 @@ from shapely.geometry import shape as _shape_from_geojson
 __all__ = [
     "AnnotationError",
     "Annotations",
+    "SlideAnnotation",
+    "GEOJSON_SUFFIXES",
+    "MASK_SUFFIXES",
+    "MASK_NAME_SUFFIXES",
+    "annotation_files",
+    "annotation_slide_id",
+    "match_annotation_files",
+    "load_slide_annotation",
+    "read_mask_image",
     "load_geojson",
     "rasterize_tile",
     "rasterize_tile_labels",
@@ -104,6 +145,11 @@ class Annotations:
     negative : shapely geometry, optional
         Union of the regions annotated as known-negative (benign), level-0
         pixel coordinates.  Where it overlaps ``positive``, positive wins.
+    regions : shapely geometry, optional
+        Union of the regions where the annotation is complete (region
+        classes, e.g. QuPath ``Region*``), level-0 pixel coordinates.
+        Inside them a pixel is positive or negative; outside them and
+        outside ``positive`` / ``negative`` it is unlabelled.
     source : str
         Where the annotations came from (file name), used in messages.
     class_counts : mapping of str to int
@@ -121,15 +167,16 @@ class Annotations:
     negative: Any = None
     source: str = "<annotations>"
     class_counts: Mapping[Any, int] = field(default_factory=dict)
+    regions: Any = None
 
     def __post_init__(self):
-        pos = shapely.union_all(np.asarray(_polygon_parts(self.positive), dtype=object)) \
-            if self.positive is not None else shapely.Polygon()
-        neg = shapely.union_all(np.asarray(_polygon_parts(self.negative), dtype=object)) \
-            if self.negative is not None else shapely.Polygon()
-        object.__setattr__(self, "positive", pos)
-        object.__setattr__(self, "negative", neg)
-        for name, geom in (("pos", pos), ("neg", neg)):
+        geoms = {}
+        for attr in ("positive", "negative", "regions"):
+            g = getattr(self, attr)
+            geoms[attr] = shapely.union_all(np.asarray(_polygon_parts(g), dtype=object)) \
+                if g is not None else shapely.Polygon()
+            object.__setattr__(self, attr, geoms[attr])
+        for name, geom in (("pos", geoms["positive"]), ("neg", geoms["negative"]), ("reg", geoms["regions"])):
             parts = _polygon_parts(geom)
             shapely.prepare(parts)  # speeds up the containment tests of positive_fraction
             edges, offsets = _ring_edges(parts)
@@ -149,13 +196,25 @@ class Annotations:
         return len(self._neg_parts) > 0
 
     @property
+    def has_regions(self) -> bool:
+        """True if annotated regions (region classes) were given."""
+        return len(self._reg_parts) > 0
+
+    @property
+    def complete(self) -> bool:
+        """True if the whole slide counts as annotated: no region and no
+        known-negative feature, so every pixel outside ``positive`` is negative."""
+        return not (self.has_regions or self.has_negative)
+
+    @property
     def positive_area_px(self) -> float:
         """Area of the positive region in level-0 pixels squared."""
         return float(self.positive.area)
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return (f"Annotations(source={self.source!r}, positive_parts={len(self._pos_parts)}, "
-                f"negative_parts={len(self._neg_parts)}, positive_area_px={self.positive_area_px:.0f})")
+                f"negative_parts={len(self._neg_parts)}, region_parts={len(self._reg_parts)}, "
+                f"positive_area_px={self.positive_area_px:.0f})")
 
 
 # --------------------------------------------------------------------------
@@ -238,11 +297,19 @@ def _polygonal_part(geom):
     return None
 
 
+def _class_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+    """Case-insensitive match of a class name against names or shell-style
+    patterns (``Region*``)."""
+    pats = [str(p).casefold() for p in patterns]
+    return lambda name: any(fnmatch.fnmatchcase(name.casefold(), p) for p in pats)
+
+
 def load_geojson(
     path_or_dict,
     *,
     positive_classes: Iterable[str] = ("Tumor", "Tumour"),
     negative_classes: Iterable[str] = (),
+    region_classes: Iterable[str] = (),
     unclassified_positive: bool = False,
     slide_dimensions: tuple[int, int] | None = None,
     outside_tolerance_px: float = 8.0,
@@ -259,11 +326,17 @@ def load_geojson(
         three are produced by QuPath exports) or a bare Polygon/MultiPolygon
         geometry (treated as one unclassified feature).
     positive_classes : iterable of str
-        Classification names whose regions are positive (case-insensitive).
+        Classification names whose regions are positive (case-insensitive;
+        shell-style patterns such as ``Tumo*`` allowed).
     negative_classes : iterable of str
         Classification names whose regions are known-negative, i.e. annotated
-        benign tissue (case-insensitive).  Features of any other class are
-        ignored.
+        benign tissue (case-insensitive, patterns allowed).
+    region_classes : iterable of str
+        Classification names (patterns allowed, e.g. ``Region*``) of the
+        regions inside which the annotation is complete (see *Region-limited
+        annotations* in the module docstring).  A feature matching several
+        lists is positive before negative before region.  Features of any
+        other class are ignored.
     unclassified_positive : bool
         Whether features without a classification count as positive
         (default: ignored).  The classification is read from
@@ -278,9 +351,9 @@ def load_geojson(
     outside_tolerance_px : float
         How far (level-0 pixels) a polygon may stick out of the slide.
     allow_empty : bool
-        If False (default), a file without any positive region raises
-        :class:`AnnotationError`; if True an empty :class:`Annotations` is
-        returned.
+        If False (default), a file without any positive, negative or region
+        feature raises :class:`AnnotationError`; if True an empty
+        :class:`Annotations` is returned.
     source : str, optional
         Name used in error messages (defaults to the path, or ``"<geojson>"``).
 
@@ -302,17 +375,20 @@ def load_geojson(
     only its polygonal part is kept.  Point and line features carry no area
     and are skipped with a warning.
     """
+    positive_classes, negative_classes, region_classes = (
+        list(positive_classes), list(negative_classes), list(region_classes))
     pos_set = {c.casefold() for c in positive_classes}
     neg_set = {c.casefold() for c in negative_classes}
     both = pos_set & neg_set
     if both:
         raise ValueError(f"classes listed as both positive and negative: {sorted(both)}")
+    is_pos, is_neg, is_reg = (_class_matcher(c) for c in (positive_classes, negative_classes, region_classes))
 
     data, src = _read_json(path_or_dict, source)
     feats = _features(data, src)
 
     class_counts: Counter = Counter()
-    positives, negatives = [], []
+    found: dict[str, list] = {"positive": [], "negative": [], "region": []}
     for i, feat in enumerate(feats):
         props = feat.get("properties") or {}
         if not isinstance(props, Mapping):
@@ -321,10 +397,12 @@ def load_geojson(
         class_counts[name] += 1
         if name is None:
             role = "positive" if unclassified_positive else None
-        elif name.casefold() in pos_set:
+        elif is_pos(name):
             role = "positive"
-        elif name.casefold() in neg_set:
+        elif is_neg(name):
             role = "negative"
+        elif is_reg(name):
+            role = "region"
         else:
             role = None
         if role is None:
@@ -376,18 +454,21 @@ def load_geojson(
                     "annotation coordinates must be level-0 pixels (QuPath export of the full-"
                     "resolution image, not a downsampled image or micrometres)")
 
-        (positives if role == "positive" else negatives).append(poly)
+        found[role].append(poly)
 
-    if not positives and not allow_empty:
-        found = ", ".join(f"{k!r}: {v}" for k, v in class_counts.items()) or "no features"
+    if not any(found.values()) and not allow_empty:
+        seen = ", ".join(f"{k!r}: {v}" for k, v in class_counts.items()) or "no features"
+        regions = f", region_classes={region_classes}" if region_classes else ""
         raise AnnotationError(
-            f"{src}: no positive annotation (positive_classes={sorted(positive_classes)}, "
-            f"unclassified_positive={unclassified_positive}); classes found: {found}. "
+            f"{src}: no positive annotation (positive_classes={sorted(positive_classes)}{regions}, "
+            f"unclassified_positive={unclassified_positive}); classes found: {seen}. "
             "Pass allow_empty=True to accept slides without positive regions.")
 
-    pos = shapely.union_all(np.asarray(positives, dtype=object)) if positives else shapely.Polygon()
-    neg = shapely.union_all(np.asarray(negatives, dtype=object)) if negatives else shapely.Polygon()
-    return Annotations(positive=pos, negative=neg, source=src, class_counts=dict(class_counts))
+    def union(polys):
+        return shapely.union_all(np.asarray(polys, dtype=object)) if polys else shapely.Polygon()
+
+    return Annotations(positive=union(found["positive"]), negative=union(found["negative"]), source=src,
+                       class_counts=dict(class_counts), regions=union(found["region"]))
 
 
 # --------------------------------------------------------------------------
@@ -520,14 +601,17 @@ def rasterize_tile_labels(
     labels : ndarray of uint8, shape (out_px, out_px)
         1 = positive, 0 = known-negative or unannotated.
     annotated : ndarray of uint8, shape (out_px, out_px)
-        1 where the pixel is inside a positive *or* known-negative region,
-        i.e. where ``labels`` is trustworthy (use it as a loss mask when the
-        annotations only cover part of the tissue).
+        1 where the pixel is inside a positive, known-negative *or* annotated
+        region, i.e. where ``labels`` is trustworthy (use it as a loss mask
+        when the annotations only cover part of the tissue).  This does not
+        look at :attr:`Annotations.complete`; :meth:`SlideAnnotation.tile_labels`
+        does.
     """
     x0, y0, span, out_px, d = _tile_geometry(level0_xy, tile_px, downsample, out_px)
     labels = _rasterize_parts(annotations, "pos", x0, y0, span, out_px, d)
     negative = _rasterize_parts(annotations, "neg", x0, y0, span, out_px, d)
-    return labels, (labels | negative).astype(np.uint8)
+    regions = _rasterize_parts(annotations, "reg", x0, y0, span, out_px, d)
+    return labels, (labels | negative | regions).astype(np.uint8)
 
 
 def rasterize_tiles(
@@ -682,3 +766,378 @@ def tiles_touching(
     touching : ndarray of bool, shape (N,)
     """
     return positive_fraction(annotations, coords, tile_px, downsample) > float(min_fraction)
+
+
+# --------------------------------------------------------------------------
+# One slide's annotation: which file, reading it, targets on tiles and grids
+# --------------------------------------------------------------------------
+
+GEOJSON_SUFFIXES = (".geojson", ".json")
+"""File suffixes of GeoJSON annotations (case-insensitive)."""
+MASK_SUFFIXES = (".png", ".tif", ".tiff")
+"""File suffixes of annotation mask images (case-insensitive)."""
+MASK_NAME_SUFFIXES = ("_lesion_mask", "_mask", ".mask", "-mask", "_labels", "-labels")
+"""Name endings between the slide id and the suffix of a mask image, in order of preference
+(a mask named exactly ``<slide_id>.png`` comes after all of them)."""
+DEFAULT_POSITIVE_CLASSES = ("Tumor", "Tumour")
+DEFAULT_REGION_CLASSES = ("Region*",)
+
+
+def _is_geojson(path: Path) -> bool:
+    return path.suffix.lower() in GEOJSON_SUFFIXES
+
+
+def _is_mask(path: Path) -> bool:
+    return path.suffix.lower() in MASK_SUFFIXES
+
+
+def annotation_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The annotation files among ``paths``: files as given, folders by their
+    GeoJSON and mask images (not recursive, hidden files skipped), sorted.
+
+    A ``<mask>.json`` next to a ``<mask>.png`` (or ``.tif``) is that mask's
+    sidecar and is left out.  A file given twice is listed once.
+
+    Raises
+    ------
+    AnnotationError
+        A path that does not exist, or a file that is neither GeoJSON nor a
+        mask image.
+    """
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            files += [f for f in sorted(p.iterdir())
+                      if f.is_file() and not f.name.startswith(".") and (_is_geojson(f) or _is_mask(f))]
+        elif p.is_file():
+            if not (_is_geojson(p) or _is_mask(p)):
+                raise AnnotationError(
+                    f"{p}: not an annotation file; give QuPath GeoJSON ({', '.join(GEOJSON_SUFFIXES)}) "
+                    f"or a mask image ({', '.join(MASK_SUFFIXES)})")
+            files.append(p)
+        else:
+            raise AnnotationError(f"{p}: no such annotation file or folder; check the path")
+    images = {f.with_suffix("") for f in files if _is_mask(f)}
+    out, seen = [], set()
+    for f in files:
+        key = f.resolve()
+        if key in seen or (f.suffix.lower() == ".json" and f.with_suffix("") in images):
+            continue
+        seen.add(key)
+        out.append(f)
+    return out
+
+
+def annotation_slide_id(path: str | os.PathLike, slide_ids: Iterable[str]) -> str | None:
+    """The slide an annotation file belongs to, or None (see *File names* in the
+    module docstring): ``<slide_id>.geojson`` / ``.json``, or
+    ``<slide_id>[<name>].png`` / ``.tif`` / ``.tiff`` with ``<name>`` one of
+    :data:`MASK_NAME_SUFFIXES`.  An exact slide id wins over a stripped one."""
+    path = Path(path)
+    known = slide_ids if isinstance(slide_ids, (set, frozenset, dict)) else set(slide_ids)
+    stem = path.stem
+    if _is_geojson(path):
+        return stem if stem in known else None
+    if not _is_mask(path):
+        return None
+    if stem in known:
+        return stem
+    for name in MASK_NAME_SUFFIXES:
+        if stem.endswith(name) and stem[: -len(name)] in known:
+            return stem[: -len(name)]
+    return None
+
+
+def _preference(path: Path, slide_id: str) -> tuple:
+    suffix = path.suffix.lower()
+    if suffix in GEOJSON_SUFFIXES:
+        return (0, GEOJSON_SUFFIXES.index(suffix), 0, path.name)
+    name = path.stem[len(slide_id):]
+    rank = MASK_NAME_SUFFIXES.index(name) if name in MASK_NAME_SUFFIXES else len(MASK_NAME_SUFFIXES)
+    return (1, rank, MASK_SUFFIXES.index(suffix), path.name)
+
+
+def match_annotation_files(
+    files: Iterable[str | os.PathLike], slide_ids: Iterable[str]
+) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Group annotation files by the slide they belong to.
+
+    Parameters
+    ----------
+    files : iterable of paths
+        Annotation files, e.g. from :func:`annotation_files`.
+    slide_ids : iterable of str
+        The slides that may have annotations.
+
+    Returns
+    -------
+    by_slide : dict of str to list of Path
+        Each slide's files, the one to use first (GeoJSON before mask images,
+        masks in the order of :data:`MASK_NAME_SUFFIXES`); the others are
+        not used.
+    unmatched : list of Path
+        Files named after none of ``slide_ids``.
+    """
+    known = set(slide_ids)
+    by_slide: dict[str, list[Path]] = {}
+    unmatched: list[Path] = []
+    for f in files:
+        f = Path(f)
+        sid = annotation_slide_id(f, known)
+        if sid is None:
+            unmatched.append(f)
+        else:
+            by_slide.setdefault(sid, []).append(f)
+    return {sid: sorted(fs, key=lambda f: _preference(f, sid)) for sid, fs in by_slide.items()}, unmatched
+
+
+def read_mask_image(path: str | os.PathLike) -> np.ndarray:
+    """A mask image's values as a 2-D array (PNG or TIFF; colour images: the
+    largest of R, G, B; grey + alpha: the grey channel)."""
+    import cv2
+
+    img = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise AnnotationError(f"{path}: cannot read the mask image; give a PNG or TIFF image")
+    if img.ndim == 3:
+        img = img[..., :3].max(axis=2) if img.shape[2] >= 3 else img[..., 0]
+    return img
+
+
+def _mask_sidecar(path: Path) -> tuple[Path, dict]:
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return side, {}
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AnnotationError(f"{side}: cannot read the mask's sidecar ({exc}); write JSON like "
+                              '{"downsample": 16}') from None
+    if not isinstance(meta, Mapping):
+        raise AnnotationError(f"{side}: the mask's sidecar must be a JSON object like {{\"downsample\": 16}}")
+    return side, dict(meta)
+
+
+def _sidecar_number(side: Path, meta: dict, key: str, kind=float):
+    if meta.get(key) is None:
+        return None
+    try:
+        value = kind(meta[key])
+        if kind is int and value != float(meta[key]):
+            raise ValueError("not an integer")
+    except (TypeError, ValueError):
+        raise AnnotationError(f"{side}: {key!r} must be a number, got {meta[key]!r}; fix the sidecar") from None
+    return value
+
+
+def _mask_downsample(path: Path, shape: tuple[int, int], side: Path, meta: dict,
+                     slide_dimensions: tuple[int, int] | None, override: float | None) -> float:
+    """Level-0 px per mask px: ``override``, else the sidecar's ``downsample``, else slide size / mask size."""
+    if override is not None:
+        ds = float(override)
+    else:
+        ds = _sidecar_number(side, meta, "downsample")
+    if ds is not None:
+        if not np.isfinite(ds) or ds <= 0:
+            raise AnnotationError(f"{path}: mask downsample {ds} must be a positive number; fix {side.name}")
+        return ds
+    fix = f"give its downsample in {side.name} ({{\"downsample\": N}})"
+    w, h = slide_dimensions if slide_dimensions is not None else (None, None)
+    if not w:
+        raise AnnotationError(f"{path}: the mask's downsample is unknown (no slide size to compare with); {fix}")
+    ds_x = w / shape[1]
+    if h:
+        ds_y = h / shape[0]
+        if abs(ds_x - ds_y) > max(ds_x, ds_y) / min(shape) * 1.5:
+            raise AnnotationError(
+                f"{path}: mask of {shape[1]}x{shape[0]} px does not have the slide's aspect "
+                f"({w}x{h} level-0 px); {fix}")
+    return float(ds_x)
+
+
+@dataclass(frozen=True, eq=False)
+class SlideAnnotation:
+    """One slide's annotation, read from one file by :func:`load_slide_annotation`.
+
+    Exactly one of ``geo`` (GeoJSON polygons) and ``mask`` (a mask image) is set.
+
+    Attributes
+    ----------
+    slide_id : str
+    source : str
+        The file it was read from.
+    geo : Annotations or None
+        Positive, known-negative and annotated regions, level-0 pixels.
+    mask : ndarray of uint8, shape (H, W), or None
+        1 = positive, at ``mask_downsample`` (mask pixel ``(r, c)`` covers
+        level-0 ``[c*m, (c+1)*m) x [r*m, (r+1)*m)``).
+    mask_downsample : float or None
+        Level-0 pixels per mask pixel.
+    mask_unlabelled : ndarray of uint8, shape (H, W), or None
+        1 = unlabelled (the mask's unlabelled value); None = every pixel labelled.
+    """
+
+    slide_id: str
+    source: str
+    geo: Annotations | None = None
+    mask: np.ndarray | None = None
+    mask_downsample: float | None = None
+    mask_unlabelled: np.ndarray | None = None
+
+    @property
+    def sources(self) -> list[str]:
+        """The files used (one)."""
+        return [self.source]
+
+    @property
+    def complete(self) -> bool:
+        """True if the whole slide is annotated (every pixel positive or negative)."""
+        if self.geo is not None:
+            return self.geo.complete
+        return self.mask_unlabelled is None
+
+    @property
+    def has_positive(self) -> bool:
+        """True if some pixel is positive."""
+        if self.geo is not None:
+            return not self.geo.is_empty
+        return bool(self.mask is not None and self.mask.any())
+
+    def tile_target(self, level0_xy, tile_px: int, downsample: float, out_px: int | None = None) -> np.ndarray:
+        """Positive target of one tile: ``(out_px, out_px)`` uint8, 1 = positive
+        (pixel centres, see the module docstring); unlabelled pixels are 0."""
+        if self.geo is not None:
+            return rasterize_tile(self.geo, level0_xy, tile_px, downsample, out_px=out_px)
+        return rasterize_mask(self.mask, self.mask_downsample, level0_xy, tile_px, downsample, out_px=out_px)
+
+    def tile_labels(self, level0_xy, tile_px: int, downsample: float,
+                    out_px: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Target and weight of one tile, both ``(out_px, out_px)`` uint8.
+
+        ``target`` is 1 where positive; ``weight`` is 1 where the pixel is
+        labelled (positive or negative) and 0 where it is unlabelled (outside
+        the annotated regions, or the mask's unlabelled value).  A tile has
+        three states per pixel: positive (1, 1), negative (0, 1), unlabelled (0, 0).
+        """
+        n = int(tile_px) if out_px is None else int(out_px)
+        if self.geo is not None:
+            if self.geo.complete:
+                return rasterize_tile(self.geo, level0_xy, tile_px, downsample, out_px=n), np.ones((n, n), np.uint8)
+            return rasterize_tile_labels(self.geo, level0_xy, tile_px, downsample, out_px=n)
+        target = rasterize_mask(self.mask, self.mask_downsample, level0_xy, tile_px, downsample, out_px=n)
+        if self.mask_unlabelled is None:
+            return target, np.ones((n, n), np.uint8)
+        unl = rasterize_mask(self.mask_unlabelled, self.mask_downsample, level0_xy, tile_px, downsample, out_px=n)
+        return target, (1 - unl).astype(np.uint8)
+
+    def grid_labels(self, shape: tuple[int, int], origin_level0_xy: Sequence[float],
+                    downsample: float) -> tuple[np.ndarray, np.ndarray]:
+        """Target and weight (bool, ``shape``) on a heatmap grid whose pixel
+        ``(r, c)`` covers level-0 ``[ox + c*m, ox + (c+1)*m) x [oy + r*m, oy + (r+1)*m)``
+        (``m = downsample``, see :mod:`wsi.heatmap`), by pixel centre."""
+        H, W = int(shape[0]), int(shape[1])
+        side = max(H, W, 1)
+        target, weight = self.tile_labels(origin_level0_xy, side, downsample, out_px=side)
+        return target[:H, :W].astype(bool), weight[:H, :W].astype(bool)
+
+    def labelled_tiles(self, coords: np.ndarray, tile_px: int, downsample: float) -> np.ndarray:
+        """Which tiles hold labelled pixels (bool, ``(N,)``): all of them for a
+        complete annotation; else, for polygons, tiles overlapping the labelled
+        area (positive, negative or region) and, for masks, tiles with a
+        labelled pixel on a grid of at most 32 x 32 centres.  Tiles without a
+        labelled pixel are not annotated tiles."""
+        coords = _check_coords(coords)
+        if self.complete:
+            return np.ones(len(coords), bool)
+        if self.geo is not None:
+            g = self.geo
+            labelled = Annotations(shapely.union_all(np.asarray([g.positive, g.negative, g.regions], dtype=object)))
+            return positive_fraction(labelled, coords, tile_px, downsample) > 0
+        n = min(int(tile_px), 32)
+        return np.array([self.tile_labels(xy, tile_px, downsample, out_px=n)[1].any() for xy in coords], bool)
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        kind = "geojson" if self.geo is not None else f"mask at downsample {self.mask_downsample:g}"
+        return f"SlideAnnotation({self.slide_id!r}, {self.source!r}, {kind}, complete={self.complete})"
+
+
+def load_slide_annotation(
+    path: str | os.PathLike,
+    slide_id: str | None = None,
+    *,
+    positive_classes: Iterable[str] = DEFAULT_POSITIVE_CLASSES,
+    region_classes: Iterable[str] = DEFAULT_REGION_CLASSES,
+    slide_dimensions: tuple[int, int] | None = None,
+    mask_downsample: float | None = None,
+    mask_unlabelled_value: int | None = None,
+    allow_empty: bool = False,
+) -> SlideAnnotation:
+    """Read one slide's annotation file: QuPath GeoJSON or a mask image.
+
+    Parameters
+    ----------
+    path : path
+        ``.geojson`` / ``.json`` (level-0 pixel coordinates, see
+        :func:`load_geojson`) or ``.png`` / ``.tif`` / ``.tiff`` mask image:
+        0 = negative, the unlabelled value (if any) = unlabelled, any other
+        value = positive.  A ``<mask>.json`` sidecar may give ``downsample``
+        (level-0 px per mask px) and ``unlabelled`` (the unlabelled value).
+    slide_id : str, optional
+        The slide it belongs to (default: the file's stem).
+    positive_classes, region_classes : iterable of str
+        GeoJSON classification names (case-insensitive, shell patterns such as
+        ``Region*`` allowed) of positive regions and of the regions inside
+        which the annotation is complete (see the module docstring).
+    slide_dimensions : (int, int), optional
+        Level-0 ``(width, height)`` of the slide (``height`` may be None):
+        polygons and masks must fit in it, and a mask without a known
+        downsample gets ``width / mask width``.
+    mask_downsample : float, optional
+        Level-0 px per mask px; overrides the sidecar.
+    mask_unlabelled_value : int, optional
+        Mask value meaning unlabelled; overrides the sidecar's ``unlabelled``.
+    allow_empty : bool
+        Accept a file with nothing positive (evaluation of negative slides);
+        otherwise a GeoJSON without positive, negative or region features and
+        a mask without positive or unlabelled pixels raise.
+
+    Raises
+    ------
+    AnnotationError
+        One line naming the file and the fix.
+    """
+    path = Path(path)
+    sid = path.stem if slide_id is None else str(slide_id)
+    if _is_geojson(path):
+        geo = load_geojson(path, positive_classes=positive_classes, region_classes=region_classes,
+                           slide_dimensions=_dims(slide_dimensions), allow_empty=allow_empty)
+        return SlideAnnotation(sid, str(path), geo=geo)
+    if not _is_mask(path):
+        raise AnnotationError(f"{path}: not an annotation file; give QuPath GeoJSON ({', '.join(GEOJSON_SUFFIXES)}) "
+                              f"or a mask image ({', '.join(MASK_SUFFIXES)})")
+    img = read_mask_image(path)
+    side, meta = _mask_sidecar(path)
+    ds = _mask_downsample(path, img.shape, side, meta, slide_dimensions, mask_downsample)
+    w, h = slide_dimensions if slide_dimensions is not None else (None, None)
+    if (w and img.shape[1] * ds > w + 2 * ds) or (h and img.shape[0] * ds > h + 2 * ds):
+        raise AnnotationError(
+            f"{path}: the mask covers {img.shape[1] * ds:.0f}x{img.shape[0] * ds:.0f} level-0 px at downsample "
+            f"{ds:g}, larger than the slide ({w}x{h}): wrong downsample or wrong slide")
+    value = mask_unlabelled_value if mask_unlabelled_value is not None else _sidecar_number(side, meta, "unlabelled", int)
+    if value is not None and value <= 0:
+        raise AnnotationError(f"{path}: the unlabelled value must be > 0 (0 means negative), got {value}; fix {side.name}")
+    unlabelled = None if value is None else (img == value)
+    positive = img != 0 if unlabelled is None else (img != 0) & ~unlabelled
+    if not allow_empty and not positive.any() and (unlabelled is None or not unlabelled.any()):
+        raise AnnotationError(f"{path}: the mask has no positive (non-zero) pixel; give the lesion mask of a "
+                              "positive slide")
+    return SlideAnnotation(sid, str(path), mask=positive.astype(np.uint8), mask_downsample=ds,
+                           mask_unlabelled=None if unlabelled is None else unlabelled.astype(np.uint8))
+
+
+def _dims(slide_dimensions):
+    """``(w, h)`` for :func:`load_geojson`'s bounds check when both are known."""
+    if slide_dimensions is None or not all(slide_dimensions):
+        return None
+    return int(slide_dimensions[0]), int(slide_dimensions[1])
