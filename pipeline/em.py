@@ -150,7 +150,8 @@ def _train_annotations(cfg: Config, cohort: Cohort, annotations: Sequence[str | 
             "(GeoJSON files / mask images or their folder), or use --mode image"
         )
     ann_all = load_pixel_annotations(
-        annotations, cohort.by_id(), positive_classes=cfg.em.positive_classes, mask_downsample=cfg.em.mask_downsample
+        annotations, cohort.by_id(), positive_classes=cfg.em.positive_classes,
+        region_classes=cfg.em.annotated_region_classes, mask_downsample=cfg.em.mask_downsample,
     )
     split_of = {s.slide_id: s.split for s in cohort.slides}
     skipped = sorted(sid for sid in ann_all if split_of[sid] != "train")

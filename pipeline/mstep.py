@@ -84,13 +84,20 @@ def _augments(e, trainer) -> bool:
 
 
 def _annotated_items(ctx):
+    """The annotated tiles: every tile of a fully annotated slide, the tiles holding labelled
+    pixels of a region-limited one (``em.annotated_region_classes``)."""
     from pipeline.data import SOURCE_ANNOTATED, TileItems
+    from wsi.store import TileStore
 
     parts, ann_by_index = [], {}
     for i, s in enumerate(ctx.train):
-        if s.slide_id in ctx.annotations:
-            parts.append(TileItems.make(i, np.arange(s.n_tiles), SOURCE_ANNOTATED))
-            ann_by_index[i] = ctx.annotations[s.slide_id]
+        ann = ctx.annotations.get(s.slide_id)
+        if ann is None:
+            continue
+        st = TileStore(s.store_path)
+        parts.append(TileItems.make(i, np.flatnonzero(ann.labelled_tiles(st.coords, st.tile_px, st.downsample)),
+                                    SOURCE_ANNOTATED))
+        ann_by_index[i] = ann
     return TileItems.concat(parts), ann_by_index
 
 
