@@ -7,6 +7,7 @@ downloads weights::
     net = models.create_model("dla34_up", num_classes=1)   # theta1
     clf = models.create_model("dla34_cls")                 # theta2
     models.list_models("dla34*")
+    models.get_size_divisor("dla34_up")                  # 32: tile sides must be multiples
 
 Importing this package registers the built-in models (it imports torch and timm).
 """
@@ -15,6 +16,7 @@ from .registry import (
     UnknownModelError,
     create_model,
     get_model_entrypoint,
+    get_size_divisor,
     is_model,
     list_models,
     register_model,
@@ -27,6 +29,7 @@ __all__ = [
     "UnknownModelError",
     "create_model",
     "get_model_entrypoint",
+    "get_size_divisor",
     "is_model",
     "list_models",
     "register_model",

@@ -66,6 +66,9 @@ _BLOCKS = {"basic": DlaBasic, "bottleneck": DlaBottleneck}
 # Width of the tiny variants (channels (8, 8, 16, 32, 64, 128) for dla34).
 TINY_WIDTH_MULT = 0.25
 
+# Input sides must be multiples of this: every timm DLA downsamples by 2 five times (feature strides 2-32).
+DLA_SIZE_DIVISOR = 32
+
 
 def prior_bias(prior_prob: Optional[float]) -> float:
     """Bias making ``sigmoid(bias) == prior_prob`` (0 for ``None``)."""
@@ -455,6 +458,7 @@ class DLAClassifier(nn.Module):
             num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, global_pool=global_pool,
         )
         self.num_features = self.backbone.num_features
+        self.size_divisor = int(self.backbone.feature_info[-1]["reduction"])
         # timm's DLA initialises its 1x1-conv classifier like any conv, with
         # std sqrt(2 / num_classes) (1.41 for one class): initial logits of
         # +-10 saturate a BCE loss.  Use a small normal init and a prior bias.
@@ -492,14 +496,14 @@ def _tiny_defaults(kwargs: dict) -> dict:
     return kwargs
 
 
-@register_model("dla34_up")
+@register_model("dla34_up", size_divisor=DLA_SIZE_DIVISOR)
 def dla34_up(**kwargs) -> DLAUpSeg:
     """DLA34-up (theta1): dla34 + DLA-up/IDA-up decoder to stride 4, 1 logit per pixel."""
     kwargs.setdefault("backbone", "dla34")
     return DLAUpSeg(**kwargs)
 
 
-@register_model("dla34_up_tiny")
+@register_model("dla34_up_tiny", size_divisor=DLA_SIZE_DIVISOR)
 def dla34_up_tiny(**kwargs) -> DLAUpSeg:
     """DLA34-up at a quarter width (backbone channels 8/8/16/32/64/128, decoder
     16/32/64, head 16): for CPU tests and demos."""
@@ -508,14 +512,14 @@ def dla34_up_tiny(**kwargs) -> DLAUpSeg:
     return DLAUpSeg(**_tiny_defaults(kwargs))
 
 
-@register_model("dla34_cls")
+@register_model("dla34_cls", size_divisor=DLA_SIZE_DIVISOR)
 def dla34_cls(**kwargs) -> DLAClassifier:
     """DLA34 tile classifier (theta2), one logit per tile."""
     kwargs.setdefault("backbone", "dla34")
     return DLAClassifier(**kwargs)
 
 
-@register_model("dla34_cls_tiny")
+@register_model("dla34_cls_tiny", size_divisor=DLA_SIZE_DIVISOR)
 def dla34_cls_tiny(**kwargs) -> DLAClassifier:
     """DLA34 tile classifier at a quarter width: for CPU tests and demos."""
     kwargs.setdefault("backbone", "dla34")

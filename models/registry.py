@@ -9,6 +9,13 @@ built by name with :func:`create_model`::
 
     model = create_model("dla34_up", num_classes=1)
 
+Each model declares the number its input height and width must be a multiple
+of (``@register_model("dla34_up", size_divisor=32)``; an int, or a function of
+the constructor kwargs when that number depends on them).
+:func:`get_size_divisor` reads it without building anything, so a config can
+be checked before any training starts; built models carry it as
+``model.size_divisor``.
+
 This module is pure Python (no torch import) so that listing the available
 names is cheap.  Nothing here ever downloads anything: ``pretrained=True`` is
 refused, weights are loaded from local files by the caller (see
@@ -28,9 +35,13 @@ __all__ = [
     "list_models",
     "is_model",
     "get_model_entrypoint",
+    "get_size_divisor",
 ]
 
+SizeDivisor = Union[int, Callable[..., int]]
+
 _model_entrypoints: Dict[str, Callable[..., Any]] = {}
+_model_size_divisors: Dict[str, SizeDivisor] = {}
 
 
 class UnknownModelError(KeyError, ValueError):
@@ -59,7 +70,10 @@ class UnknownModelError(KeyError, ValueError):
 
 
 def register_model(
-    name: Union[str, Callable[..., Any], None] = None, *, overwrite: bool = False
+    name: Union[str, Callable[..., Any], None] = None,
+    *,
+    size_divisor: SizeDivisor = 1,
+    overwrite: bool = False,
 ) -> Any:
     """Register a model constructor under ``name``.
 
@@ -67,9 +81,16 @@ def register_model(
     ``@register_model`` (the function's ``__name__`` is then the name).
     Registering a second, different constructor under an existing name raises
     :class:`ValueError` unless ``overwrite=True``.
+
+    ``size_divisor``: the input height and width must be multiples of this
+    (e.g. 32 for a network with five stride-2 stages; 1 = any size). An int,
+    or a cheap function ``(**kwargs) -> int`` of the constructor kwargs.
     """
     if callable(name):  # bare decorator
-        return register_model(None, overwrite=overwrite)(name)
+        return register_model(None, size_divisor=size_divisor, overwrite=overwrite)(name)
+    if not callable(size_divisor) and (isinstance(size_divisor, bool) or not isinstance(size_divisor, int)
+                                       or size_divisor < 1):
+        raise ValueError(f"size_divisor must be an int >= 1 or a function of the model kwargs, got {size_divisor!r}")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         model_name = name if name is not None else fn.__name__
@@ -87,6 +108,7 @@ def register_model(
                     f"{existing.__module__}.{existing.__qualname__}"
                 )
         _model_entrypoints[model_name] = fn
+        _model_size_divisors[model_name] = size_divisor
         return fn
 
     return decorator
@@ -100,14 +122,27 @@ def get_model_entrypoint(name: str) -> Callable[..., Any]:
         raise UnknownModelError(str(name), _model_entrypoints) from None
 
 
+def get_size_divisor(name: str, **kwargs: Any) -> int:
+    """The number the input side of model ``name`` built with ``kwargs`` must be a
+    multiple of (builds nothing; :class:`UnknownModelError` for an unknown name)."""
+    get_model_entrypoint(name)
+    d = _model_size_divisors.get(name, 1)
+    if callable(d):
+        d = d(**kwargs)
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"model {name!r} declares size_divisor {d!r}; expected an int >= 1")
+    return d
+
+
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> Any:
     """Build the model registered as ``name`` with constructor ``kwargs``.
 
     ``pretrained=True`` is refused: this project never downloads weights.
     Load a local checkpoint into the returned model instead.
 
-    The returned module gets two attributes, ``model_name`` and
-    ``model_kwargs``, so a checkpoint writer can record how to rebuild it.
+    The returned module gets the attributes ``model_name`` and
+    ``model_kwargs``, so a checkpoint writer can record how to rebuild it, and
+    ``size_divisor`` (see :func:`get_size_divisor`) unless it sets its own.
     """
     entry = get_model_entrypoint(name)
     if pretrained:
@@ -117,9 +152,12 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> Any:
             "with models.load_state_dict_flexible()."
         )
     model = entry(**kwargs)
+    divisor = get_size_divisor(name, **kwargs)
     try:
         model.model_name = name
         model.model_kwargs = dict(kwargs)
+        if not isinstance(getattr(model, "size_divisor", None), int):
+            model.size_divisor = divisor
     except Exception:  # pragma: no cover - exotic module types that forbid attributes
         pass
     return model

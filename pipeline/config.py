@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,10 +167,16 @@ class RuntimeConfig:
             raise ConfigError(f"runtime.device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {dev!r}")
 
 
-# The models' input side must be a multiple of this (timm DLA34 feature strides 2-32).
-MODEL_SIZE_DIVISOR = 32
 EM_MODES = ("mixed", "pixel", "image")
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+# Constructor arguments the pipeline sets itself (one positive-probability channel / logit).
+RESERVED_ARCH_KWARGS = ("num_classes", "pretrained")
+
+
+def _check_optimizer(name: str, where: str) -> None:
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"{where} must be one of {list(OPTIMIZERS)}, got {name!r}{_suggest(str(name).lower(), OPTIMIZERS)}")
 
 
 @dataclass
@@ -190,6 +197,11 @@ class ModelConfig:
     """How theta1 is trained (pipeline.trainers registry): pixel-wise soft-label BCE."""
     cls_trainer: str = "topk_mean"
     """How theta2 is trained (pipeline.trainers registry): BCE of the mean top-K tile probability."""
+    seg_arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Constructor arguments of seg_arch (e.g. {width_mult: 0.5}); {} = the architecture's defaults.
+    num_classes is set by the pipeline."""
+    cls_arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Constructor arguments of cls_arch (e.g. {drop_rate: 0.2}); {} = the architecture's defaults."""
 
     def validate(self) -> None:
         for name in ("seg_arch", "cls_arch", "seg_trainer", "cls_trainer"):
@@ -197,6 +209,10 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must not be empty")
         if self.map_stride_px < 1:
             raise ConfigError("model.map_stride_px must be >= 1")
+        for name in ("seg_arch_kwargs", "cls_arch_kwargs"):
+            taken = sorted(set(getattr(self, name)) & set(RESERVED_ARCH_KWARGS))
+            if taken:
+                raise ConfigError(f"model.{name} must not set {taken}: the pipeline sets them itself")
 
 
 @dataclass
@@ -218,9 +234,11 @@ class EMConfig:
     batch_size: int = 32
     """Tiles per theta1 training batch."""
     lr: float = 0.001
-    """Adam learning rate for theta1."""
+    """Learning rate of theta1's optimiser."""
     weight_decay: float = 0.0
-    """Adam weight decay for theta1."""
+    """Weight decay of theta1's optimiser (decoupled from the gradient for 'adamw')."""
+    optimizer: str = "adam"
+    """theta1's optimiser: 'adam' (the paper's), 'adamw' or 'sgd' (momentum 0.9)."""
     lr_schedule: str = "constant"
     """'constant' or 'cosine' (over the epochs of one round)."""
     epochs_init: int = 30
@@ -250,6 +268,13 @@ class EMConfig:
     """Colour jitter: saturation factor drawn from [1 - s, 1 + s]."""
     hue: float = 0.02
     """Colour jitter: hue shift drawn from [-h, h] (fraction of the colour circle)."""
+    hed_scale: float = 0.0
+    """Stain jitter in HED space (pipeline.stain.HEDJitter), per tile: the amount of each stain
+    (haematoxylin, eosin, DAB/residual) is multiplied by a factor drawn from [1 - s, 1 + s]; 0 = off."""
+    hed_shift: float = 0.0
+    """Stain jitter in HED space, per tile: then each stain's amount is shifted by a value drawn from
+    [-d, d], in decadic optical density along the stain's unit colour vector (0.05 changes a pixel's
+    channels by at most 11 %); 0 = off."""
     mil_top_k: int = 1
     """Image mode: tiles per slide that get the slide's label in each MIL epoch (Campanella: 1)."""
     seed: int = 0
@@ -296,6 +321,11 @@ class EMConfig:
                 raise ConfigError(f"em.{name} must be in [0, 1)")
         if not 0.0 <= self.hue <= 0.5:
             raise ConfigError("em.hue must be in [0, 0.5]")
+        if not 0.0 <= self.hed_scale < 1.0:
+            raise ConfigError(f"em.hed_scale must be in [0, 1) (0 = off), got {self.hed_scale}")
+        if not 0.0 <= self.hed_shift <= 1.0:
+            raise ConfigError(f"em.hed_shift must be in [0, 1] optical density (0 = off), got {self.hed_shift}")
+        _check_optimizer(self.optimizer, "em.optimizer")
         if self.mil_top_k < 1:
             raise ConfigError("em.mil_top_k must be >= 1")
         if self.predict_batch_size < 1:
@@ -313,9 +343,11 @@ class Stage2Config:
     epochs: int = 15
     """Training epochs of theta2 per round."""
     lr: float = 0.001
-    """Adam learning rate for theta2."""
+    """Learning rate of theta2's optimiser."""
     weight_decay: float = 0.0
-    """Adam weight decay for theta2."""
+    """Weight decay of theta2's optimiser (decoupled from the gradient for 'adamw')."""
+    optimizer: str = "adam"
+    """theta2's optimiser: 'adam' (the paper's), 'adamw' or 'sgd' (momentum 0.9)."""
     batch_slides: int = 2
     """Slides per batch (each contributes its K tiles: 2 x 16 = 32 tiles)."""
     slides_per_epoch: Optional[int] = None
@@ -334,6 +366,7 @@ class Stage2Config:
             raise ConfigError("stage2.batch_slides must be >= 1")
         if self.slides_per_epoch is not None and self.slides_per_epoch < 1:
             raise ConfigError("stage2.slides_per_epoch must be >= 1 or null")
+        _check_optimizer(self.optimizer, "stage2.optimizer")
 
 
 @dataclass
@@ -357,19 +390,39 @@ class Config:
         """Checks that only matter for training and inference (tiling alone accepts any tile size).
 
         ``tile_px`` defaults to ``tiling.tile_px``; pass the tile size of existing stores
-        (and name them in ``where``) to check those instead.
+        (and name them in ``where``) to check those instead. The tile side must be a multiple
+        of each architecture's size divisor (``models.get_size_divisor``).
         """
-        d = MODEL_SIZE_DIVISOR
         t = self.tiling.tile_px if tile_px is None else int(tile_px)
-        if t % d:
-            lo, hi = (t // d) * d, (t // d + 1) * d
-            raise ConfigError(
-                f"{where}={t} is not a multiple of {d}: the DLA34 models need inputs whose side is a "
-                f"multiple of {d} (feature strides 2-32); re-tile with tiling.tile_px={lo or hi} or {hi}"
-            )
+        divisors = self.model_size_divisors()
+        step = math.lcm(self.model.map_stride_px, *divisors.values())  # a tile size that suits every check
+        for key, d in divisors.items():
+            if t % d:
+                lo, hi = (t // step) * step, (t // step + 1) * step
+                raise ConfigError(
+                    f"{where}={t} is not a multiple of {d}: model.{key}={getattr(self.model, key)!r} needs "
+                    f"inputs whose side is a multiple of {d}; re-tile with tiling.tile_px={lo or hi} or {hi}"
+                )
         if t % self.model.map_stride_px:
             raise ConfigError(f"model.map_stride_px={self.model.map_stride_px} must divide {where}={t}")
         return self
+
+    def model_size_divisors(self) -> dict[str, int]:
+        """``{"seg_arch": d, "cls_arch": d}``: the number each architecture's input side must be a
+        multiple of, with its ``*_arch_kwargs``. Imports :mod:`models` (torch): training commands only."""
+        import models  # registers the built-in architectures
+
+        out = {}
+        for key in ("seg_arch", "cls_arch"):
+            arch, kwargs = getattr(self.model, key), getattr(self.model, f"{key}_kwargs")
+            if not models.is_model(arch):
+                near = models.list_models(arch[:5]) or models.list_models()
+                raise ConfigError(f"model.{key}={arch!r} is not a registered model; choose one of {near}")
+            try:
+                out[key] = models.get_size_divisor(arch, **kwargs)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"model.{key}_kwargs={kwargs!r} do not suit {arch!r}: {exc}") from None
+        return out
 
     TRAIN_SECTIONS = ("model", "em", "stage2")
     TRAIN_EXCLUDE = ("em.predict_batch_size", "em.heatmap_slides")
@@ -444,6 +497,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is dict:
+        return _coerce_dict(value, typ, where)
     if origin in (list, tuple):
         args = typing.get_args(typ)
         if isinstance(value, str):
@@ -463,6 +518,27 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         inner = next(a for a in args if a is not type(None))
         return _coerce(value, inner, where)
     return value
+
+
+def _coerce_dict(value: Any, typ: Any, where: str) -> dict:
+    """A mapping with string keys; a string (``--set``, Python overrides) is parsed as YAML."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError:
+            raise ConfigError(f"{where}: expected a mapping such as {{width_mult: 0.5}}, got {value!r}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping such as {{width_mult: 0.5}}, got {value!r}")
+    args = typing.get_args(typ)
+    inner = args[1] if len(args) == 2 else Any
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{where}: keys must be names (strings), got {k!r}")
+        out[k] = v if inner is Any else _coerce(v, inner, f"{where}.{k}")
+    return out
 
 
 def _apply(section_obj: Any, values: Mapping[str, Any], where: str) -> None:

@@ -13,8 +13,9 @@ are made per item too:
 * hard negatives: all zeros; image-level MIL tiles: the slide label everywhere.
 
 Geometric augmentation (flips, 90 degree rotations) is applied here, to tile
-and target alike, in numpy; colour jitter runs batched on the training device
-(:class:`pipeline.trainers.ColorJitter`). Each item's augmentation is drawn
+and target alike, in numpy, and so is the optional stain jitter
+(:class:`pipeline.stain.HEDJitter`, scikit-image); colour jitter runs batched on
+the training device (:class:`pipeline.trainers.ColorJitter`). Each item's augmentation is drawn
 from its own seed, which the batch sampler hands in with the index
 (``dataset[(index, seed)]``), so results do not depend on the number of
 loader workers and a resumed epoch repeats exactly.
@@ -35,6 +36,7 @@ from torch.utils.data import Dataset
 
 from pipeline.batch import UsageError
 from pipeline.pseudolabels import PseudoTargets
+from pipeline.stain import HEDJitter
 from wsi.annotations import (
     AnnotationError,
     SlideAnnotation,
@@ -337,6 +339,8 @@ class TileTargetDataset(Dataset):
         The E-step's target rule and the previous round's ``probmaps.zarr``
         (``SOURCE_PSEUDO`` items read ``<probmaps>/<slide_id>/maps[tile]``);
         ``slide_ids`` names the groups.
+    stain : HEDJitter, optional
+        Stain jitter of the image, drawn from the item's seed (None: off).
     """
 
     def __init__(
@@ -349,9 +353,11 @@ class TileTargetDataset(Dataset):
         pseudo: PseudoTargets | None = None,
         flip: bool = True,
         rotate90: bool = True,
+        stain: HEDJitter | None = None,
     ):
         self.store_paths = [str(p) for p in store_paths]
         self.items = items
+        self.stain = stain
         self.slide_ids = list(slide_ids) if slide_ids is not None else None
         self.annotations = annotations or {}
         self.pseudo = pseudo
@@ -385,6 +391,8 @@ class TileTargetDataset(Dataset):
         store = self.cache.store(path)
         tile = self.cache.tiles(path)[int(self.items.tile[i])]
         target = self.target(i, store)
+        if self.stain is not None:
+            tile = self.stain(tile, seed)
         tile, target = augment_geometric(seed, (tile, target), flip=self.flip, rotate90=self.rotate90)
         return {"image": tile, "target": target.astype(np.float16), "source": int(self.items.source[i])}
 
@@ -413,7 +421,8 @@ class SlideTopKDataset(Dataset):
     """Stage 2: one item per slide, its top-K tiles (padded to K) and its label.
 
     Gives ``{"tiles": (K, T, T, 3) uint8, "mask": (K,) bool, "label": float32, "slide": int}``;
-    ``dataset[(i, seed)]`` augments each tile with its own seed derived from ``seed``.
+    ``dataset[(i, seed)]`` augments each tile (flips, rotations, ``stain`` jitter) with its own
+    seed derived from ``seed``.
     """
 
     def __init__(
@@ -425,6 +434,7 @@ class SlideTopKDataset(Dataset):
         *,
         flip: bool = True,
         rotate90: bool = True,
+        stain: HEDJitter | None = None,
     ):
         if not (len(store_paths) == len(topk) == len(labels)):
             raise ValueError("store_paths, topk and labels differ in length")
@@ -433,6 +443,7 @@ class SlideTopKDataset(Dataset):
         self.labels = np.asarray(labels, np.float32)
         self.k = int(k)
         self.flip, self.rotate90 = flip, rotate90
+        self.stain = stain
         self.cache = StoreCache()
 
     def __len__(self) -> int:
@@ -448,7 +459,10 @@ class SlideTopKDataset(Dataset):
         mask = np.zeros(self.k, bool)
         seeds = item_seeds(seed, i, n=len(idx)) if seed is not None else [None] * len(idx)
         for j, t in enumerate(idx):
-            tiles[j] = augment_geometric(seeds[j], (reader[int(t)],), flip=self.flip, rotate90=self.rotate90)[0]
+            tile = reader[int(t)]
+            if self.stain is not None:
+                tile = self.stain(tile, seeds[j])
+            tiles[j] = augment_geometric(seeds[j], (tile,), flip=self.flip, rotate90=self.rotate90)[0]
             mask[j] = True
         return {"tiles": tiles, "mask": mask, "label": self.labels[i], "slide": i}
 

@@ -114,26 +114,22 @@ class RoundContext:
 
 
 def _check_models(cfg: Config) -> None:
-    """Architectures, trainers and weights files exist and fit (fail now, not after an hour of training)."""
-    import models
-
+    """Trainers and weights files exist and fit (fail now, not after an hour of training); the
+    architectures were checked by ``Config.validate_for_training``."""
     from pipeline.trainers import list_trainers
 
-    for name in ("seg_arch", "cls_arch"):
-        arch = getattr(cfg.model, name)
-        if not models.is_model(arch):
-            near = models.list_models(arch[:5]) or models.list_models()
-            raise ConfigError(f"model.{name}={arch!r} is not a registered model; choose one of {near}")
     for name in ("seg_trainer", "cls_trainer"):
         if getattr(cfg.model, name) not in list_trainers():
             raise ConfigError(f"model.{name}={getattr(cfg.model, name)!r} is not a trainer; choose one of {list_trainers()}")
-    for name, arch, what in (("seg_weights", cfg.model.seg_arch, "theta1"), ("cls_weights", cfg.model.cls_arch, "theta2")):
-        w = getattr(cfg.model, name)
+    m = cfg.model
+    for name, arch, kwargs, what in (("seg_weights", m.seg_arch, m.seg_arch_kwargs, "theta1"),
+                                     ("cls_weights", m.cls_arch, m.cls_arch_kwargs, "theta2")):
+        w = getattr(m, name)
         if w is None:
             continue
         if not Path(w).is_file():
             raise UsageError(f"{w}: weights file not found (model.{name} / --weights); give a local file")
-        load_weights(new_model(arch, 0), w, what)
+        load_weights(new_model(arch, 0, kwargs), w, what)
 
 
 def _train_annotations(cfg: Config, cohort: Cohort, annotations: Sequence[str | Path]) -> dict:

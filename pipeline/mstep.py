@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.run import checkpoint_payload, load_checkpoint, load_weights, model_from_checkpoint, new_model, save_checkpoint
 from pipeline.sampling import round_seed
+from pipeline.stain import stain_jitter
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -35,7 +36,7 @@ def seg_trainer(ctx, model, k: int, epochs: int):
     jitter = ColorJitter(e.brightness, e.contrast, e.saturation, e.hue)
     return create_trainer(
         ctx.cfg.model.seg_trainer, model, device=ctx.device, lr=e.lr, weight_decay=e.weight_decay, epochs=epochs,
-        lr_schedule=e.lr_schedule, amp=ctx.amp, jitter=jitter if jitter.active else None,
+        lr_schedule=e.lr_schedule, optimizer=e.optimizer, amp=ctx.amp, jitter=jitter if jitter.active else None,
         seed=round_seed(e.seed, k, 11), progress=ctx.progress, desc=f"round {k} theta1",
     )
 
@@ -43,7 +44,7 @@ def seg_trainer(ctx, model, k: int, epochs: int):
 def _initial_model(ctx, k: int):
     cfg = ctx.cfg
     if k == 0:
-        model = new_model(cfg.model.seg_arch, round_seed(cfg.em.seed, k, 1))
+        model = new_model(cfg.model.seg_arch, round_seed(cfg.em.seed, k, 1), cfg.model.seg_arch_kwargs)
         init = load_weights(model, cfg.model.seg_weights, "theta1") if cfg.model.seg_weights else "random"
         return model, init
     model, _ = model_from_checkpoint(ctx.run.checkpoint(k - 1, "seg"), "cpu")
@@ -80,7 +81,7 @@ def train_theta1(ctx, k: int) -> dict:
 
 
 def _augments(e, trainer) -> bool:
-    return bool(e.flip or e.rotate90 or trainer.jitter is not None)
+    return bool(e.flip or e.rotate90 or trainer.jitter is not None or stain_jitter(e) is not None)
 
 
 def _annotated_items(ctx):
@@ -132,7 +133,7 @@ def _mixed_epochs(ctx, k: int, trainer):
     dataset = TileTargetDataset(
         [str(s.store_path) for s in ctx.train], TileItems.concat([ann_items, est.pseudo_positive, est.hard_negative]),
         slide_ids=[s.slide_id for s in ctx.train], annotations=ann_by_index, pseudo=est.targets,
-        flip=e.flip, rotate90=e.rotate90,
+        flip=e.flip, rotate90=e.rotate90, stain=stain_jitter(e),
     )
     flat, augment = sampler.as_flat_indices(), _augments(e, trainer)
 
@@ -174,7 +175,7 @@ def _mil_epochs(ctx, k: int, trainer):
         items = TileItems.concat([TileItems.make(i, topk_tiles(maxp[i], e.mil_top_k), SOURCE_CONSTANT, float(labels[i]))
                                   for i in range(len(ids))])
         selections.append({"epoch": epoch + 1, "tiles": len(items)})
-        ds = TileTargetDataset(paths, items, slide_ids=ids, flip=e.flip, rotate90=e.rotate90)
+        ds = TileTargetDataset(paths, items, slide_ids=ids, flip=e.flip, rotate90=e.rotate90, stain=stain_jitter(e))
         order = np.random.default_rng(round_seed(e.seed, k, 4) + epoch).permutation(len(items))
         batches = [order[a : a + e.batch_size].tolist() for a in range(0, len(order), e.batch_size)]
         if e.batches_per_epoch is not None:

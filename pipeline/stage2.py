@@ -18,6 +18,7 @@ from pipeline.batch import UsageError
 from pipeline.probmaps import read_max_probs
 from pipeline.run import checkpoint_payload, load_checkpoint, load_weights, new_model, save_checkpoint
 from pipeline.sampling import round_seed
+from pipeline.stain import stain_jitter
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -43,7 +44,8 @@ def _cls_trainer(ctx, model, k: int):
     jitter = ColorJitter(e.brightness, e.contrast, e.saturation, e.hue) if s2.augment else None
     return create_trainer(
         ctx.cfg.model.cls_trainer, model, device=ctx.device, lr=s2.lr, weight_decay=s2.weight_decay, epochs=s2.epochs,
-        lr_schedule=e.lr_schedule, amp=ctx.amp, jitter=jitter if jitter is not None and jitter.active else None,
+        lr_schedule=e.lr_schedule, optimizer=s2.optimizer, amp=ctx.amp,
+        jitter=jitter if jitter is not None and jitter.active else None,
         seed=round_seed(e.seed, k, 12), progress=ctx.progress, desc=f"round {k} theta2",
     )
 
@@ -78,7 +80,7 @@ def train_theta2(ctx, k: int) -> dict:
     cfg, s2, e = ctx.cfg, ctx.cfg.stage2, ctx.cfg.em
     slides, labels = _training_slides(ctx, k)
     topk = [topk_tiles(read_max_probs(ctx.run.probmaps(k), s.slide_id), s2.top_k) for s in slides]
-    model = new_model(cfg.model.cls_arch, round_seed(e.seed, k, 5))
+    model = new_model(cfg.model.cls_arch, round_seed(e.seed, k, 5), cfg.model.cls_arch_kwargs)
     init = load_weights(model, cfg.model.cls_weights, "theta2") if cfg.model.cls_weights else "random"
     trainer = _cls_trainer(ctx, model, k)
     ckpt_path = ctx.run.state_dir(k) / "cls_train.pt"
@@ -86,9 +88,10 @@ def train_theta2(ctx, k: int) -> dict:
         trainer.load_state_dict(load_checkpoint(ckpt_path))
         log.info("round %d: resuming theta2 training after epoch %d/%d", k, trainer.epoch, s2.epochs)
     flip, rot = (e.flip, e.rotate90) if s2.augment else (False, False)
-    ds = SlideTopKDataset([s.store_path for s in slides], topk, labels, s2.top_k, flip=flip, rotate90=rot)
+    stain = stain_jitter(e) if s2.augment else None
+    ds = SlideTopKDataset([s.store_path for s in slides], topk, labels, s2.top_k, flip=flip, rotate90=rot, stain=stain)
     n_per_epoch = s2.slides_per_epoch or 2 * int(max(labels.sum(), len(labels) - labels.sum()))
-    augment = flip or rot or trainer.jitter is not None
+    augment = flip or rot or trainer.jitter is not None or stain is not None
 
     def batches_for_epoch(epoch: int):
         order = balanced_slide_sampler(labels, n_per_epoch, seed=round_seed(e.seed, k, 6) + epoch)

@@ -7,12 +7,23 @@ epochs over batches that a data pipeline produces. The EM loop
 ``trainer.fit(batches_for_epoch, checkpoint=...)``
     run the remaining epochs (``trainer.epoch`` counts the finished ones);
     ``batches_for_epoch(epoch)`` returns an iterable of batch dicts (a
-    DataLoader); ``checkpoint(trainer)`` is called after every epoch.
+    DataLoader); after every epoch ``on_epoch_end(record)`` runs, then
+    ``checkpoint(trainer)``.
 ``trainer.state_dict()`` / ``load_state_dict()``
     everything needed to resume bit-for-bit on CPU (model, optimiser,
-    scheduler, scaler, epoch, per-epoch history).
+    scheduler, scaler, epoch, per-epoch history, and what a subclass keeps
+    through ``get_extra_state()`` / ``set_extra_state()``).
 ``trainer.compute_loss(batch, generator)``
     the only method a new trainer must write.
+
+Extension hooks (for subclasses and mixins; each calls ``super()``):
+``on_epoch_end(record)`` may add entries to the epoch's record (it is the
+dict kept in ``history`` and written to ``metrics.json``) and update state,
+e.g. a curriculum; any state that changes later epochs must be returned by
+``get_extra_state()`` (a picklable dict) and restored by
+``set_extra_state(state)``, so that a run resumed from ``state_dict()``
+repeats the uninterrupted one exactly. The optimiser is chosen by name
+(``optimizer='adam' | 'adamw' | 'sgd'``, see :data:`OPTIMIZERS`).
 
 Registered trainers
 -------------------
@@ -51,6 +62,7 @@ from models.losses import soft_bce_with_logits, topk_mean_bce
 log = logging.getLogger("wsi_pipeline")
 
 __all__ = [
+    "OPTIMIZERS",
     "ColorJitter",
     "Trainer",
     "SoftBCESegTrainer",
@@ -63,6 +75,15 @@ __all__ = [
 ]
 
 _TRAINERS: dict[str, type] = {}
+
+SGD_MOMENTUM = 0.9
+
+# name -> (params, lr, weight_decay) -> optimiser. Names match pipeline.config.OPTIMIZERS.
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=wd),
+}
 
 
 def register_trainer(name: str):
@@ -152,14 +173,16 @@ class ColorJitter:
 
 
 class Trainer:
-    """Base class: epoch loop, optimiser (Adam), scheduler, AMP and checkpoint state.
+    """Base class: epoch loop, optimiser, scheduler, AMP, hooks and checkpoint state.
 
     Parameters
     ----------
     model : torch.nn.Module
     device : torch.device
     lr, weight_decay : float
-        Adam settings.
+        Optimiser settings.
+    optimizer : {'adam', 'adamw', 'sgd'}
+        Adam (the paper's), AdamW (decoupled weight decay) or SGD with momentum 0.9.
     epochs : int
         Total epochs of this training (the scheduler spans them).
     lr_schedule : {'constant', 'cosine'}
@@ -186,6 +209,7 @@ class Trainer:
         weight_decay: float = 0.0,
         epochs: int = 1,
         lr_schedule: str = "constant",
+        optimizer: str = "adam",
         amp: bool = True,
         jitter: ColorJitter | None = None,
         seed: int = 0,
@@ -200,7 +224,10 @@ class Trainer:
         self.seed = int(seed)
         self.progress = progress
         self.desc = desc
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        self.optimizer_name = optimizer
+        self.optimizer = OPTIMIZERS[optimizer](self.model.parameters(), lr, weight_decay)
         if lr_schedule == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, self.epochs))
         elif lr_schedule == "constant":
@@ -215,6 +242,17 @@ class Trainer:
     def compute_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, int]:
         """(mean loss of the batch, number of items)."""
         raise NotImplementedError
+
+    # -- hooks (subclasses and mixins extend these, calling super()) ---------------
+    def on_epoch_end(self, record: dict) -> None:
+        """Called after each epoch, before the checkpoint; may add entries to ``record``."""
+
+    def get_extra_state(self) -> dict:
+        """State of hooks that later epochs depend on (saved in :meth:`state_dict`)."""
+        return {}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`get_extra_state` returned."""
 
     # -- loop ---------------------------------------------------------------------
     def _generator(self, epoch: int, batch: int) -> torch.Generator:
@@ -271,9 +309,10 @@ class Trainer:
         batches_for_epoch: Callable[[int], Iterable[dict]],
         checkpoint: Callable[["Trainer"], None] | None = None,
     ) -> list[dict]:
-        """Run epochs ``self.epoch .. self.epochs - 1``; call ``checkpoint`` after each."""
+        """Run epochs ``self.epoch .. self.epochs - 1``; after each, :meth:`on_epoch_end`, then ``checkpoint``."""
         while self.epoch < self.epochs:
-            self.train_epoch(batches_for_epoch(self.epoch))
+            record = self.train_epoch(batches_for_epoch(self.epoch))
+            self.on_epoch_end(record)
             if checkpoint is not None:
                 checkpoint(self)
         return self.history
@@ -282,6 +321,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "trainer": self.name,
+            "optimizer_name": self.optimizer_name,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -290,9 +330,14 @@ class Trainer:
             "epochs": self.epochs,
             "history": list(self.history),
             "torch_rng": torch.get_rng_state(),
+            "extra": self.get_extra_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("optimizer_name", "adam")
+        if saved != self.optimizer_name:
+            raise ValueError(f"{self.desc}: the saved state is of a {saved!r} optimiser, this trainer uses "
+                             f"{self.optimizer_name!r}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -302,6 +347,7 @@ class Trainer:
         self.history = list(state.get("history", []))
         if state.get("torch_rng") is not None:
             torch.set_rng_state(state["torch_rng"])
+        self.set_extra_state(state.get("extra") or {})
 
 
 @register_trainer("soft_bce")

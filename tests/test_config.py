@@ -72,3 +72,95 @@ def test_tiling_hash_ignores_performance_knobs_only():
     c = load_config(None, {"store.jpeg_quality": 80})
     assert a.tiling_hash() == b.tiling_hash()
     assert a.tiling_hash() != c.tiling_hash()
+
+
+# --------------------------------------------------------------------------- model constructor arguments
+
+
+def test_arch_kwargs_from_yaml_set_and_overrides(tmp_path):
+    assert load_config(None).model.seg_arch_kwargs == {} and Config().model.cls_arch_kwargs == {}
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  seg_arch_kwargs:\n    width_mult: 0.5\n    channels: [8, 8, 16, 32, 64, 128]\n"
+                 "  cls_arch_kwargs:\n")
+    cfg = load_config(p)
+    assert cfg.model.seg_arch_kwargs == {"width_mult": 0.5, "channels": [8, 8, 16, 32, 64, 128]}
+    assert cfg.model.cls_arch_kwargs == {}  # an empty YAML value: the defaults
+    opts = parse_set_options(["model.seg_arch_kwargs={width: 16}", "model.cls_arch_kwargs={drop_rate: 0.2}"])
+    assert opts == {"model.seg_arch_kwargs": {"width": 16}, "model.cls_arch_kwargs": {"drop_rate": 0.2}}
+    cfg = load_config(None, opts)
+    assert cfg.model.seg_arch_kwargs == {"width": 16} and cfg.model.cls_arch_kwargs == {"drop_rate": 0.2}
+    assert load_config(None, {"model.seg_arch_kwargs": "{head_chs: 32}"}).model.seg_arch_kwargs == {"head_chs": 32}
+    assert cfg.to_dict()["model"]["seg_arch_kwargs"] == {"width": 16}
+
+
+def test_arch_kwargs_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="model.seg_arch_kwargs: expected a mapping"):
+        load_config(None, {"model.seg_arch_kwargs": "[1, 2]"})
+    with pytest.raises(ConfigError, match="model.cls_arch_kwargs: expected a mapping"):
+        load_config(None, {"model.cls_arch_kwargs": 3})
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  seg_arch_kwargs: {1: 2}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: model.seg_arch_kwargs: keys must be names"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"model.seg_arch_kwargs must not set \['num_classes'\]"):
+        load_config(None, {"model.seg_arch_kwargs": {"num_classes": 2}})
+
+
+def test_arch_kwargs_and_optimizers_enter_train_hash_only():
+    base = load_config(None)
+    a = load_config(None, {"model.seg_arch_kwargs": {"width_mult": 0.5, "head_chs": 16}})
+    b = load_config(None, {"model.seg_arch_kwargs": {"head_chs": 16, "width_mult": 0.5}})
+    c = load_config(None, {"model.cls_arch_kwargs": {"width_mult": 0.5, "head_chs": 16}})
+    assert a.train_hash() == b.train_hash() != base.train_hash()  # key order does not matter
+    assert c.train_hash() not in (a.train_hash(), base.train_hash())
+    assert a.tiling_hash() == base.tiling_hash()
+    hashes = {load_config(None, {f"{sec}.optimizer": o}).train_hash() for sec in ("em", "stage2") for o in ("adamw", "sgd")}
+    assert len(hashes) == 4 and base.train_hash() not in hashes
+
+
+def test_optimizer_choice_with_did_you_mean():
+    cfg = load_config(None)
+    assert (cfg.em.optimizer, cfg.stage2.optimizer) == ("adam", "adam")  # the paper's
+    assert load_config(None, {"em.optimizer": "sgd", "stage2.optimizer": "adamw"}).stage2.optimizer == "adamw"
+    with pytest.raises(ConfigError, match=r"em.optimizer must be one of \['adam', 'adamw', 'sgd'\], got 'adamW'.*did you mean 'adamw'"):
+        load_config(None, {"em.optimizer": "adamW"})
+    with pytest.raises(ConfigError, match="stage2.optimizer .*got 'sdg'.*did you mean 'sgd'"):
+        load_config(None, {"stage2.optimizer": "sdg"})
+
+
+# --------------------------------------------------------------------------- size divisor per architecture
+
+
+@pytest.fixture
+def scratch_models():
+    pytest.importorskip("torch")
+    from models import registry
+
+    saved = dict(registry._model_entrypoints), dict(registry._model_size_divisors)
+    yield registry
+    for live, old in zip((registry._model_entrypoints, registry._model_size_divisors), saved):
+        live.clear()
+        live.update(old)
+
+
+def test_training_check_uses_each_architectures_divisor(scratch_models):
+    import torch.nn as nn
+
+    @scratch_models.register_model("toy_patch_test", size_divisor=lambda patch=16, **kw: patch)
+    def toy(patch=16, **kw):
+        return nn.Identity()
+
+    Config().validate_for_training()  # DLA34: 512 is a multiple of 32
+    cfg = load_config(None, {"model.cls_arch": "toy_patch_test", "model.cls_arch_kwargs": {"patch": 48}})
+    assert cfg.model_size_divisors() == {"seg_arch": 32, "cls_arch": 48}
+    with pytest.raises(ConfigError, match=r"tiling.tile_px=512 is not a multiple of 48: model.cls_arch='toy_patch_test' "
+                                          r"needs inputs whose side is a multiple of 48; re-tile with tiling.tile_px=480 or 576"):
+        cfg.validate_for_training()
+    cfg.validate_for_training(tile_px=96)  # a multiple of 32 and 48
+    with pytest.raises(ConfigError, match=r"stores=100 is not a multiple of 32: model.seg_arch='dla34_up'.*96 or 192"):
+        cfg.validate_for_training(tile_px=100, where="stores")
+    load_config(None, {"model.cls_arch": "toy_patch_test"}).validate_for_training()  # patch 16 by default
+    with pytest.raises(ConfigError, match="model.cls_arch_kwargs=.*do not suit 'toy_patch_test'"):
+        load_config(None, {"model.cls_arch": "toy_patch_test", "model.cls_arch_kwargs": {"patch": 0}}).validate_for_training()
+    with pytest.raises(ConfigError, match="model.seg_arch='dla34_upp' is not a registered model; choose one of .*dla34_up"):
+        load_config(None, {"model.seg_arch": "dla34_upp"}).validate_for_training()

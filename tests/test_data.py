@@ -365,3 +365,37 @@ def test_topk_dataset_pads_short_slides(cohort):
     assert item["label"] == 1.0
     batch = collate([ds[(0, 3)], ds[(0, 4)]])
     assert batch["tiles"].shape == (2, 4, 128, 128, 3) and batch["mask"].dtype == torch.bool
+
+
+def test_stain_jitter_uses_its_own_stream_per_item(em_cohort, cohort):
+    """HED jitter (pipeline.stain) changes the pixels only: flips, rotations and targets stay as without it."""
+    from pipeline.stain import HEDJitter
+
+    sid = em_cohort.annotated_ids[0]
+    entry = cohort.by_id()[sid]
+    ann = load_pixel_annotations([em_cohort.annotations[0]], cohort.by_id())
+    items = TileItems.make(0, np.arange(6), SOURCE_ANNOTATED)
+    plain = TileTargetDataset([entry.store_path], items, annotations={0: ann[sid]})
+    hed = HEDJitter(0.3, 0.05)
+    stained = TileTargetDataset([entry.store_path], items, annotations={0: ann[sid]}, stain=hed)
+    raw = TileStore(entry.store_path)
+    for i in range(6):
+        seed = 1000 + i
+        a, b = plain[(i, seed)], stained[(i, seed)]
+        np.testing.assert_array_equal(a["target"], b["target"])
+        expected = augment_geometric(seed, (hed(raw[i], seed),), flip=True, rotate90=True)[0]
+        np.testing.assert_array_equal(b["image"], expected)  # jitter, then the same flip/rotation
+        assert np.abs(b["image"].astype(int) - a["image"]).mean() > 1
+        np.testing.assert_array_equal(stained[(i, seed)]["image"], b["image"])
+        np.testing.assert_array_equal(stained[i]["image"], raw[i])  # no seed: no augmentation
+    topk = SlideTopKDataset([entry.store_path], [np.arange(3)], [1], k=3, stain=hed)
+    topk_plain = SlideTopKDataset([entry.store_path], [np.arange(3)], [1], k=3)
+    x, y = topk[(0, 9)]["tiles"], topk_plain[(0, 9)]["tiles"]
+    diffs = [float((x[j].astype(int) - y[j]).mean()) for j in range(3)]
+    assert len({round(d, 3) for d in diffs}) == 3  # every tile draws its own stain change
+    from torch.utils.data import DataLoader
+
+    batches = SeededBatches([[0, 1, 2], [3, 4, 5]], base_seed=5, epoch=1)
+    out = [list(DataLoader(stained, batch_sampler=batches, num_workers=w, collate_fn=collate)) for w in (0, 2)]
+    for b0, b2 in zip(*out):
+        assert torch.equal(b0["image"], b2["image"])

@@ -41,10 +41,11 @@ def dla34_up_model():
 @pytest.fixture
 def scratch_registry():
     """Names registered inside a test are removed afterwards."""
-    before = dict(registry._model_entrypoints)
+    before = dict(registry._model_entrypoints), dict(registry._model_size_divisors)
     yield
-    registry._model_entrypoints.clear()
-    registry._model_entrypoints.update(before)
+    for live, saved in zip((registry._model_entrypoints, registry._model_size_divisors), before):
+        live.clear()
+        live.update(saved)
 
 
 def n_params(m: nn.Module) -> int:
@@ -121,6 +122,49 @@ def test_register_custom_model(scratch_registry):
         return nn.Identity()
 
     assert isinstance(models.create_model("toy_linear_test"), nn.Identity)
+
+
+def test_builtin_models_declare_size_divisor_32():
+    for name in BUILTIN:
+        assert models.get_size_divisor(name) == 32
+    for name in ("dla34_up_tiny", "dla34_cls_tiny"):
+        m = models.create_model(name)
+        assert m.size_divisor == 32, name  # what the model computes from its backbone agrees
+    assert models.DLAClassifier(width_mult=0.25).size_divisor == 32  # also when built directly
+    with pytest.raises(models.UnknownModelError, match="Did you mean 'dla34_up'"):
+        models.get_size_divisor("dla34up")
+
+
+def test_size_divisor_int_callable_and_invalid(scratch_registry):
+    @models.register_model("toy_div_test", size_divisor=48)
+    def toy(**kw):
+        return nn.Identity()
+
+    @models.register_model("toy_div_kw_test", size_divisor=lambda patch=16, depth=2, **kw: patch * 2 ** depth)
+    def toy_kw(**kw):
+        return nn.Identity()
+
+    @models.register_model
+    def toy_div_default_test(**kw):
+        return nn.Identity()
+
+    assert models.get_size_divisor("toy_div_test") == 48
+    assert models.get_size_divisor("toy_div_kw_test") == 64
+    assert models.get_size_divisor("toy_div_kw_test", patch=8, depth=1, width=3) == 16
+    assert models.get_size_divisor("toy_div_default_test") == 1  # undeclared: any size
+    assert models.create_model("toy_div_test").size_divisor == 48
+    assert models.create_model("toy_div_kw_test", patch=4).size_divisor == 16
+    for bad in (0, 2.5, True, "32"):
+        with pytest.raises(ValueError, match="size_divisor"):
+            models.register_model("toy_bad_test", size_divisor=bad)
+    assert not models.is_model("toy_bad_test")
+
+    @models.register_model("toy_bad_fn_test", size_divisor=lambda **kw: 0)
+    def toy_bad(**kw):
+        return nn.Identity()
+
+    with pytest.raises(ValueError, match="'toy_bad_fn_test' declares size_divisor 0"):
+        models.get_size_divisor("toy_bad_fn_test")
 
 
 # --------------------------------------------------------------------------- backbone assumptions
