@@ -43,6 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.batch import UsageError, atomic_write_json, utc_now
+from pipeline.config import Config
 from pipeline.metrics import roc_auc, roc_curve, sensitivity_specificity, specificity_at_full_sensitivity
 
 log = logging.getLogger("wsi_pipeline")
@@ -233,7 +234,8 @@ def pixel_scores(heat: np.ndarray, truth: np.ndarray, tissue: np.ndarray | None,
     }
 
 
-def _pixel_level(rows: list[dict], labels: dict, mask_dirs: Sequence[Path], threshold: float) -> dict:
+def _pixel_level(rows: list[dict], labels: dict, mask_dirs: Sequence[Path], threshold: float,
+                 positive_classes: Sequence[str]) -> dict:
     from wsi.heatmap import read_heatmap_zarr
 
     per, skipped = {}, {}
@@ -258,7 +260,7 @@ def _pixel_level(rows: list[dict], labels: dict, mask_dirs: Sequence[Path], thre
             src = "none (negative slide)"
         else:
             truth = truth_on_grid(found[0], found[1], heat.shape, attrs["origin_level0_xy"], attrs["downsample"],
-                                  attrs.get("slide_width_px"), attrs.get("slide_height_px"))
+                                  attrs.get("slide_width_px"), attrs.get("slide_height_px"), positive_classes)
             src = str(found[1])
         sc = pixel_scores(heat, truth, tissue, threshold)
         per[sid] = {"label": labels[sid], "truth": src, **sc}
@@ -367,9 +369,13 @@ def run_evaluate(
     masks: Sequence[str | Path] = (),
     split: str | None = None,
     pixel_threshold: float = 0.5,
+    config: Config | None = None,
 ) -> dict:
     """Evaluate ``predictions.csv`` against ``labels``; writes ``evaluation.json`` and ``roc.png`` into
-    ``out_dir`` (default: the predictions file's folder) and returns the results."""
+    ``out_dir`` (default: the predictions file's folder) and returns the results.
+
+    ``config`` (default: the built-in one) gives the GeoJSON classes that count as lesion
+    (``em.positive_classes``)."""
     from pipeline.labels import read_labels_csv
 
     predictions = Path(predictions)
@@ -414,7 +420,8 @@ def run_evaluate(
             if not m.exists():
                 raise UsageError(f"{m}: no such ground-truth folder or file")
             dirs.append(m if m.is_dir() else m.parent)
-        result["pixel"] = _pixel_level(rows, lab, dirs, pixel_threshold)
+        positive_classes = (config or Config()).em.positive_classes
+        result["pixel"] = _pixel_level(rows, lab, dirs, pixel_threshold, positive_classes)
     out = Path(out_dir) if out_dir is not None else predictions.parent
     from pipeline.batch import ensure_writable_dir
 
