@@ -33,6 +33,44 @@ def _copy_source(dst: Path) -> Path:
     return dst
 
 
+def _fresh_venv(path: Path) -> tuple[Path, Path]:
+    """A venv that sees this environment's dependencies through a .pth file (a plain path line:
+    the .pth files there, such as the checkout's editable install, are not run) and has nothing
+    of its own; returns its python and its site-packages."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    vpy = path / "bin" / "python"
+    vsite = Path(subprocess.run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                check=True, capture_output=True, text=True).stdout.strip())
+    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (vsite / "_deps_of_the_test_environment.pth").write_text("".join(f"{d}\n" for d in sorted(deps)))
+    return vpy, vsite
+
+
+def _pip_install(vpy: Path, *args: str) -> None:
+    """This environment's pip installing into the venv of ``vpy``, offline, without dependencies."""
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "--no-index", "-q",
+                    *args], check=True, env=_env_without_checkout())
+
+
+_PROBE = (
+    "import json, pipeline, wsi, models\n"
+    "from pipeline.config import builtin_configs, load_config\n"
+    "cfg = load_config('tiny')\n"
+    "print(json.dumps({'files': [pipeline.__file__, wsi.__file__, models.__file__],\n"
+    "                  'configs': str(builtin_configs()), 'tile_px': cfg.tiling.tile_px,\n"
+    "                  'seg_arch': cfg.model.seg_arch}))\n"
+)
+
+
+def _probe(vpy: Path, cwd: Path) -> dict:
+    """Where the venv's packages and built-in configs come from, and tiny.yaml's values."""
+    r = subprocess.run([str(vpy), "-c", _PROBE], cwd=cwd, env=_env_without_checkout(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert (got["tile_px"], got["seg_arch"]) == (128, "dla34_up_tiny")  # tiny.yaml's values, not the defaults
+    return got
+
+
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     """A wheel holds every module and the built-in configs; installed into a fresh venv it runs
     `wsi-pipeline --help`, `load_config("tiny")` and `--config tiny` from another folder."""
@@ -50,18 +88,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     configs = {f"pipeline/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
     assert {"pipeline/configs/default.yaml", "pipeline/configs/tiny.yaml"} <= configs <= names
 
-    # A fresh venv that sees this environment's dependencies through a .pth file (a plain path
-    # line: the .pth files there, such as the checkout's editable install, are not run), with
-    # only the wheel installed into it.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    vpy = venv / "bin" / "python"
-    vsite = Path(subprocess.run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                check=True, capture_output=True, text=True).stdout.strip())
-    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    (vsite / "_deps_of_the_test_environment.pth").write_text("".join(f"{d}\n" for d in sorted(deps)))
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "--no-index", "-q",
-                    str(wheel)], check=True, env=_env_without_checkout())
+    vpy, vsite = _fresh_venv(venv)
+    _pip_install(vpy, str(wheel))
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -71,21 +100,10 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "wsi-pipeline demo demo-out" in r.stdout
 
-    code = (
-        "import json, pipeline, wsi, models\n"
-        "from pipeline.config import builtin_configs, load_config\n"
-        "cfg = load_config('tiny')\n"
-        "print(json.dumps({'files': [pipeline.__file__, wsi.__file__, models.__file__],\n"
-        "                  'configs': str(builtin_configs()), 'tile_px': cfg.tiling.tile_px,\n"
-        "                  'seg_arch': cfg.model.seg_arch}))\n"
-    )
-    r = subprocess.run([str(vpy), "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout)
+    got = _probe(vpy, elsewhere)
     for f in got["files"]:  # the wheel's code, not the checkout's editable install
         assert Path(f).resolve().is_relative_to(vsite.resolve()), f
     assert Path(got["configs"]).resolve() == (vsite / "pipeline" / "configs").resolve()
-    assert (got["tile_px"], got["seg_arch"]) == (128, "dla34_up_tiny")  # tiny.yaml's values, not the defaults
 
     # --config tiny through the command line of the installed package
     r = subprocess.run([str(venv / "bin" / "wsi-pipeline"), "tile", "nowhere", "--out", "stores", "--config", "tiny"],
@@ -94,6 +112,18 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     r = subprocess.run([str(venv / "bin" / "wsi-pipeline"), "tile", "nowhere", "--out", "stores", "--config", "tinny"],
                        cwd=elsewhere, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "built-in names ['default', 'tiny']" in r.stderr, r.stderr
+
+
+def test_editable_install_reads_the_checkouts_configs_folder(tmp_path):
+    """`pip install -e` (what `make setup` does) maps pipeline.configs to the top-level configs/."""
+    (tmp_path / "src").mkdir()
+    src = _copy_source(tmp_path / "src")
+    vpy, _ = _fresh_venv(tmp_path / "venv")
+    _pip_install(vpy, "--no-build-isolation", "-e", str(src))
+    (tmp_path / "elsewhere").mkdir()
+    got = _probe(vpy, tmp_path / "elsewhere")
+    assert Path(got["files"][0]).resolve() == (src / "pipeline" / "__init__.py").resolve()
+    assert Path(got["configs"]).resolve() == (src / "configs").resolve()
 
 
 @pytest.mark.parametrize(
