@@ -3,6 +3,10 @@
 Commands run from cron over folders that change. They must (1) find the same
 slides the same way, (2) refuse to run twice on one output folder at once, and
 (3) leave a machine-readable report of what happened to each slide.
+:class:`BatchRun` is the skeleton of such a run that ``tile`` and ``classify``
+share: the folder lock, clean-up of what a stopped run left, the
+skip-if-current test (:func:`record_matches`), one outcome per slide and the
+run report.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Container, Iterable, Mapping
 
 from wsi import __version__
 from wsi.atomic import atomic_write_json
@@ -214,6 +220,99 @@ class RunReport:
             if s.status == "failed":
                 lines.append(f"  FAILED {s.slide_id}: {s.reason}")
         return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- one batch run
+
+
+def clean_temporaries(folder: str | Path) -> list[Path]:
+    """Remove what runs that stopped without finishing left in ``folder`` under temporary
+    names (``.tmp-*`` being built, ``.old-*`` being replaced); returns what was removed.
+
+    Call only while holding the folder's :class:`RunLock`: a live run's temporaries look the same.
+    """
+    removed = []
+    for p in sorted(list(Path(folder).glob(".tmp-*")) + list(Path(folder).glob(".old-*"))):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def record_matches(record: Mapping | None, fmt: str, versions: Container, **expected) -> bool:
+    """Whether an earlier output can be kept: its ``record`` (a store's attributes, a result's
+    JSON) is of format ``fmt`` in one of the ``versions`` this software reads, and has every
+    ``expected`` value (the input's fingerprint, the settings' hash...)."""
+    if not record or record.get("format") != fmt or record.get("format_version") not in versions:
+        return False
+    return all(record.get(key) == value for key, value in expected.items())
+
+
+class BatchRun:
+    """One run of a batch command (``tile``, ``classify``) over one output folder.
+
+    ``with BatchRun(command, out, settings) as run:`` holds the folder's
+    :class:`RunLock`; :meth:`clean` removes the temporaries a stopped run left;
+    :meth:`start` shows a progress bar over the slides; :meth:`outcome` records
+    what happened to one slide (and logs a failure); leaving the block normally
+    writes the run report (``reports/<command>-<time>.json`` and
+    ``<command>-report.json``), with the slides sorted by id. ``run.report`` is the
+    :class:`RunReport`. ``t0`` (a ``time.perf_counter()`` value, default now) is
+    when the run's time starts.
+    """
+
+    def __init__(self, command: str, out: str | Path, settings: dict, *, progress: bool = True,
+                 t0: float | None = None):
+        self.command = command
+        self.out = Path(out)
+        self.report = RunReport(command=command, settings=settings)
+        self.progress = progress
+        self.bar = None
+        self._left = 0
+        self._t0 = time.perf_counter() if t0 is None else t0
+        self._lock = RunLock(self.out, command)
+
+    def __enter__(self) -> "BatchRun":
+        self._lock.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.bar is not None:
+                self.bar.close()
+            if exc_type is None:
+                self.report.slides.sort(key=lambda s: s.slide_id)
+                self.report.finished_utc = utc_now()
+                self.report.seconds = round(time.perf_counter() - self._t0, 3)
+                self.report.write(self.out, self.command)
+        finally:
+            self._lock.__exit__(exc_type, exc, tb)
+
+    def clean(self, *subfolders: str) -> list[Path]:
+        """:func:`clean_temporaries` in the output folder, or in these subfolders of it."""
+        return [p for sub in (subfolders or (".",)) for p in clean_temporaries(self.out / sub)]
+
+    def start(self, total: int, **bar_options) -> None:
+        """Show a progress bar over the next ``total`` slides (unless ``progress`` is off); it closes
+        when they all have an outcome."""
+        from tqdm.auto import tqdm
+
+        self._left = total
+        self.bar = tqdm(total=total, unit="slide", desc=self.command, disable=True if not self.progress else None,
+                        **bar_options)
+
+    def outcome(self, slide_id: str, path: str | Path, status: str, reason: str = "", seconds: float = 0.0,
+                **details) -> SlideOutcome:
+        """Record one slide as ``"done"``, ``"skipped"`` or ``"failed"`` (with one line of ``reason``)."""
+        out = SlideOutcome(slide_id, str(path), status, reason, round(seconds, 3), details)
+        self.report.add(out)
+        if self.bar is not None:
+            self.bar.update(1)
+            self._left -= 1
+            if self._left == 0:
+                self.bar.close()
+        if status == "failed":
+            log.warning("FAILED %s: %s", slide_id, reason)
+        return out
 
 
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:

@@ -49,7 +49,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -58,11 +57,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.batch import (
-    RunLock,
+    BatchRun,
     RunReport,
-    SlideOutcome,
     UsageError,
     ensure_writable_dir,
+    record_matches,
     utc_now,
 )
 from pipeline.config import Config
@@ -252,9 +251,8 @@ def _result_path(out: Path, sid: str) -> Path:
 
 def _is_current(ctx: _Ctx, sid: str, fp: str) -> bool:
     res = _read_json_quiet(_result_path(ctx.out, sid))
-    if not res or res.get("format") != RESULT_FORMAT or res.get("format_version") != RESULT_FORMAT_VERSION:
-        return False
-    if res.get("run_fingerprint") != ctx.run_fp or res.get("store_fingerprint") != fp or res.get("options") != ctx.options:
+    if not record_matches(res, RESULT_FORMAT, (RESULT_FORMAT_VERSION,), run_fingerprint=ctx.run_fp,
+                          store_fingerprint=fp, options=ctx.options):
         return False
     files = [res.get("heatmap", {}).get(k) for k in ("png", "zarr", "thumbnail")]
     files += [t.get("image") for t in res.get("topk", [])]
@@ -444,8 +442,6 @@ def run_classify(
         No run / unfinished round / no threshold available, no inputs, an
         unwritable or locked output folder.
     """
-    from tqdm.auto import tqdm
-
     from pipeline.inference import load_round
 
     t_run = time.perf_counter()
@@ -468,29 +464,25 @@ def run_classify(
     thr, thr_source = resolve_threshold(threshold, run, rm.round, rm.threshold_at_full_sensitivity)
     out = ensure_writable_dir(out, "output folder")
     show = progress and not quiet
-    report = RunReport(
-        command="classify",
-        settings={
-            "input": str(src),
-            "input_kind": "stores" if stores is not None else "slides",
-            "run_dir": str(run_dir.resolve()),
-            "round": rm.round,
-            "round_requested": str(round_),
-            "threshold": thr,
-            "threshold_source": thr_source,
-            "region_threshold": region_threshold,
-            "device": str(rm.device),
-            "batch_size": bs,
-            "loader_workers": lw,
-            "workers": workers,
-            "scheduler": scheduler,
-            "out": str(out),
-        },
-    )
-    with RunLock(out, "classify"):
-        for sub in ("slides", "heatmaps", "regions", "tiles"):  # leftovers of an interrupted run (never stores/)
-            for p in list((out / sub).glob(".tmp-*")) + list((out / sub).glob(".old-*")):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    settings = {
+        "input": str(src),
+        "input_kind": "stores" if stores is not None else "slides",
+        "run_dir": str(run_dir.resolve()),
+        "round": rm.round,
+        "round_requested": str(round_),
+        "threshold": thr,
+        "threshold_source": thr_source,
+        "region_threshold": region_threshold,
+        "device": str(rm.device),
+        "batch_size": bs,
+        "loader_workers": lw,
+        "workers": workers,
+        "scheduler": scheduler,
+        "out": str(out),
+    }
+    with BatchRun("classify", out, settings, progress=show, t0=t_run) as batch:
+        report = batch.report
+        batch.clean("slides", "heatmaps", "regions", "tiles")  # leftovers of an interrupted run (never stores/)
         run_fp = run.fingerprint(rm.round, meta)
         todo: list[tuple[str, Path, str]] = []
         if stores is None:
@@ -507,7 +499,7 @@ def run_classify(
             report.settings["tiling_report"] = str(out / "stores" / "tile-report.json")
             for o in trep.slides:
                 if o.status == "failed":
-                    report.add(SlideOutcome(o.slide_id, o.path, "failed", f"tiling failed: {o.reason}", o.seconds))
+                    batch.outcome(o.slide_id, o.path, "failed", f"tiling failed: {o.reason}", o.seconds)
                 else:
                     todo.append((o.slide_id, out / "stores" / f"{o.slide_id}.zarr", o.path))
         else:
@@ -519,7 +511,7 @@ def run_classify(
         ctx = _Ctx(run_dir, meta, rm, run_fp, out, float(region_threshold), bool(geojson), bs, lw, show)
         log.info("scoring %d slide(s) with round %d of %s on %s (threshold %.4f: %s)",
                  len(todo), rm.round, run_dir, rm.device, thr, thr_source)
-        bar = tqdm(total=len(todo), unit="slide", desc="classify", disable=True if not show else None)
+        batch.start(len(todo))
         for sid, store_path, source in todo:
             t0 = time.perf_counter()
             try:
@@ -528,24 +520,19 @@ def run_classify(
                 st = TileStore(store_path)
                 if _is_current(ctx, sid, store_fingerprint(st)):
                     res = _read_json_quiet(_result_path(out, sid))
-                    report.add(SlideOutcome(sid, source, "skipped", "already scored with this run, round and store",
-                                            round(time.perf_counter() - t0, 3), {"probability": res.get("probability")}))
-                    bar.update(1)
+                    batch.outcome(sid, source, "skipped", "already scored with this run, round and store",
+                                  time.perf_counter() - t0, probability=res.get("probability"))
                     continue
                 res = _score_one(ctx, sid, store_path, source)
                 secs = time.perf_counter() - t0
-                report.add(SlideOutcome(sid, source, "done", "" if res["n_tiles"] else "no tissue tiles",
-                                        round(secs, 3), {"probability": res["probability"], "n_tiles": res["n_tiles"]}))
+                batch.outcome(sid, source, "done", "" if res["n_tiles"] else "no tissue tiles", secs,
+                              probability=res["probability"], n_tiles=res["n_tiles"])
                 log.info("scored %s: probability %s (%d tiles, %.1f s)", sid,
                          "n/a" if res["probability"] is None else f"{res['probability']:.4f}", res["n_tiles"], secs)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one bad slide never stops the others
-                reason = _describe(exc, str(store_path))
-                report.add(SlideOutcome(sid, source, "failed", reason, round(time.perf_counter() - t0, 3)))
-                log.warning("FAILED %s: %s", sid, reason)
-            bar.update(1)
-        bar.close()
+                batch.outcome(sid, source, "failed", _describe(exc, str(store_path)), time.perf_counter() - t0)
         report.slides.sort(key=lambda s: s.slide_id)
 
         provenance = _provenance(run, meta, rm, thr, thr_source, round_)
@@ -564,9 +551,6 @@ def run_classify(
         report.settings["predictions"] = str(out / "predictions.csv")
         report.settings["report_html"] = str(out / "report.html")
         report.settings["slides_in_predictions"] = len(results)
-        report.finished_utc = utc_now()
-        report.seconds = round(time.perf_counter() - t_run, 3)
-        report.write(out, "classify")
     return report
 
 

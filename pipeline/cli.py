@@ -1,12 +1,20 @@
 """The ``wsi-pipeline`` command line.
 
 Exit codes: 0 everything succeeded; 1 some slides failed (the others were
-processed and the report says why); 2 bad input (config, paths, lock).
+processed and the report says why); 2 bad input (config, paths, lock, a
+missing optional dependency), said in one line.
+
+The contract every command keeps: ``--quiet``/``--verbose``; ``--config`` and
+``--set`` where the command has settings in the config (``synth`` and
+``classify`` have none of their own: ``synth``'s options are all there is to a
+cohort, and ``classify`` uses the run's settings); ``--workers N`` with -1 = all
+cores; examples in ``--help`` that parse (``tests/test_cli.py`` checks them).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -39,6 +47,51 @@ def _common_options(fn):
     return fn
 
 
+class _BadValue(click.ClickException):
+    """A bad option value found while parsing: one line and exit code 2, like every bad input."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _check_workers(ctx, param, value):
+    if value is None:
+        return None
+    from pipeline.batch import UsageError
+    from pipeline.executor import resolve_workers
+
+    try:
+        return resolve_workers(value)
+    except UsageError as exc:
+        raise _BadValue(str(exc)) from None
+
+
+def _workers_option(what: str):
+    return click.option(
+        "--workers", type=int, default=None, callback=_check_workers,
+        help=f"Parallel {what}: -1 = one per core, 0 = one task at a time in this thread (runtime.workers).",
+    )
+
+
+#: Modules of the ``train`` extra (``pip install 'wsi-pipeline[train]'``).
+TRAIN_MODULES = ("torch", "torchvision", "timm")
+
+
+def _needs_train_extra(fn):
+    """A command that runs the networks: without the ``train`` extra it stops before any work."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for name in TRAIN_MODULES:
+            if importlib.util.find_spec(name) is None:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _worker_kind_option(fn):
     return click.option(
         "--processes/--threads",
@@ -64,6 +117,14 @@ def _handle_errors(fn):
         except (UsageError, ConfigError, SlideError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except ModuleNotFoundError as exc:
+            missing = (exc.name or "").partition(".")[0]
+            if missing not in TRAIN_MODULES:
+                raise
+            command = click.get_current_context().command_path
+            click.echo(f"error: {command} needs PyTorch ({missing} is not installed): "
+                       "pip install 'wsi-pipeline[train]'", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -83,7 +144,7 @@ def main():
 
     \b
     Typical use:
-      wsi-pipeline demo --out demo-out            # everything on a generated cohort
+      wsi-pipeline demo demo-out                  # everything on a generated cohort
       wsi-pipeline tile slides/ --out stores/     # cut tissue tiles into Zarr
     """
 
@@ -97,7 +158,7 @@ def main():
 @click.option("--overlap-px", type=int, default=None, help="Overlap in pixels (tiling.overlap_px).")
 @click.option("--codec", type=click.Choice(["jpeg", "zstd"]), default=None, help="Tile codec (store.codec).")
 @click.option("--jpeg-quality", type=int, default=None, help="JPEG quality (store.jpeg_quality).")
-@click.option("--workers", type=int, default=None, help="Parallel workers; 0 = one task at a time in this thread (runtime.workers).")
+@_workers_option("workers")
 @_worker_kind_option
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Existing Dask scheduler, e.g. tcp://head:8786.")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
@@ -159,18 +220,28 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="Level-0 µm/px.")
 @click.option("--annotated", type=int, default=2, show_default=True, help="Positive slides given pixel annotations.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@_common_options
 @_handle_errors
-def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed):
+def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, quiet, verbose):
     """Generate a synthetic cohort of pyramidal TIFF slides with lesions, labels and annotations.
+
+    Takes no --config/--set: the options below are all there is to a cohort
+    (a config says how slides are processed, not how they are made).
 
     \b
     Examples:
       wsi-pipeline synth cohort/ --positives 6 --negatives 6
       wsi-pipeline synth big/ --positives 1 --negatives 0 --size-px 20000
     """
-    from pipeline.batch import UsageError
+    import logging
+
+    from pipeline.batch import UsageError, setup_logging
     from wsi.synth import make_cohort
 
+    setup_logging(quiet, verbose)
+    logging.getLogger("wsi_pipeline").info(
+        "generating %d slides of %d x %d px at %s um/px in %s", positives + negatives, size_px, size_px, mpp, out_dir
+    )
     try:
         info = make_cohort(
             out_dir, n_positive=positives, n_negative=negatives, width_px=size_px, height_px=size_px,
@@ -204,6 +275,7 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed):
 @click.option("--force", is_flag=True, help="Delete the run's rounds and train them again.")
 @_common_options
 @_handle_errors
+@_needs_train_extra
 def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, mode, rounds, weights, force,
              quiet, verbose):
     """Train rounds of the mixed-supervision EM loop (Li et al., Algorithm 1).
@@ -222,7 +294,8 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --config tiny
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run-pixel --mode pixel
       wsi-pipeline em-round --stores stores --labels labels.csv --run run-mil --mode image --rounds 2
-      wsi-pipeline em-round ... --set em.epochs=10 --set stage2.top_k=8 --weights theta1.pt
+      wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run \\
+          --set em.epochs=10 --set stage2.top_k=8 --weights theta1.pt
     """
     from pipeline.batch import UsageError, setup_logging
     from pipeline.em import run_em
@@ -278,13 +351,14 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
 @click.option("--batch-size", type=int, default=None, help="Tiles per inference batch (default: the run's em.predict_batch_size).")
 @click.option("--loader-workers", type=int, default=None,
               help="DataLoader processes reading tiles (default: the run's runtime.loader_workers).")
-@click.option("--workers", type=int, default=None, help="Parallel tiling workers; 0 = one task at a time (runtime.workers).")
+@_workers_option("tiling workers")
 @_worker_kind_option
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Existing Dask scheduler for tiling, e.g. tcp://head:8786.")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
 @click.option("--assume-mpp", type=float, default=None, help="µm/px for slides whose metadata has none.")
 @_common_options
 @_handle_errors
+@_needs_train_extra
 def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geojson, device, batch_size,
              loader_workers, workers, processes, scheduler, mpp_csv, assume_mpp, quiet, verbose):
     """Score slides with a trained run: predictions.csv, heatmaps, GeoJSON regions and report.html.
@@ -294,6 +368,9 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
     file, or a folder of tile stores (*.zarr) tiled with the run's settings.
     Each slide's probability is the mean theta2 probability of the K tiles
     theta1 ranks highest; it is positive at probability >= threshold.
+
+    Takes no --config/--set: tiling, models and top-K are the run's own
+    settings; what depends on this machine is a flag.
 
     Tiling runs like `tile` (--workers, --processes, --scheduler); scoring runs in this
     process with batched inference on the chosen device and --loader-workers
@@ -347,16 +424,19 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
               help="Only slides of this split of the labels CSV (default: all labelled slides).")
 @click.option("--pixel-threshold", type=float, default=0.5, show_default=True,
               help="theta1 probability at which a heatmap pixel counts as positive for Dice/IoU.")
+@_config_options
 @_common_options
 @_handle_errors
-def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, quiet, verbose):
+def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, config_path, set_items, quiet,
+             verbose):
     """Slide AUC, sensitivity and specificity of a classify output (and pixel Dice/IoU of its heatmaps).
 
     Prints AUC, sensitivity and specificity at the threshold stored in
     predictions.csv and at the threshold that finds every positive slide of the
     table (100% sensitivity), and writes roc.png and evaluation.json. With
     --masks, heatmaps (>= --pixel-threshold) are compared with the ground truth at
-    heatmap scale over the tissue.
+    heatmap scale over the tissue; GeoJSON regions count as lesion when their
+    class is one of em.positive_classes (--config/--set).
 
     \b
     Examples:
@@ -364,13 +444,16 @@ def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, qu
       wsi-pipeline evaluate --predictions results/predictions.csv --labels labels.csv --split test
       wsi-pipeline evaluate --predictions results/predictions.csv --labels cohort/labels.csv \\
           --masks cohort/annotations --out eval/
+      wsi-pipeline evaluate --predictions results/predictions.csv --labels labels.csv --masks ann/ \\
+          --set "em.positive_classes=[Tumor, Metastasis]"
     """
     from pipeline.batch import setup_logging
     from pipeline.evaluate import format_evaluation, run_evaluate
 
     setup_logging(quiet, verbose)
+    cfg = build_config(config_path, set_items, {})
     res = run_evaluate(predictions, labels_csv, out_dir=out_dir, masks=list(masks), split=split,
-                       pixel_threshold=pixel_threshold)
+                       pixel_threshold=pixel_threshold, config=cfg)
     click.echo(format_evaluation(res))
 
 
@@ -382,10 +465,11 @@ def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, qu
 @click.option("--size-px", type=int, default=4096, show_default=True, help="Slide side at level 0 (0.5 um/px).")
 @click.option("--rounds", type=int, default=2, show_default=True, help="EM rounds.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=None, help="Parallel tiling workers (runtime.workers).")
+@_workers_option("tiling workers")
 @_worker_kind_option
 @_common_options
 @_handle_errors
+@_needs_train_extra
 def demo(out_dir, config_path, set_items, positives, negatives, size_px, rounds, seed, workers, processes, quiet,
          verbose):
     """Run every stage on a generated cohort: synth -> tile -> em-round -> classify -> evaluate.

@@ -2,7 +2,9 @@
 
 A config is a tree of dataclasses. YAML files (``configs/*.yaml``) and
 command-line flags override fields; an unknown or mistyped key is an error
-that names the key, the file and the closest valid key.
+that names the key, the file and the closest valid key. The built-in YAML
+files live in the repository's ``configs/`` folder, which is installed as the
+package ``pipeline.configs`` (see :func:`builtin_configs`).
 
 Every number that comes from a paper lives here with the paper's value as its
 default; ``configs/default.yaml`` repeats the defaults verbatim (a test keeps
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.resources
 import json
 import math
 import typing
@@ -24,7 +27,8 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+if typing.TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 class ConfigError(ValueError):
@@ -141,7 +145,8 @@ class RuntimeConfig:
     """Where and how work runs (does not change results)."""
 
     workers: int = 2
-    """Parallel tiling workers; 0 runs everything in this thread, one task after another."""
+    """Parallel tiling workers; -1 one per core (joblib's convention), 0 runs everything in this
+    thread, one task after another."""
     processes: bool = False
     """Workers as a Dask LocalCluster of spawned processes (a native crash fails one slide,
     not the run) instead of threads of this process (no start-up; same throughput, since
@@ -156,8 +161,8 @@ class RuntimeConfig:
     """Mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU."""
 
     def validate(self) -> None:
-        if self.workers < 0:
-            raise ConfigError("runtime.workers must be >= 0")
+        if self.workers < -1:
+            raise ConfigError("runtime.workers must be >= -1 (-1 = all cores, 0 = one task at a time in this thread)")
         if self.torch_threads < 0:
             raise ConfigError("runtime.torch_threads must be >= 0 (0 = torch's default)")
         if self.loader_workers < 0:
@@ -550,15 +555,29 @@ def _apply(section_obj: Any, values: Mapping[str, Any], where: str) -> None:
         setattr(section_obj, key, _coerce(value, hints[key], f"{where}.{key}"))
 
 
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A config given as a path, or as a name of a file in ``configs/`` (``tiny``)."""
+def builtin_configs() -> Traversable:
+    """The folder of built-in configs (``default.yaml``, ``tiny.yaml``).
+
+    Installed (a wheel, or the editable install of ``make setup``), it is the
+    package ``pipeline.configs``; from a source checkout that is only on
+    ``sys.path`` it is the checkout's ``configs/`` folder, beside ``pipeline/``.
+    """
+    try:
+        return importlib.resources.files("pipeline.configs")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path | Traversable:
+    """A config given as a path, or as the name of a built-in config (``tiny``)."""
     p = Path(name_or_path)
     if p.is_file():
         return p
-    candidate = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    builtin = builtin_configs()
+    candidate = builtin / (p.name if p.suffix else f"{p.name}.yaml")
     if not p.parent.parts and candidate.is_file():
         return candidate
-    known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    known = sorted(x.name[:-5] for x in builtin.iterdir() if x.name.endswith(".yaml")) if builtin.is_dir() else []
     raise ConfigError(
         f"config {str(name_or_path)!r} not found: pass a YAML file path"
         + (f" or one of the built-in names {known}" if known else "")
@@ -573,7 +592,7 @@ def load_config(
     Parameters
     ----------
     path : str or Path, optional
-        A YAML file, or the name of one in ``configs/`` (e.g. ``"tiny"``).
+        A YAML file, or the name of a built-in config (``"default"``, ``"tiny"``).
     overrides : mapping, optional
         ``{"tiling.mpp": 1.0, ...}``; values may be strings (from the CLI) and are
         converted to the field's type.

@@ -94,7 +94,7 @@ def run_demo(
     timings["classify_s"] = time.perf_counter() - t
 
     ev = run_evaluate(out / "classified" / "predictions.csv", labels, split="test",
-                      masks=[cohort / "annotations"])
+                      masks=[cohort / "annotations"], config=config)
     run = RunDir(out / "run")
     run_meta = run.read_meta()
     best = run.resolve_round("best", run_meta)

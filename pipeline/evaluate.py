@@ -46,7 +46,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.batch import UsageError, utc_now
-from pipeline.config import EMConfig
+from pipeline.config import Config
 from wsi.atomic import atomic_path, atomic_write_json
 from pipeline.metrics import roc_auc, roc_curve, sensitivity_specificity, specificity_at_full_sensitivity
 from wsi.annotations import AnnotationError, annotation_files, load_slide_annotation, match_annotation_files
@@ -344,15 +344,14 @@ def run_evaluate(
     masks: Sequence[str | Path] = (),
     split: str | None = None,
     pixel_threshold: float = 0.5,
-    positive_classes: Sequence[str] | None = None,
-    region_classes: Sequence[str] | None = None,
+    config: Config | None = None,
 ) -> dict:
     """Evaluate ``predictions.csv`` against ``labels``; writes ``evaluation.json`` and ``roc.png`` into
     ``out_dir`` (default: the predictions file's folder) and returns the results.
 
-    ``masks`` are ground-truth files or folders (see the module docstring); ``positive_classes`` and
-    ``region_classes`` are the config's ``em.positive_classes`` / ``em.annotated_region_classes``
-    (None: their defaults)."""
+    ``masks`` are ground-truth files or folders (see the module docstring); ``config`` (default: the
+    built-in one) gives the GeoJSON classes that count as lesion (``em.positive_classes``) and those that
+    mark where an annotation is complete (``em.annotated_region_classes``)."""
     from pipeline.labels import read_labels_csv
 
     predictions = Path(predictions)
@@ -391,9 +390,8 @@ def run_evaluate(
         "slides": {r["slide_id"]: {"label": int(lab[r["slide_id"]]), "probability": r["probability"]} for r in used},
     }
     if masks:
-        em_defaults = EMConfig()
-        pos = list(em_defaults.positive_classes if positive_classes is None else positive_classes)
-        reg = list(em_defaults.annotated_region_classes if region_classes is None else region_classes)
+        em = (config or Config()).em
+        pos, reg = list(em.positive_classes), list(em.annotated_region_classes)
         result["pixel"] = _pixel_level(rows, lab, masks, pixel_threshold, pos, reg)
         result["pixel"]["positive_classes"] = pos
     out = Path(out_dir) if out_dir is not None else predictions.parent

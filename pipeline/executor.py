@@ -12,11 +12,35 @@ import collections
 import concurrent.futures as cf
 import heapq
 import logging
+import os
 import queue
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 log = logging.getLogger("wsi_pipeline")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int) -> int:
+    """A ``--workers`` / ``runtime.workers`` value as a count, joblib's convention.
+
+    -1 is every core this process may use (:func:`available_cores`), 0 one task
+    at a time in this thread, N >= 1 N at a time. Below -1 is a :class:`UsageError`.
+    """
+    if workers < -1:
+        from pipeline.batch import UsageError
+
+        raise UsageError(
+            f"--workers {workers}: use -1 (all cores), 0 (one task at a time in this thread) or a number >= 1"
+        )
+    return available_cores() if workers == -1 else int(workers)
 
 
 class InlineExecutor:
@@ -219,7 +243,8 @@ def make_executor(
     Parameters
     ----------
     workers : int
-        0 runs every call at once in this thread; N >= 1 runs N calls at a time
+        0 runs every call at once in this thread; -1 one call per core
+        (:func:`resolve_workers`); N >= 1 runs N calls at a time
         on N threads of this process (:class:`ThreadExecutor`) or, with
         ``processes``, on a Dask ``LocalCluster`` of N single-threaded worker
         processes.
@@ -238,6 +263,7 @@ def make_executor(
         Modules every Dask worker imports before the executor is handed out
         (part of the start-up, like the workers themselves).
     """
+    workers = resolve_workers(workers)
     if scheduler:
         from distributed import Client
 

@@ -40,17 +40,18 @@ import cv2
 import numpy as np
 
 from pipeline.batch import (
-    RunLock,
+    BatchRun,
     RunReport,
-    SlideOutcome,
     UsageError,
     check_unique_ids,
+    clean_temporaries,
     discover_slides,
     ensure_writable_dir,
+    record_matches,
     utc_now,
 )
 from pipeline.config import Config
-from pipeline.executor import future_error, make_executor
+from pipeline.executor import future_error, make_executor, resolve_workers
 from wsi import __version__
 from wsi.atomic import atomic_write_json
 from wsi.grid import group_bands, group_blocks, make_grid, select_tiles, tissue_fractions
@@ -147,9 +148,7 @@ def describe_error(exc: BaseException, path: str) -> str:
 def _existing_store_is_current(job: TileJob, config_hash: str) -> tuple[bool, dict | None]:
     final = store_path_for(job.store_dir, job.slide_id)
     attrs = read_store_attrs(final)
-    if not attrs or not attrs.get("complete") or attrs.get("format") != FORMAT_NAME:
-        return False, None
-    if attrs.get("format_version") not in READABLE_VERSIONS or attrs.get("config_hash") != config_hash:
+    if not record_matches(attrs, FORMAT_NAME, READABLE_VERSIONS, complete=True, config_hash=config_hash):
         return False, None
     src = attrs.get("slide", {})
     size, mtime = file_stat(job.path)
@@ -555,12 +554,7 @@ _TEMP_NAME = re.compile(r"^\.tmp-(?P<slide_id>.+)-\d+-[0-9a-f]+\.zarr$")
 def clean_stale_temps(store_dir: Path) -> list[str]:
     """Remove temporaries left by runs that ended without finishing (call only while
     holding the run lock); returns the ids of the slides they were building."""
-    ids = set()
-    for p in list(store_dir.glob(".tmp-*")) + list(store_dir.glob(".old-*")):
-        m = _TEMP_NAME.match(p.name)
-        if m:
-            ids.add(m.group("slide_id"))
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    ids = {m.group("slide_id") for p in clean_temporaries(store_dir) if (m := _TEMP_NAME.match(p.name))}
     return sorted(ids)
 
 
@@ -642,7 +636,8 @@ def run_tile(
     out_dir : path
         The store folder: ``<slide_id>.zarr`` per slide, ``reports/``, ``tile-report.json``.
     workers : int, optional
-        Parallel workers (default ``config.runtime.workers``; 0 = one task at a time in this thread).
+        Parallel workers (default ``config.runtime.workers``; -1 = one per core, 0 = one task at a
+        time in this thread).
     processes : bool, optional
         The workers as a Dask LocalCluster of spawned processes instead of threads of this
         process (default ``config.runtime.processes``; see :func:`pipeline.executor.make_executor`).
@@ -654,20 +649,18 @@ def run_tile(
     if not paths:
         raise UsageError("no slides given")
     out = ensure_writable_dir(out_dir, "store folder")
-    workers = config.runtime.workers if workers is None else workers
+    workers = resolve_workers(config.runtime.workers if workers is None else workers)
     processes = config.runtime.processes if processes is None else bool(processes)
-    report = RunReport(
-        command="tile",
-        settings={
-            "out": str(out),
-            "config": config.to_dict(),
-            "config_hash": config.tiling_hash(),
-            "workers": workers,
-            "processes": processes,
-            "scheduler": scheduler,
-        },
-    )
-    with RunLock(out, "tile"):
+    settings = {
+        "out": str(out),
+        "config": config.to_dict(),
+        "config_hash": config.tiling_hash(),
+        "workers": workers,
+        "processes": processes,
+        "scheduler": scheduler,
+    }
+    with BatchRun("tile", out, settings, progress=progress and not quiet, t0=t_run) as run:
+        report = run.report
         interrupted = clean_stale_temps(out)
         if interrupted:
             log.info("removed the temporary stores of %s, left by a run that stopped without finishing",
@@ -677,7 +670,7 @@ def run_tile(
             suspects.setdefault(sid, _INTERRUPTED)
         usable, dups = check_unique_ids(paths)
         for p, reason in dups.items():
-            report.add(SlideOutcome(slide_id_for(p), str(p), "failed", reason))
+            run.outcome(slide_id_for(p), p, "failed", reason)
         flagged = sorted({slide_id_for(p) for p in usable} & suspects.keys())
         if flagged and not processes and not scheduler and workers > 0:
             # A thread that crashes in a native library takes the whole run with it, and the
@@ -696,13 +689,10 @@ def run_tile(
             report.settings["executor_start_s"] = round(time.perf_counter() - t_ex, 3)
             report.settings["executor"] = ex.description
             log.info("tiling %d slides into %s (%s)", len(usable), out, ex.description)
-            _drive(ex, usable, out, config, mpp_overrides, assume_mpp, report, progress and not quiet)
+            _drive(ex, usable, out, config, mpp_overrides, assume_mpp, run)
             t_stop = time.perf_counter()
         report.settings["executor_stop_s"] = round(time.perf_counter() - t_stop, 3)
         save_suspects(out, _update_suspects(suspects, report))
-        report.finished_utc = utc_now()
-        report.seconds = round(time.perf_counter() - t_run, 3)
-        report.write(out, "tile")
     return report
 
 
@@ -711,12 +701,10 @@ def run_tile(
 _PRIORITY = {"final": 3, "extras": 2, "band": 1, "plan": 0}
 
 
-def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progress) -> None:
-    from tqdm.auto import tqdm
-
+def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun) -> None:
     states: dict[str, _SlideState] = {}
     meta: dict = {}
-    bar = tqdm(total=len(paths), unit="slide", desc="tile", disable=True if not show_progress else None, leave=True, mininterval=0.5)
+    run.start(len(paths), leave=True, mininterval=0.5)
     tiles_total = 0
     t_start = time.perf_counter()
     for p in paths:
@@ -726,11 +714,8 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
 
     def finish(st: _SlideState, status: str, reason: str = "", **details) -> None:
         secs = time.perf_counter() - st.t0
-        report.add(SlideOutcome(st.job.slide_id, st.job.path, status, reason, round(secs, 3), details))
-        bar.update(1)
-        if status == "failed":
-            log.warning("FAILED %s: %s", st.job.slide_id, reason)
-        else:
+        run.outcome(st.job.slide_id, st.job.path, status, reason, secs, **details)
+        if status != "failed":
             log.info("%s %s: %s tiles in %.1f s", status, st.job.slide_id, details.get("n_tiles", 0), secs)
 
     def fail(st: _SlideState, exc: BaseException) -> None:
@@ -795,7 +780,7 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
             st.read_seconds += res["seconds"]
             tiles_total += res["n"]
             elapsed = time.perf_counter() - t_start
-            bar.set_postfix_str(f"{tiles_total} tiles, {tiles_total / max(elapsed, 1e-9):.0f} tiles/s")
+            run.bar.set_postfix_str(f"{tiles_total} tiles, {tiles_total / max(elapsed, 1e-9):.0f} tiles/s")
             if st.failed:
                 fail(st, RuntimeError(st.failed))
             else:
@@ -823,5 +808,3 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, report, show_progr
                 level=st.plan["choice"].level,
                 read_path=st.plan["read_path"],
             )
-    bar.close()
-    report.slides.sort(key=lambda s: s.slide_id)

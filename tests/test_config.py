@@ -3,12 +3,12 @@ import dataclasses
 import pytest
 import yaml
 
-from pipeline.config import CONFIG_DIR, Config, ConfigError, load_config, parse_set_options
+from pipeline.config import Config, ConfigError, builtin_configs, load_config, parse_set_options
 
 
 def test_default_yaml_matches_builtin_defaults():
     """configs/default.yaml lists exactly the built-in (paper) defaults."""
-    data = yaml.safe_load((CONFIG_DIR / "default.yaml").read_text())
+    data = yaml.safe_load((builtin_configs() / "default.yaml").read_text())
     assert data == Config().to_dict()
 
 

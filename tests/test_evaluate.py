@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+from pipeline.config import load_config
 from click.testing import CliRunner
 from PIL import Image
 
@@ -211,7 +213,7 @@ def test_pixel_truth_found_and_read_as_training_does(tmp_path):
     assert r1["dice"] == pytest.approx(24 / 28) and r1["iou"] == pytest.approx(0.75)
 
     res = run_evaluate(out / "predictions.csv", tmp_path / "labels.csv", masks=[gt], out_dir=tmp_path / "ev2",
-                       positive_classes=["carcinoma"])
+                       config=load_config(None, {"em.positive_classes": ["carcinoma"]}))
     c1 = res["pixel"]["slides"]["c1"]
     assert c1["dice"] == pytest.approx(0.75) and c1["truth_px"] == 16
     assert res["pixel"]["slides"]["r1"]["truth_px"] == 0  # its Tumor box is no longer positive
