@@ -195,9 +195,11 @@ class ScoreNet(nn.Module):
             the paper's best, Table 1; released code: 2 and 1).
         topk_fraction: regions kept, ``k = ceil(fraction * N)`` (paper: K = 20 of ~238
             regions of a BRACS image; released code: ceil(0.1 N)).
-        topk_sigma / topk_samples: perturbation of the top-k in training (released code: 1e-3, 100).
-        topk_forward: ``"hard"`` (exact regions, perturbed gradient) or ``"expected"``
-            (the Monte-Carlo mean indicators of Eq. 5).
+        topk_sigma / topk_samples: perturbation of the top-k in training (the paper gives no
+            values; 1e-3 and 100 are the released code's).
+        topk_forward: ``"hard"`` (exact regions, perturbed gradient; issue #12's choice and the
+            released code's straight-through form) or ``"expected"`` (the Monte-Carlo mean
+            indicators of Eq. 5, which Eq. 4 then uses to blend regions, as the paper writes it).
         head_hidden: hidden width of the projection head (released code: 128; 0: linear).
         drop_rate: dropout before the last linear layer.
         prior_prob: initial positive probability of a one-logit head (``None``: zero bias).
@@ -302,11 +304,14 @@ class ScoreNet(nn.Module):
     def regions(self, xn: torch.Tensor, indicators: torch.Tensor) -> torch.Tensor:
         """``(B, k, C, R, R)`` regions picked by ``(B, k, N)`` indicators (Eq. 4: X = Y^T P), in float32."""
         r = self.region_px
-        b, c = xn.shape[:2]
+        (b, c), (gh, gw) = xn.shape[:2], self.grid(xn)
+        # (B, gh, gw, C, R, R) view of the tile (no copy); region n is (n // gw, n % gw)
+        view = xn.reshape(b, c, gh, r, gw, r).permute(0, 2, 4, 1, 3, 5)
+        if not indicators.requires_grad:  # one-hot rows: copy out only the chosen regions
+            n = indicators.argmax(dim=-1)
+            return view[torch.arange(b, device=xn.device)[:, None], n // gw, n % gw].float()
         with torch.autocast(device_type=xn.device.type, enabled=False):
-            patches = F.unfold(xn.float(), kernel_size=r, stride=r)  # (B, C*R*R, N)
-            picked = torch.einsum("bkn,bdn->bkd", indicators.float(), patches)
-        return picked.reshape(b, -1, c, r, r)
+            return torch.einsum("bkhw,bhwcij->bkcij", indicators.float().reshape(b, -1, gh, gw), view.float())
 
     def forward_features(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Concatenated scorer and coarse-encoder [CLS] tokens ``(B, num_features)``.

@@ -34,7 +34,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = ["PerturbedTopK", "num_selected", "perturbed_topk", "topk_indicators"]
 
@@ -53,9 +52,20 @@ def _sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
+def _indicators(idx: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, k, N)`` one-hot rows of ``(B, k)`` indices, or the mean over samples of ``(B, S, k)``
+    indices (counted in place: no ``(B, S, k, N)`` tensor is built)."""
+    if idx.dim() == 2:
+        return torch.zeros(*idx.shape, n, dtype=dtype, device=idx.device).scatter_(2, idx[..., None], 1.0)
+    b, s, k = idx.shape
+    counts = torch.zeros(b, k, n, dtype=torch.float32, device=idx.device)  # exact up to 2**24 draws
+    counts.scatter_add_(2, idx.transpose(1, 2), torch.ones(b, k, s, dtype=torch.float32, device=idx.device))
+    return counts.div_(s).to(dtype)
+
+
 def topk_indicators(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Hard ``(B, k, N)`` indicators of the k largest of ``(B, N)`` scores (``torch.topk``)."""
-    return F.one_hot(_sorted_topk(scores, k), scores.shape[-1]).to(scores.dtype)
+    return _indicators(_sorted_topk(scores, k), scores.shape[-1], scores.dtype)
 
 
 class _PerturbedTopKFn(torch.autograd.Function):
@@ -66,10 +76,7 @@ class _PerturbedTopKFn(torch.autograd.Function):
         noise = noise.to(scores.device)
         idx = _sorted_topk(scores[:, None, :] + sigma * noise, k)  # (B, S, k)
         idx0 = _sorted_topk(scores, k)  # (B, k)
-        if hard:
-            out = F.one_hot(idx0, n).to(scores.dtype)
-        else:
-            out = F.one_hot(idx, n).to(scores.dtype).mean(dim=1)
+        out = _indicators(idx0 if hard else idx, n, scores.dtype)
         ctx.save_for_backward(noise, idx, idx0)
         ctx.sigma, ctx.baseline = sigma, baseline
         return out

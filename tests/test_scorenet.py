@@ -229,3 +229,15 @@ def test_bad_constructor_arguments():
         ScoreNet(topk_forward="soft")
     with pytest.raises(ValueError, match="num_heads"):
         ScoreNet(embed_dim=90, num_heads=4)
+
+
+def test_mixed_precision_keeps_the_distribution_in_float32():
+    seed_everything(0)
+    m = models.create_model("scorenet_tiny").train()
+    x = torch.rand(2, 3, 64, 96, generator=gen(0))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        y = m(x, generator=gen(1))
+        sal = m.saliency(x)
+    assert y.shape == (2,) and sal.dtype == torch.float32
+    y.float().sum().backward()
+    assert torch.isfinite(m.head_weights.grad).all() and m.head_weights.grad.abs().sum() > 0
