@@ -29,8 +29,7 @@ this follows the paper; each place is marked "released code:".
 
 from __future__ import annotations
 
-import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
