@@ -352,13 +352,13 @@ def scorenet_tiny_size_divisor(**kwargs) -> int:
     return _size_divisor(SCORENET_TINY_DEFAULTS, kwargs)
 
 
-@register_model("scorenet")
+@register_model("scorenet", size_divisor=scorenet_size_divisor)
 def scorenet(**kwargs) -> ScoreNet:
     """ScoreNet/4/3: downscale 8, 16 px tokens, 128 px regions (16 per 512 px tile)."""
     return ScoreNet(**{**SCORENET_DEFAULTS, **kwargs})
 
 
-@register_model("scorenet_tiny")
+@register_model("scorenet_tiny", size_divisor=scorenet_tiny_size_divisor)
 def scorenet_tiny(**kwargs) -> ScoreNet:
     """ScoreNet at a quarter of the scale: downscale 4, 8 px tokens, 32 px regions
     (16 per 128 px tile, the tiny preset's tile size)."""

@@ -241,3 +241,16 @@ def test_mixed_precision_keeps_the_distribution_in_float32():
     assert y.shape == (2,) and sal.dtype == torch.float32
     y.float().sum().backward()
     assert torch.isfinite(m.head_weights.grad).all() and m.head_weights.grad.abs().sum() > 0
+
+
+def test_registry_knows_the_region_size_without_building_a_model():
+    import models
+    from pipeline.config import ConfigError, load_config
+
+    assert models.get_size_divisor("scorenet") == 128
+    assert models.get_size_divisor("scorenet_tiny") == 32
+    assert models.get_size_divisor("scorenet_tiny", token_px=16) == 64
+    cfg = load_config("tiny", {"model.cls_arch": "scorenet_tiny", "model.cls_arch_kwargs": "{token_px: 16}"})
+    cfg.validate_for_training(tile_px=128)
+    with pytest.raises(ConfigError, match="scorenet_tiny"):
+        cfg.validate_for_training(tile_px=96)  # fine for DLA34 (32), not for 64 px regions
