@@ -24,7 +24,7 @@ from .registry import (
 from .utils import LoadReport, load_state_dict_flexible, seed_everything, seed_worker, unwrap_state_dict
 from .losses import soft_bce_with_logits, topk_mean_bce
 from .dla import DLAClassifier, DLAUpSeg, create_dla_backbone  # registers dla34_up*, dla34_cls*
-from .scorenet import ScoreNet, scorenet_size_divisor, scorenet_tiny_size_divisor  # registers scorenet, scorenet_tiny
+from .scorenet import ScoreNet  # registers scorenet, scorenet_tiny
 
 __all__ = [
     "UnknownModelError",
@@ -44,4 +44,5 @@ __all__ = [
     "DLAClassifier",
     "DLAUpSeg",
     "create_dla_backbone",
+    "ScoreNet",
 ]

@@ -44,12 +44,11 @@ from wsi.annotations import (
     load_slide_annotation,
     match_annotation_files,
 )
-from wsi.store import TileStore
+from wsi.store import FastTileReader, TileStore
 
 log = logging.getLogger("wsi_pipeline")
 
 __all__ = [
-    "FastTileReader",
     "StoreCache",
     "PixelAnnotation",
     "load_pixel_annotations",
@@ -70,51 +69,6 @@ SOURCE_ANNOTATED, SOURCE_PSEUDO, SOURCE_NEGATIVE, SOURCE_CONSTANT = 0, 1, 2, 3
 
 
 # --------------------------------------------------------------------------- lazy stores
-
-
-class FastTileReader:
-    """Reads single tiles of a local JPEG tile store straight from their files.
-
-    A tile store keeps one tile per chunk, each chunk one baseline JPEG (see
-    :mod:`wsi.codecs`), in chunk files or shard files; reading the bytes
-    (:class:`wsi.store.RawChunks`) and decoding them directly skips Zarr's
-    per-call machinery, which costs more than the decode for small tiles. Any
-    other layout (zstd codec, several tiles per chunk) falls back to
-    ``TileStore[i]``. Pixels are identical either way.
-    """
-
-    def __init__(self, store: TileStore):
-        import zarr
-
-        from wsi.codecs import JpegCodec
-        from wsi.store import RawChunks
-
-        self.store = store
-        self.T = store.tile_px
-        arr = zarr.open_array(str(Path(store.path) / "tiles"), mode="r")
-        meta = arr.metadata
-        self._raw = RawChunks(Path(store.path) / "tiles", meta)
-        self.fast = (
-            self._raw.supported
-            and len(self._raw.codecs) == 1
-            and isinstance(self._raw.codecs[0], JpegCodec)
-            and tuple(meta.shape[1:]) == (self.T, self.T, 3)
-        )
-        self._fill = int(meta.fill_value) if meta.fill_value is not None else 0
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        if not self.fast:
-            return self.store[int(i)]
-        import imagecodecs
-
-        data = self._raw.read(int(i))
-        if data is None:  # never written: Zarr's fill value
-            return np.full((self.T, self.T, 3), self._fill, np.uint8)
-        img = np.asarray(imagecodecs.jpeg8_decode(data))
-        return img.reshape(self.T, self.T, 3)
 
 
 class StoreCache:

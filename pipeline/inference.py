@@ -273,7 +273,7 @@ def classify_tiles(
     """theta2 probabilities (float32) of the given tiles of one store (no augmentation)."""
     from pipeline.trainers import autocast
 
-    from pipeline.data import FastTileReader
+    from wsi.store import FastTileReader
 
     st = store if isinstance(store, TileStore) else TileStore(store)
     reader = FastTileReader(st)

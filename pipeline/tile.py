@@ -8,35 +8,31 @@ is readable (a Dask worker, or this process):
    create the store's ``tiles`` array under a temporary name and cut the
    tiles into bands of consecutive grid rows, at least four per worker, each
    writing whole shard files (the short serial part);
-2. :func:`tile_band`    for one band, decode every source tile it touches once
-   (fast TIFF path, canvas by canvas) or read it with OpenSlide, and encode
-   and write its tiles;
+2. :func:`tile_band`    for one band, read its tiles with :mod:`wsi.reader` (every
+   source tile it touches decoded once on the fast TIFF path, canvas by
+   canvas, or read with OpenSlide), and encode and write them;
 3. :func:`store_extras` meanwhile: the fingerprint, coordinates, mask,
    thumbnail, pictures and attributes of the store;
 4. :func:`finalize_slide` mark the store complete and rename it into place.
 
 The driver (:func:`run_tile`) only moves small dicts around, keeps the run
 report, and makes a failed slide fail alone. Each worker thread keeps the
-slide level readers it opened (keyed by the file's identity), so the bands
+slide level readers it opened (:func:`wsi.reader.fast_reader`), so the bands
 of one slide don't re-parse the TIFF.
 """
 
 from __future__ import annotations
 
-import collections
 import errno
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from pipeline.batch import (
@@ -54,17 +50,16 @@ from pipeline.config import Config
 from pipeline.executor import future_error, make_executor, resolve_workers
 from wsi import __version__
 from wsi.atomic import atomic_write_json
-from wsi.grid import group_bands, group_blocks, make_grid, select_tiles, tissue_fractions
+from wsi.grid import group_bands, make_grid, select_tiles, tissue_fractions
 from wsi.preview import draw_tissue_overlay, save_png
+from wsi.reader import iter_tiles, pick_read_path
 from wsi.slide import (
-    LevelChoice,
     SlideError,
     choose_level,
     file_fingerprint,
     file_stat,
     open_slide,
     read_lowres,
-    read_region_rgb,
     slide_id_for,
     slide_info,
 )
@@ -160,65 +155,6 @@ def _existing_store_is_current(job: TileJob, config_hash: str) -> tuple[bool, di
     return src.get("fingerprint") == file_fingerprint(job.path), attrs
 
 
-# --------------------------------------------------------------------------- per-thread caches
-
-_cache = threading.local()
-_MAX_CACHED = 2
-
-
-def _lru(name: str) -> collections.OrderedDict:
-    d = getattr(_cache, name, None)
-    if d is None:
-        d = collections.OrderedDict()
-        setattr(_cache, name, d)
-    return d
-
-
-def _close_quietly(obj) -> None:
-    close = getattr(obj, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception:
-            pass
-
-
-def fast_reader(path: str, level_dimensions: tuple[int, int]):
-    """This thread's fast reader for one level of ``path``, opened once and kept.
-
-    Keyed by the file's identity (path, size, mtime) and the level, so a
-    replaced slide is opened afresh. Raises
-    :class:`wsi.fastread.UnsupportedSlide` (remembered too) when the fast path
-    cannot read that level.
-    """
-    from wsi.fastread import TiffLevelReader, UnsupportedSlide
-
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, tuple(int(v) for v in level_dimensions))
-    readers = _lru("readers")
-    if key in readers:
-        readers.move_to_end(key)
-    else:
-        try:
-            readers[key] = TiffLevelReader.open(path, key[3])
-        except UnsupportedSlide as exc:
-            readers[key] = exc
-        while len(readers) > _MAX_CACHED:
-            _close_quietly(readers.popitem(last=False)[1])
-    got = readers[key]
-    if isinstance(got, Exception):
-        raise UnsupportedSlide(str(got))
-    return got
-
-
-def forget_reader(path: str) -> None:
-    """Close and drop this thread's cached readers of ``path`` (after a read error)."""
-    readers = _lru("readers")
-    ap = os.path.abspath(path)
-    for key in [k for k in readers if k[0] == ap]:
-        _close_quietly(readers.pop(key))
-
-
 # --------------------------------------------------------------------------- worker tasks
 
 
@@ -228,8 +164,6 @@ def _plan_files(tmp: Path) -> tuple[Path, Path]:
 
 def plan_slide(job: TileJob) -> dict:
     """Mask, grid, bands and an empty ``tiles`` array under a temporary name (or 'skipped')."""
-    from wsi.fastread import UnsupportedSlide
-
     t0 = time.perf_counter()
     cfg = job.config
     tcfg, mcfg, scfg = cfg.tiling, cfg.tissue, cfg.store
@@ -256,12 +190,8 @@ def plan_slide(job: TileJob) -> dict:
 
     level_dims = tuple(info.level_dimensions[choice.level])
     read_path, fallback_reason = "openslide", ""
-    if tcfg.fast_read and len(coords):
-        try:
-            fast_reader(job.path, level_dims)  # kept open for this worker's first band
-            read_path = "fast-tiff"
-        except UnsupportedSlide as exc:
-            fallback_reason = str(exc)
+    if tcfg.fast_read and len(coords):  # the fast reader stays open for this worker's first band
+        read_path, fallback_reason = pick_read_path(job.path, level_dims)
 
     attrs = {
         "slide": {**info.to_dict(), "size_bytes": size, "mtime": mtime},
@@ -382,115 +312,6 @@ def _tissue(lowres: np.ndarray, mpp: float, cfg: Config):
         max_hole_area_um2=m.max_hole_area_um2,
         min_tissue_area_um2=m.min_tissue_area_um2,
     )
-
-
-def iter_tiles(
-    path: str,
-    coords: np.ndarray,
-    cols_rows: np.ndarray,
-    choice: LevelChoice,
-    tile_px: int,
-    *,
-    pad_value: int = 255,
-    read_path: str = "openslide",
-    level_dimensions: tuple[int, int] | None = None,
-    block_tiles: int = 4,
-):
-    """Yield ``(k, tile)`` for every tile ``k`` of ``coords``, canvas by canvas.
-
-    The tiles are grouped into squares of ``block_tiles`` x ``block_tiles``
-    grid cells (``cols_rows``) read one after another: with
-    ``read_path='fast-tiff'`` every source tile is decoded once for the whole
-    call (see :func:`wsi.fastread.iter_canvases`) and each tile is a view of
-    the canvas, valid until the next one is yielded; with OpenSlide each
-    square is one ``read_region`` of its bounding box (or one per tile when
-    the square is sparse). Each tile is the level ``choice.level`` region of
-    ``round(tile_px * scale)`` pixels from its level-0 corner, resized to
-    ``tile_px`` when the level does not match the target resolution; pixels
-    beyond the slide are ``pad_value``.
-    """
-    coords = np.asarray(coords, np.int64).reshape(-1, 2)
-    if len(coords) == 0:
-        return
-    size_l = max(1, int(round(tile_px * choice.scale)))
-    lxy = np.rint(coords / choice.level_downsample).astype(np.int64)
-    cells = group_blocks(np.asarray(cols_rows, np.int64).reshape(-1, 2), block_tiles)
-
-    def fit(reg: np.ndarray) -> np.ndarray:
-        if size_l == tile_px:
-            return reg
-        interp = cv2.INTER_AREA if size_l > tile_px else cv2.INTER_LINEAR
-        return cv2.resize(reg, (tile_px, tile_px), interpolation=interp)
-
-    if read_path == "fast-tiff":
-        from wsi.fastread import iter_canvases
-
-        dims = level_dimensions
-        if dims is None:
-            import openslide
-
-            with openslide.OpenSlide(path) as s:
-                dims = s.level_dimensions[choice.level]
-        reader = fast_reader(path, tuple(dims))
-        regions = [[(int(x), int(y), size_l, size_l) for x, y in lxy[cell]] for cell in cells]
-        try:
-            for cell, (canvas, (x0, y0)) in zip(cells, iter_canvases(reader, regions, fill=pad_value)):
-                for k in cell:
-                    x, y = lxy[k] - (x0, y0)
-                    yield int(k), fit(canvas[y : y + size_l, x : x + size_l])
-        except Exception:
-            forget_reader(path)  # never reuse a handle after an error
-            raise
-        return
-    slide = open_slide(path)
-    try:
-        for cell in cells:
-            for k, reg in zip(cell, _openslide_regions(slide, coords[cell], lxy[cell], choice, size_l, pad_value)):
-                yield int(k), fit(reg)
-    finally:
-        slide.close()
-
-
-def read_tiles(
-    path: str,
-    coords: np.ndarray,
-    choice: LevelChoice,
-    tile_px: int,
-    *,
-    pad_value: int = 255,
-    read_path: str = "openslide",
-    level_dimensions: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """Read tiles at level-0 ``coords`` as one (n, tile_px, tile_px, 3) uint8 array.
-
-    See :func:`iter_tiles` for how the pixels are read; here the tiles are
-    grouped into squares by their position alone.
-    """
-    coords = np.asarray(coords, np.int64).reshape(-1, 2)
-    out = np.empty((len(coords), tile_px, tile_px, 3), np.uint8)
-    size_l = max(1, int(round(tile_px * choice.scale)))
-    pseudo_grid = np.rint(coords / choice.level_downsample).astype(np.int64) // size_l
-    for k, tile in iter_tiles(
-        path, coords, pseudo_grid, choice, tile_px,
-        pad_value=pad_value, read_path=read_path, level_dimensions=level_dimensions,
-    ):
-        out[k] = tile
-    return out
-
-
-def _openslide_regions(slide, coords, lxy, choice: LevelChoice, size_l: int, pad_value: int) -> list[np.ndarray]:
-    """Per-tile reads, or one read of the block's bounding box when tiles cover most of it."""
-    x0, y0 = lxy.min(axis=0)
-    x1, y1 = lxy.max(axis=0) + size_l
-    bbox_area = float(x1 - x0) * float(y1 - y0)
-    if len(lxy) * size_l * size_l < bbox_area:
-        return [
-            read_region_rgb(slide, (int(cx), int(cy)), choice.level, (size_l, size_l), background=pad_value)
-            for cx, cy in coords
-        ]
-    origin0 = (int(round(x0 * choice.level_downsample)), int(round(y0 * choice.level_downsample)))
-    big = read_region_rgb(slide, origin0, choice.level, (int(x1 - x0), int(y1 - y0)), background=pad_value)
-    return [big[y - y0 : y - y0 + size_l, x - x0 : x - x0 + size_l] for x, y in lxy]
 
 
 def tile_band(job: TileJob, plan: dict, band: dict) -> dict:

@@ -17,7 +17,6 @@ from pipeline.data import (  # noqa: E402
     SOURCE_CONSTANT,
     SOURCE_NEGATIVE,
     SOURCE_PSEUDO,
-    FastTileReader,
     SeededBatches,
     SlideTopKDataset,
     TileItems,
@@ -29,7 +28,7 @@ from pipeline.data import (  # noqa: E402
 from pipeline.labels import LabelError, load_cohort, read_labels_csv  # noqa: E402
 from tests.em_fixtures import em_cohort  # noqa: E402,F401
 from wsi.annotations import positive_fraction, rasterize_tile  # noqa: E402
-from wsi.store import TileStore  # noqa: E402
+from wsi.store import FastTileReader, TileStore  # noqa: E402
 
 
 def _write_csv(path, rows, header=("slide_id", "label", "split")):

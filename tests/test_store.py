@@ -220,3 +220,32 @@ def test_raw_chunks_read_what_zarr_reads(tmp_path, per_shard):
         shard.write_bytes(bytes(data))
         with pytest.raises(StoreError, match="checksum"):
             RawChunks(p / "tiles", arr.metadata).read(0)
+
+
+@pytest.mark.parametrize("codec,per_shard", [("jpeg", 1), ("jpeg", 4), ("zstd", 4)])
+def test_fast_tile_reader_reads_what_the_store_reads(tmp_path, codec, per_shard):
+    from wsi.store import FastTileReader
+
+    n, t = 10, 64
+    tmp = temp_store_path(tmp_path, "s1")
+    create_store(
+        tmp, tile_px=t, coords=np.array([[i * t, 0] for i in range(n)]),
+        cols_rows=np.stack([np.arange(n), np.zeros(n, int)], 1), tissue_fraction=np.ones(n),
+        mask=np.ones((4, 4), bool), thumbnail=np.full((4, 4, 3), 200, np.uint8),
+        codec=codec, tiles_per_shard=per_shard, attrs={"slide": {"slide_id": "s1"}},
+    )
+    tiles = _tiles(n, t)
+    with TileWriter(tmp) as w:
+        for i in range(8):  # tiles 8 and 9 never written: a partial last shard / missing files
+            w.write_tile(i, tiles[i])
+    finalize_store(tmp, tmp_path / "s1.zarr", {})
+    store = TileStore(tmp_path / "s1.zarr")
+    reader = FastTileReader(store)
+    assert reader.fast == (codec == "jpeg") and len(reader) == n
+    for i in range(n):
+        got = reader[i]
+        assert got.shape == (t, t, 3) and got.dtype == np.uint8
+        assert np.array_equal(got, store[i])
+    assert (reader[9] == 255).all()  # the fill value, as Zarr gives it
+    with pytest.raises(IndexError):
+        reader[n]

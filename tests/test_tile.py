@@ -16,7 +16,8 @@ import pytest
 from pipeline.batch import RunLock, UsageError
 from pipeline.config import load_config
 from pipeline.batch import RunReport, SlideOutcome
-from pipeline.tile import SUSPECTS_FILE, _update_suspects, describe_error, load_suspects, read_tiles, run_tile
+from pipeline.tile import SUSPECTS_FILE, _update_suspects, describe_error, load_suspects, run_tile
+from wsi.reader import read_tiles
 from wsi.slide import read_region_rgb
 from wsi.store import TileStore, list_stores
 
