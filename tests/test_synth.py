@@ -342,7 +342,7 @@ def realistic(tmp_path_factory):
     """A small realistic cohort on procedural tissue (the same wherever the tests run)."""
     out = tmp_path_factory.mktemp("realistic")
     res = synth.make_cohort(out, n_positive=10, n_negative=10, width_px=RW, height_px=RW, seed=5, annotate=2,
-                            difficulty="realistic", texture_source=None, workers=2)
+                            difficulty="realistic", texture_source=None, workers=2, levels=(1, 4))
     return out, res
 
 
@@ -501,10 +501,11 @@ def test_realistic_test_split_lesions_are_of_another_kind(realistic):
 
 def test_realistic_cohort_is_deterministic_and_records_its_texture(tmp_path, shared_slides):
     kw = dict(n_positive=1, n_negative=1, width_px=1024, height_px=1024, seed=9, difficulty="realistic",
-              split=(1.0,), workers=1)
-    a = synth.make_cohort(tmp_path / "a", texture_source=shared_slides / "cmu-1-small-region.svs", **kw)
-    b = synth.make_cohort(tmp_path / "b", texture_source=shared_slides / "cmu-1-small-region.svs", **kw)
-    c = synth.make_cohort(tmp_path / "c", texture_source=None, **kw)
+              split=(1.0,))
+    src = shared_slides / "cmu-1-small-region.svs"
+    a = synth.make_cohort(tmp_path / "a", texture_source=src, workers=1, **kw)
+    b = synth.make_cohort(tmp_path / "b", texture_source=src, workers=2, **kw)  # slides in parallel threads
+    c = synth.make_cohort(tmp_path / "c", texture_source=None, workers=1, **kw)
     assert a["tissue_texture"]["kind"] == "real" and c["tissue_texture"]["kind"] == "procedural"
     assert a["tissue_texture"]["source"].endswith("cmu-1-small-region.svs")
     for sa, sb, sc in zip(a["slides"], b["slides"], c["slides"]):

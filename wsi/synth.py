@@ -2418,8 +2418,8 @@ def _realistic_slide(job) -> dict:
     del rgb
     lesions = [np.asarray(b["polygon_level0_px"]) for b in blobs if b["kind"] == "lesion"]
     decoys = [np.asarray(b["polygon_level0_px"]) for b in blobs if b["kind"] == "decoy"]
-    gj, mp, _ = _write_truth(ann_dir, path, lesions, width_px, height_px, mpp, mask_downsample,
-                             geojson=bool(lesions))
+    gj, mp, mj = _write_truth(ann_dir, path, lesions, width_px, height_px, mpp, mask_downsample,
+                              geojson=bool(lesions))
     region = None
     if slide["pixel_annotated"]:
         reg_dir.mkdir(parents=True, exist_ok=True)
@@ -2433,7 +2433,7 @@ def _realistic_slide(job) -> dict:
         photometric=photometric, seed=int(slide["seed"]), tissue="normal",
         tissue_fraction=round(tissue_px / (width_px * height_px), 4), n_lesions=len(lesions),
         lesions_level0_px=[p.tolist() for p in lesions], geojson_path=str(gj) if gj else None,
-        mask_path=str(mp), mask_json_path=str(mp.with_suffix(".json")), mask_downsample=int(mask_downsample),
+        mask_path=str(mp), mask_json_path=str(mj), mask_downsample=int(mask_downsample),
         file_bytes=path.stat().st_size,
     )
     return {
