@@ -220,9 +220,14 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="Level-0 µm/px.")
 @click.option("--annotated", type=int, default=2, show_default=True, help="Positive slides given pixel annotations.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--difficulty", type=click.Choice(["easy", "realistic"]), default="easy", show_default=True,
+              help="easy: large dark lesions any colour feature finds (fast tests, the demo); realistic: small "
+                   "lesions that differ only in nuclear texture, normal-tissue decoys and confounders in both "
+                   "classes, test lesions of a kind not seen in training, Region*-limited QuPath annotations "
+                   "in region_annotations/.")
 @_common_options
 @_handle_errors
-def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, quiet, verbose):
+def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, difficulty, quiet, verbose):
     """Generate a synthetic cohort of pyramidal TIFF slides with lesions, labels and annotations.
 
     Takes no --config/--set: the options below are all there is to a cohort
@@ -232,6 +237,7 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, quiet, v
     Examples:
       wsi-pipeline synth cohort/ --positives 6 --negatives 6
       wsi-pipeline synth big/ --positives 1 --negatives 0 --size-px 20000
+      wsi-pipeline synth hard/ --difficulty realistic --positives 20 --negatives 20 --annotated 4
     """
     import logging
 
@@ -245,7 +251,7 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, quiet, v
     try:
         info = make_cohort(
             out_dir, n_positive=positives, n_negative=negatives, width_px=size_px, height_px=size_px,
-            mpp=mpp, seed=seed, annotate=annotated,
+            mpp=mpp, seed=seed, annotate=annotated, difficulty=difficulty,
         )
     except ValueError as exc:  # the generator's checks of these options
         raise UsageError(

@@ -330,3 +330,200 @@ def test_synth_cli_bad_options_give_one_line_and_exit_2(tmp_path):
     assert res.exit_code == 2
     assert "cannot generate this cohort" in res.output and "--annotated" in res.output
     assert "Traceback" not in res.output
+
+
+# --------------------------------------------------------------------------- realistic cohort
+
+RW = 1280  # level-0 side of the realistic test slides (0.5 um/px)
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory):
+    """A small realistic cohort on procedural tissue (the same wherever the tests run)."""
+    out = tmp_path_factory.mktemp("realistic")
+    res = synth.make_cohort(out, n_positive=10, n_negative=10, width_px=RW, height_px=RW, seed=5, annotate=2,
+                            difficulty="realistic", texture_source=None, workers=2, levels=(1, 4))
+    return out, res
+
+
+def _thumbnail(path):
+    with openslide.OpenSlide(str(path)) as s:
+        lv = s.level_count - 1
+        rgb = np.asarray(s.read_region((0, 0), lv, s.level_dimensions[lv]).convert("RGB"))
+        return rgb, s.level_downsamples[lv]
+
+
+def _auc_either_way(y, scores) -> float:
+    from pipeline.metrics import roc_auc
+
+    a = roc_auc(y, scores)
+    return max(a, 1 - a)
+
+
+def test_realistic_cohort_has_no_shortcut(realistic):
+    from wsi.tissue import tissue_mask
+
+    out, res = realistic
+    y, feats = [], {}
+    for s in res["slides"]:
+        rgb, ds = _thumbnail(s["path"])
+        tis = tissue_mask(rgb, 0.5 * ds).mask
+        whole, on_tissue = rgb.reshape(-1, 3).mean(0), rgb[tis].mean(0)
+        grey = rgb.astype(float).mean(2)
+        row = {"mean R": whole[0], "mean G": whole[1], "mean B": whole[2], "tissue mean R": on_tissue[0],
+               "tissue mean G": on_tissue[1], "tissue mean B": on_tissue[2], "darkness": 255 - grey.mean(),
+               "tissue darkness": 255 - grey[tis].mean(), "tissue fraction": tis.mean(),
+               "file size": (out / f"{s['slide_id']}.tif").stat().st_size}
+        for k, v in row.items():
+            feats.setdefault(k, []).append(v)
+        y.append(s["label"])
+    assert sum(y) == 10 and len(y) == 20
+    aucs = {k: _auc_either_way(y, v) for k, v in feats.items()}
+    assert max(aucs.values()) <= 0.7, aucs
+
+
+def test_realistic_lesions_are_1_to_5_percent_of_tissue(realistic):
+    from wsi.tissue import tissue_mask
+
+    out, res = realistic
+    for s in res["slides"]:
+        if s["label"] == 0:
+            continue
+        assert 0.01 <= s["lesion_fraction_of_tissue"] <= 0.05
+        gj = json.load(open(out / "annotations" / f"{s['slide_id']}.geojson"))
+        lesion_px = sum(shapely.geometry.shape(f["geometry"]).area for f in gj["features"])
+        rgb, ds = _thumbnail(s["path"])
+        tissue_px = tissue_mask(rgb, 0.5 * ds).mask.sum() * ds * ds
+        assert 0.01 <= lesion_px / tissue_px <= 0.05, (s["slide_id"], lesion_px / tissue_px)
+
+
+def test_realistic_truth_for_every_slide_and_decoys_everywhere(realistic):
+    out, res = realistic
+    ann = out / "annotations"
+    rows = list(csv.DictReader(open(out / "labels.csv")))
+    assert list(rows[0]) == ["slide_id", "label", "split"] and {r["split"] for r in rows} == {"train", "val", "test"}
+    manifest = json.load(open(out / "cohort.json"))
+    assert manifest["difficulty"] == "realistic" and manifest["tissue_texture"]["kind"] == "procedural"
+    for s in res["slides"]:
+        mask = cv2.imread(str(ann / f"{s['slide_id']}_lesion_mask.png"), cv2.IMREAD_GRAYSCALE)
+        assert json.load(open(ann / f"{s['slide_id']}_lesion_mask.json"))["downsample"] == 16
+        assert (mask.max() == 255) == (s["label"] == 1) == (ann / f"{s['slide_id']}.geojson").exists()
+        kinds = [b["kind"] for b in s["blobs"]]
+        assert kinds.count("decoy") >= 1  # normal-tissue blobs on every slide, negatives included
+        assert kinds.count("lesion") == (s["n_lesions"] if s["label"] else 0)
+        assert s["label"] == 0 or s["n_lesions"] >= 1
+    # both classes get the same blob sizes, confounders and nuisances (matched pairs)
+    for lab in (0, 1):
+        sl = [s for s in res["slides"] if s["label"] == lab]
+        assert sum(len(s["confounders"]) for s in sl) > len(sl)
+    npos = [len(s["blobs"]) for s in res["slides"] if s["label"] == 1]
+    nneg = [len(s["blobs"]) for s in res["slides"] if s["label"] == 0]
+    assert sorted(npos) == sorted(nneg)
+
+
+def test_realistic_blobs_differ_by_texture_not_colour(realistic):
+    """Lesion and decoy blobs: same mean colour, different nuclear texture."""
+    out, res = realistic
+    kind, feats = [], {"R": [], "G": [], "B": [], "fine texture": []}
+    for s in res["slides"]:
+        with openslide.OpenSlide(s["path"]) as sl:
+            for b in s["blobs"]:
+                p = np.array(b["polygon_level0_px"])
+                (x0, y0), (x1, y1) = np.floor(p.min(0)).astype(int), np.ceil(p.max(0)).astype(int)
+                rgb = np.asarray(sl.read_region((x0, y0), 0, (x1 - x0, y1 - y0)).convert("RGB")).astype(np.float32)
+                m = np.zeros(rgb.shape[:2], np.uint8)
+                cv2.fillPoly(m, [np.round(p - (x0, y0)).astype(np.int32)], 1)
+                inside = cv2.erode(m, np.ones((9, 9), np.uint8)) > 0
+                lum = rgb.mean(2)
+                dog = cv2.GaussianBlur(lum, (0, 0), 1.5) - cv2.GaussianBlur(lum, (0, 0), 6)
+                for c, k in enumerate("RGB"):
+                    feats[k].append(rgb[inside][:, c].mean())
+                feats["fine texture"].append(dog[inside].std())
+                kind.append(b["kind"] == "lesion")
+    assert 10 <= sum(kind) < len(kind)
+    for k in "RGB":
+        assert _auc_either_way(kind, feats[k]) <= 0.75, k
+    assert _auc_either_way(kind, feats["fine texture"]) >= 0.75
+
+
+def test_realistic_region_annotations(realistic):
+    from shapely.geometry import shape
+    from shapely.ops import unary_union
+
+    out, res = realistic
+    annotated = (out / "pixel_annotated.txt").read_text().split()
+    assert len(annotated) == 2 and annotated == res["pixel_annotated"]
+    outside_somewhere = clipped_somewhere = False
+    for s in res["slides"]:
+        path = out / "region_annotations" / f"{s['slide_id']}.geojson"
+        assert path.exists() == (s["slide_id"] in annotated)
+        if not path.exists():
+            continue
+        assert s["label"] == 1 and s["split"] == "train" and s["n_lesions"] >= 2
+        feats = json.load(open(path))["features"]
+        regions = [f for f in feats if f["properties"]["classification"]["name"] == "Region*"]
+        tumors = [f for f in feats if f["properties"]["classification"]["name"] == "Tumor"]
+        assert regions and tumors and len(regions) + len(tumors) == len(feats)
+        for f in regions:  # axis-aligned rectangles inside the slide
+            ring = np.array(f["geometry"]["coordinates"][0])
+            assert len(ring) == 5 and len(set(ring[:, 0])) == 2 and len(set(ring[:, 1])) == 2
+            assert ring.min() >= 0 and ring[:, 0].max() <= RW and ring[:, 1].max() <= RW
+        area = unary_union([shape(f["geometry"]) for f in regions])
+        for f in tumors:
+            assert shape(f["geometry"]).difference(area.buffer(0.5)).area == 0
+        truth = [shapely.geometry.Polygon(p) for p in s["spec"]["lesions_level0_px"]]
+        outside_somewhere |= any(not t.intersects(area) for t in truth)
+        got = sum(shape(f["geometry"]).area for f in tumors)
+        clipped_somewhere |= got < sum(t.intersection(area).area for t in truth) + 1 and any(
+            t.intersects(area) and not t.within(area) for t in truth)
+    assert outside_somewhere and clipped_somewhere
+
+
+def test_realistic_test_split_lesions_are_of_another_kind(realistic):
+    out, res = realistic
+    got = {"train": {}, "test": {}}
+    for s in res["slides"]:
+        for b in s["blobs"]:
+            if b["kind"] == "lesion":
+                side = "test" if s["split"] == "test" else "train"
+                assert b["group"] == ("lesion_test" if side == "test" else "lesion_train")
+                for k, v in b["params"].items():
+                    got[side].setdefault(k, []).append(v)
+    assert got["train"] and got["test"]
+    for k in got["train"]:  # every nuclear parameter: disjoint ranges
+        tr, te = got["train"][k], got["test"][k]
+        assert max(tr) < min(te) or max(te) < min(tr), k
+    ranges = synth.BLOB_PARAM_RANGES
+    for k, (lo, hi) in ranges["lesion_train"].items():
+        lo2, hi2 = ranges["lesion_test"][k]
+        assert hi < lo2 or hi2 < lo, k
+
+
+def test_realistic_cohort_is_deterministic_and_records_its_texture(tmp_path, shared_slides):
+    kw = dict(n_positive=1, n_negative=1, width_px=1024, height_px=1024, seed=9, difficulty="realistic",
+              split=(1.0,))
+    src = shared_slides / "cmu-1-small-region.svs"
+    a = synth.make_cohort(tmp_path / "a", texture_source=src, workers=1, **kw)
+    b = synth.make_cohort(tmp_path / "b", texture_source=src, workers=2, **kw)  # slides in parallel threads
+    c = synth.make_cohort(tmp_path / "c", texture_source=None, workers=1, **kw)
+    assert a["tissue_texture"]["kind"] == "real" and c["tissue_texture"]["kind"] == "procedural"
+    assert a["tissue_texture"]["source"].endswith("cmu-1-small-region.svs")
+    for sa, sb, sc in zip(a["slides"], b["slides"], c["slides"]):
+        assert _md5(sa["path"]) == _md5(sb["path"]) != _md5(sc["path"])
+        assert sa["blobs"] == sb["blobs"]
+
+
+def test_synth_cli_realistic(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    out = tmp_path / "c"
+    res = CliRunner().invoke(main, ["synth", str(out), "--difficulty", "realistic", "--positives", "1",
+                                    "--negatives", "1", "--size-px", "1024", "--annotated", "0"])
+    assert res.exit_code == 0, res.output
+    assert json.load(open(out / "cohort.json"))["difficulty"] == "realistic"
+    with openslide.OpenSlide(str(out / "slide_000.tif")) as s:
+        assert s.dimensions == (1024, 1024)
+    bad = CliRunner().invoke(main, ["synth", str(tmp_path / "d"), "--difficulty", "hard"])
+    assert bad.exit_code == 2

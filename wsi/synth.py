@@ -25,7 +25,8 @@ render_region
 write_slide
     Write a scene as a pyramidal TIFF (+ lesion GeoJSON / mask PNG).
 make_cohort
-    Write a small labelled cohort of slides.
+    Write a small labelled cohort of slides (``difficulty='easy'`` or
+    ``'realistic'``: small texture-only lesions, decoys, confounders).
 default_downsamples, lesion_geojson, rasterize_polygons
     Helpers.
 """
@@ -49,6 +50,9 @@ import numpy as np
 import tifffile
 
 __all__ = [
+    "BLOB_PARAM_RANGES",
+    "DEFAULT_TEXTURE_SOURCE",
+    "DIFFICULTIES",
     "SlideSpec",
     "SynthScene",
     "TISSUE_KINDS",
@@ -1506,27 +1510,36 @@ def write_slide(path, width_px: int, height_px: int, *, mpp: float | None = 0.5,
     )
     if scene.lesions_px:
         adir = Path(annotations_dir) if annotations_dir is not None else path.parent
-        adir.mkdir(parents=True, exist_ok=True)
-        stem = path.stem
-        gj = adir / f"{stem}.geojson"
-        gj.write_text(json.dumps(lesion_geojson(scene.lesions_px)))
-        mask = rasterize_polygons(scene.lesions_px, width_px, height_px, mask_downsample)
-        mp = adir / f"{stem}_lesion_mask.png"
-        ok = cv2.imwrite(str(mp), mask.astype(np.uint8) * 255)
-        if not ok:
-            raise OSError(f"could not write {mp}")
-        mj = adir / f"{stem}_lesion_mask.json"
-        mj.write_text(json.dumps({
-            "slide": path.name, "downsample": int(mask_downsample),
-            "level0_size_px": [int(width_px), int(height_px)],
-            "mask_size_px": [int(mask.shape[1]), int(mask.shape[0])],
-            "mpp": mpp, "values": {"0": "background", "255": "Tumor"},
-            "rule": "mask pixel (i, j) covers level-0 [j*ds, (j+1)*ds) x [i*ds, (i+1)*ds); "
-                    "set when its centre is inside a lesion polygon",
-        }, indent=1))
+        gj, mp, mj = _write_truth(adir, path, scene.lesions_px, width_px, height_px, mpp, mask_downsample)
         spec.geojson_path, spec.mask_path, spec.mask_json_path = str(gj), str(mp), str(mj)
         spec.mask_downsample = int(mask_downsample)
     return spec
+
+
+def _write_truth(adir: Path, slide_path: Path, polys, width_px: int, height_px: int, mpp,
+                 mask_downsample: int, geojson: bool = True) -> tuple:
+    """Write a slide's lesion truth: ``<stem>.geojson`` (unless ``geojson=False``),
+    ``<stem>_lesion_mask.png`` (0/255 at ``mask_downsample``) and its ``.json`` sidecar."""
+    adir.mkdir(parents=True, exist_ok=True)
+    stem = slide_path.stem
+    gj = adir / f"{stem}.geojson"
+    if geojson:
+        gj.write_text(json.dumps(lesion_geojson(polys)))
+    mask = rasterize_polygons(polys, width_px, height_px, mask_downsample)
+    mp = adir / f"{stem}_lesion_mask.png"
+    ok = cv2.imwrite(str(mp), mask.astype(np.uint8) * 255)
+    if not ok:
+        raise OSError(f"could not write {mp}")
+    mj = adir / f"{stem}_lesion_mask.json"
+    mj.write_text(json.dumps({
+        "slide": slide_path.name, "downsample": int(mask_downsample),
+        "level0_size_px": [int(width_px), int(height_px)],
+        "mask_size_px": [int(mask.shape[1]), int(mask.shape[0])],
+        "mpp": mpp, "values": {"0": "background", "255": "Tumor"},
+        "rule": "mask pixel (i, j) covers level-0 [j*ds, (j+1)*ds) x [i*ds, (i+1)*ds); "
+                "set when its centre is inside a lesion polygon",
+    }, indent=1))
+    return (gj if geojson else None), mp, mj
 
 
 # ----------------------------------------------------------------------------
@@ -1591,12 +1604,28 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
                 split: Sequence[float] | dict = (0.6, 0.2, 0.2), lesions_per_slide: tuple = (1, 3),
                 tile_px: int = 256, levels: Sequence[int] | None = None, jpeg_quality: int = 85,
                 photometric: str = "ycbcr", stain_jitter: float = 0.15, mask_downsample: int = 16,
-                workers: int | None = None) -> dict:
+                workers: int | None = None, difficulty: str = "easy", texture_source="auto") -> dict:
     """Write a small labelled cohort of synthetic slides.
 
     Positive slides contain lesions, negative slides do not.  Labels are
     assigned to ``slide_000 ... slide_NNN`` in a seeded random order, splits
     are stratified by label.
+
+    ``difficulty='easy'`` (the default, for fast tests and the demo): lesions
+    are large, dark, purple regions that any colour feature finds.
+    ``difficulty='realistic'``: lesions are a few small blobs (1-5 % of the
+    tissue) that differ from normal tissue by nuclear size, density,
+    pleomorphism, chromatin and nucleoli only, their mean colour matched to the
+    tissue they replace; every slide has normal-tissue decoy blobs of the same
+    sizes; confounders (pen, folds, blur patches, regional stain shifts,
+    debris), per-slide stain (H&E ratio and vectors), brightness and focus are
+    drawn per (positive, negative) pair of a split, so both classes get them
+    at the same rates; test-split lesions use nuclear parameter ranges
+    (:data:`BLOB_PARAM_RANGES`) disjoint from the other splits' (and, with a
+    real texture source, background texture from the other half of the
+    source image).  Normal tissue comes from ``texture_source`` (a real H&E
+    slide read with OpenSlide, quilted into the tissue outline) or is
+    procedural; ``cohort.json`` records which.
 
     Files written in ``out_dir``:
 
@@ -1607,6 +1636,16 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
     - ``pixel_annotated.txt`` - the pixel-annotated slide ids, one per line:
       the first ``annotate`` positive slides (by id) of the train split;
     - ``cohort.json`` - all of the above plus each slide's :class:`SlideSpec`.
+
+    A realistic cohort also writes ``annotations/<slide_id>_lesion_mask.png``
+    (all zero) and ``.json`` for the negative slides, and, for the
+    pixel-annotated slides, ``region_annotations/<slide_id>.geojson``: what an
+    annotator would export from QuPath, ``Region*`` rectangles marking where
+    the annotation is complete and the ``Tumor`` polygons clipped to them
+    (other lesions of the slide lie outside every rectangle).  Pass that
+    folder, not ``annotations/`` (the full truth, for ``evaluate``), to
+    ``em-round --annotations``.  Each slide entry of ``cohort.json`` lists its
+    blobs (kind, nuclear parameters, outline), confounders and nuisances.
 
     Parameters
     ----------
@@ -1629,7 +1668,13 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
     tile_px, levels, jpeg_quality, photometric, mask_downsample, workers
         Passed to :func:`write_slide`.
     stain_jitter : float
-        Slide-to-slide stain variation.
+        Slide-to-slide stain variation (easy cohorts).
+    difficulty : {'easy', 'realistic'}
+        Which kind of cohort, see above.
+    texture_source : 'auto', str, Path or None
+        Realistic cohorts: a slide whose level 0 is the normal-tissue texture;
+        ``'auto'`` uses :data:`DEFAULT_TEXTURE_SOURCE` when that file exists,
+        ``None`` (or ``'procedural'``) the procedural tissue.
 
     Returns
     -------
@@ -1653,14 +1698,28 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
     if lo < 1 or hi < lo:
         raise ValueError("lesions_per_slide must be (min, max) with 1 <= min <= max")
 
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
     labels, splits, annotated, n_les = _cohort_plan(n_positive, n_negative, seed, split_names, fracs,
                                                     int(annotate), (lo, hi))
     n = len(labels)
 
     out.mkdir(parents=True, exist_ok=True)
     ann_dir = out / "annotations"
+    extra = {}
     slides = []
-    for i in range(n):
+    if difficulty == "realistic":
+        if mpp is None:
+            raise ValueError("a realistic cohort needs mpp")
+        texture, extra["tissue_texture"] = _resolve_texture(texture_source, float(mpp))
+        plan = _realistic_plan(labels, splits, annotated, seed, (lo, hi), split_names[-1])
+        jobs = [(sl, out, ann_dir, out / "region_annotations", int(width_px), int(height_px), float(mpp),
+                 tile_px, levels, jpeg_quality, photometric, mask_downsample, texture) for sl in plan]
+        nw = max(1, min(int(workers or os.cpu_count() or 1), n))
+        slides = list(_ordered_map(_realistic_slide, jobs, nw, ahead=nw))
+        extra["region_annotations_dir"] = str(out / "region_annotations")
+        extra["blob_param_ranges"] = {g: {k: list(v) for k, v in r.items()} for g, r in BLOB_PARAM_RANGES.items()}
+    for i in range(n if difficulty == "easy" else 0):
         sid = f"slide_{i:03d}"
         slide_seed = int(_hash(_subkey(seed, "cohort"), i))
         spec = write_slide(out / f"{sid}.tif", width_px, height_px, mpp=mpp, tile_px=tile_px,
@@ -1689,7 +1748,733 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
         "out_dir": str(out), "labels_csv": str(labels_csv), "annotations_dir": str(ann_dir),
         "pixel_annotated": pix, "pixel_annotated_txt": str(out / "pixel_annotated.txt"),
         "seed": int(seed), "mpp": mpp, "width_px": int(width_px), "height_px": int(height_px),
-        "split_fractions": dict(zip(split_names, fracs)), "slides": slides,
+        "split_fractions": dict(zip(split_names, fracs)), "difficulty": difficulty, **extra, "slides": slides,
     }
     (out / "cohort.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+# ----------------------------------------------------------------------------
+# realistic cohorts
+# ----------------------------------------------------------------------------
+#
+# A realistic slide is rendered at level 0 in memory and post-processed as a
+# whole (the blurs and stain operations need neighbourhoods), then written
+# with its pyramid levels area-downsampled from level 0, as a scanner does.
+# Steps: normal tissue (procedural, or quilted from a real H&E slide) ->
+# blobs (lesions and normal-tissue decoys, each colour-matched to the tissue
+# it replaces) -> per-slide stain and regional confounders in optical density
+# -> focus, blur patches and brightness in intensity.
+
+#: Accepted values of :func:`make_cohort`'s ``difficulty``.
+DIFFICULTIES = ("easy", "realistic")
+
+#: Real H&E texture that realistic cohorts use when it is present (``../shared`` beside the checkout).
+DEFAULT_TEXTURE_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "slides" / "cmu-1-small-region.svs"
+
+#: Nuclear parameters of the blobs of a realistic cohort: per group, a ``(low, high)`` range per
+#: parameter, drawn uniformly per blob.  ``radius_um``: mean semi-major axis (um); ``density``:
+#: nuclei per 1000 um^2; ``pleomorphism``: log-sd of nuclear size; ``elongation``: mean minor /
+#: major axis; ``chromatin``: coarse, marginated chromatin (0 = smooth and solid); ``nucleoli``:
+#: share of nuclei with a visible nucleolus; ``darkness``: nuclear haematoxylin optical density.
+#: ``lesion_train`` is used for the lesions of every split but the last (test), which uses
+#: ``lesion_test``: every range of the two is disjoint, so test lesions are not memorised ones.
+#: Decoys (normal tissue) overlap the training lesions in density and darkness.
+BLOB_PARAM_RANGES = {
+    "decoy": dict(radius_um=(2.4, 3.4), density=(9.0, 16.0), pleomorphism=(0.04, 0.12),
+                  elongation=(0.5, 0.92), chromatin=(0.0, 0.2), nucleoli=(0.0, 0.05), darkness=(0.9, 1.3)),
+    "lesion_train": dict(radius_um=(4.0, 4.9), density=(7.0, 9.5), pleomorphism=(0.18, 0.26),
+                         elongation=(0.7, 0.85), chromatin=(0.35, 0.5), nucleoli=(0.25, 0.45),
+                         darkness=(0.65, 0.85)),
+    "lesion_test": dict(radius_um=(5.0, 6.0), density=(5.0, 6.5), pleomorphism=(0.28, 0.38),
+                        elongation=(0.56, 0.68), chromatin=(0.55, 0.72), nucleoli=(0.5, 0.7),
+                        darkness=(0.5, 0.62)),
+}
+
+#: Total lesion area of a positive slide, as a fraction of its tissue area.
+_LESION_FRACTION = (0.015, 0.035)
+#: Decoys per slide (on top of the blob count of the lesions they stand in for).
+_DECOYS = (1, 2)
+#: Tissue fraction of the slide area.
+_TISSUE_FRACTION = (0.2, 0.4)
+#: Ink optical densities (R, G, B) of pen marks: blue, green, black.
+_INKS = ((0.95, 0.55, 0.12), (0.85, 0.22, 0.65), (0.85, 0.85, 0.8))
+
+
+def _rng(*key) -> np.random.Generator:
+    return np.random.default_rng([int(k) & _M32 for k in key])
+
+
+def _draw_params(rng, group: str) -> dict:
+    return {k: round(float(rng.uniform(lo, hi)), 4) for k, (lo, hi) in BLOB_PARAM_RANGES[group].items()}
+
+
+def _nuisance(rng, lesion_range: tuple, min_lesions: int) -> dict:
+    """Everything about a slide that must not depend on its label.
+
+    Drawn once per (positive, negative) pair of a split, so both classes get
+    the same stain, brightness, focus, tissue amount, confounders and blob
+    sizes (case-control matching); the lesions of the positive are decoys on
+    the negative.
+    """
+    n_les = max(int(rng.integers(lesion_range[0], lesion_range[1] + 1)), min_lesions)
+    les_area = float(rng.uniform(*_LESION_FRACTION)) * rng.dirichlet([3.0] * n_les)
+    dec_area = []
+    for _ in range(int(rng.integers(_DECOYS[0], _DECOYS[1] + 1))):  # sized like a lesion
+        m = int(rng.integers(lesion_range[0], lesion_range[1] + 1))
+        dec_area.append(float(rng.uniform(*_LESION_FRACTION)) * float(rng.dirichlet([3.0] * m)[0]))
+    h, e = _stain_vectors(rng, 1.0)
+    return {
+        "tissue_fraction": round(float(rng.uniform(*_TISSUE_FRACTION)), 4),
+        "stain_h": round(float(np.exp(rng.uniform(math.log(0.7), math.log(1.35)))), 4),
+        "stain_e": round(float(np.exp(rng.uniform(math.log(0.7), math.log(1.35)))), 4),
+        "h_vec": [round(float(v), 4) for v in h], "e_vec": [round(float(v), 4) for v in e],
+        "brightness": round(float(rng.uniform(0.92, 1.05)), 4),
+        "focus_sigma_px": round(float(max(0.0, rng.uniform(-0.3, 1.3))), 3),
+        "confounders": {"pen": int(rng.random() < 0.4), "fold": int(rng.random() < 0.4),
+                        "blur": int(rng.integers(0, 3)), "stain_patch": int(rng.random() < 0.5),
+                        "debris": int(rng.integers(0, 9))},
+        "n_lesions": n_les,
+        "blob_tissue_fractions": [round(float(a), 5) for a in list(les_area) + dec_area],
+    }
+
+
+# --- texture source ----------------------------------------------------------
+
+_TEXTURE_CACHE: dict = {}
+_QUILT_PX = 448  # patch edge of the texture quilt
+_QUILT_OVERLAP = 112
+
+
+@dataclass(eq=False)
+class _Texture:
+    """A real H&E image resampled to the cohort's pixel size, and where its tissue patches are."""
+
+    path: str
+    rgb: np.ndarray
+    positions: dict  # 'all' / 'left' / 'right' -> (N, 2) top-left corners (x, y) of tissue patches
+    source_mpp: float
+
+    def describe(self) -> dict:
+        h, w = self.rgb.shape[:2]
+        return {"kind": "real", "source": self.path, "source_mpp": self.source_mpp,
+                "lesion_texture": {"lesion_train": f"left half (x < {w // 2} px at the cohort's mpp)",
+                                   "lesion_test": f"right half (x >= {w // 2} px)",
+                                   "decoy": "whole image", "normal tissue": "whole image"}}
+
+
+def _load_texture(path, mpp: float) -> _Texture:
+    """Read a real slide's level 0 as texture (cached per path and mpp)."""
+    import openslide
+
+    key = (str(path), round(mpp, 6))
+    if key in _TEXTURE_CACHE:
+        return _TEXTURE_CACHE[key]
+    try:
+        with openslide.OpenSlide(str(path)) as s:
+            rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+            src_mpp = float(s.properties.get(openslide.PROPERTY_NAME_MPP_X) or mpp)
+    except openslide.OpenSlideError as exc:
+        raise ValueError(f"{path}: cannot read the texture source ({exc})") from None
+    if abs(src_mpp / mpp - 1) > 0.05:
+        f = src_mpp / mpp
+        rgb = cv2.resize(rgb, (round(rgb.shape[1] * f), round(rgb.shape[0] * f)), interpolation=cv2.INTER_AREA)
+    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+    tis = ((sat > 30) & (rgb.min(2) < 225)).astype(np.float64)
+    ii = np.pad(tis.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    p = _QUILT_PX
+    ys, xs = np.mgrid[0:rgb.shape[0] - p:8, 0:rgb.shape[1] - p:8]
+    cover = (ii[ys + p, xs + p] - ii[ys, xs + p] - ii[ys + p, xs] + ii[ys, xs]) / (p * p)
+    ok = cover >= 0.85
+    pos = np.stack([xs[ok], ys[ok]], 1)
+    half = rgb.shape[1] // 2
+    positions = {"all": pos, "left": pos[pos[:, 0] + p <= half], "right": pos[pos[:, 0] >= half]}
+    if min(len(v) for v in positions.values()) < 4:
+        raise ValueError(f"{path}: too little tissue for a texture source (need {p} px patches in both halves)")
+    tex = _Texture(str(path), rgb, positions, src_mpp)
+    _TEXTURE_CACHE[key] = tex
+    return tex
+
+
+def _quilt(rng, tex: _Texture, which: str, w: int, h: int, needed: np.ndarray | None = None) -> np.ndarray:
+    """A (h, w, 3) float32 texture: randomly placed, rotated and flipped tissue patches, feathered.
+
+    ``needed`` (bool, any resolution covering the ``w x h`` area): patches
+    over none of it stay glass-coloured (they are not drawn).
+    """
+    p, o = _QUILT_PX, _QUILT_OVERLAP
+    step = p - o
+    nx, ny = max(1, -(-(w - o) // step)), max(1, -(-(h - o) // step))
+    acc = np.zeros((ny * step + o, nx * step + o, 3), np.float32)
+    wsum = np.full(acc.shape[:2], 1e-6, np.float32)
+    r = np.minimum(1.0, np.minimum(np.arange(p) + 0.5, p - np.arange(p) - 0.5) / o).astype(np.float32)
+    win = r[:, None] * r[None, :]
+    win3 = np.repeat(win[..., None], 3, 2)
+    pos = tex.positions[which]
+    for j in range(ny):
+        for i in range(nx):
+            x, y = pos[rng.integers(len(pos))]  # drawn for every patch: the texture does not depend on `needed`
+            k, flip = int(rng.integers(4)), rng.random() < 0.5
+            if needed is not None:
+                fy, fx = needed.shape[0] / h, needed.shape[1] / w
+                sub = needed[int(j * step * fy):int(math.ceil((j * step + p) * fy)),
+                             int(i * step * fx):int(math.ceil((i * step + p) * fx))]
+                if not sub.any():
+                    continue
+            patch = np.rot90(tex.rgb[y:y + p, x:x + p], k)
+            if flip:
+                patch = patch[:, ::-1]
+            patch = np.ascontiguousarray(patch, dtype=np.float32)
+            patch *= win3
+            acc[j * step:j * step + p, i * step:i * step + p] += patch
+            wsum[j * step:j * step + p, i * step:i * step + p] += win
+    acc /= wsum[..., None]
+    return acc[:h, :w]
+
+
+# --- geometry ------------------------------------------------------------------
+
+
+def _with_tissue_fraction(scene: SynthScene, target: float) -> SynthScene:
+    """The scene with its tissue grown or shrunk (a constant offset of the distance field) to ``target``."""
+    from dataclasses import replace
+
+    r = scene.raster
+    lo, hi = float(r.min()), float(r.max())
+    for _ in range(40):
+        c = 0.5 * (lo + hi)
+        if (r > c).mean() > target:
+            lo = c
+        else:
+            hi = c
+    return replace(scene, raster=(r - np.float32(0.5 * (lo + hi))).astype(np.float32))
+
+
+def _tissue_area_px(scene: SynthScene) -> float:
+    return float((scene.raster > 0).sum()) * (scene.raster_um / scene.render_mpp) ** 2
+
+
+def _polygon_area(poly: np.ndarray) -> float:
+    x, y = poly[:, 0], poly[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _place_blobs(rng, scene: SynthScene, areas_px: Sequence[float]) -> list:
+    """Non-overlapping smooth blob outlines (level-0 px) of the given areas, inside the tissue."""
+    mpp = scene.render_mpp
+    g = scene.raster_um
+    placed = []
+    th = np.linspace(0, 2 * math.pi, 96, endpoint=False)
+    for area in areas_px:
+        ok = False
+        for _ in range(400):
+            amps, ph = _deformed_outline(rng, 4, 0.3)
+            ratio = rng.uniform(1.0, 1.6)
+            ang = rng.uniform(0, math.pi)
+            rr = np.ones_like(th)
+            for k, (a_, p_) in enumerate(zip(amps, ph), start=2):
+                rr += a_ * np.cos(k * th + p_)
+            u, v = math.sqrt(ratio) * rr * np.cos(th), rr * np.sin(th) / math.sqrt(ratio)
+            unit = np.stack([math.cos(ang) * u - math.sin(ang) * v, math.sin(ang) * u + math.cos(ang) * v], 1)
+            unit *= math.sqrt(area / _polygon_area(unit))  # level-0 px, centred at 0
+            ext_um = float(np.hypot(unit[:, 0], unit[:, 1]).max()) * mpp
+            cand = np.argwhere(scene.raster > 0.5 * ext_um + 10.0)
+            if len(cand) == 0:
+                continue
+            j, i = cand[rng.integers(len(cand))]
+            cx, cy = (i + rng.uniform(-0.5, 0.5)) * g / mpp, (j + rng.uniform(-0.5, 0.5)) * g / mpp
+            if any(math.hypot(cx - qx, cy - qy) * mpp < ext_um + qe + 20.0 for qx, qy, qe, _ in placed):
+                continue
+            poly = unit + (cx, cy)
+            if np.min(_tissue_field_points(scene, poly[:, 0] * mpp, poly[:, 1] * mpp)) < 8.0:
+                continue
+            placed.append((cx, cy, ext_um, np.round(poly, 2)))
+            ok = True
+            break
+        if not ok:
+            raise ValueError(f"no room for a blob of {area:.0f} px in the tissue of the slide with seed "
+                             f"{scene.seed}: the slides are too small")
+    return [p[3] for p in placed]
+
+
+def _crop_box(pts: np.ndarray, pad: float, w: int, h: int):
+    x0 = max(int(math.floor(pts[:, 0].min() - pad)), 0)
+    y0 = max(int(math.floor(pts[:, 1].min() - pad)), 0)
+    x1 = min(int(math.ceil(pts[:, 0].max() + pad)) + 1, w)
+    y1 = min(int(math.ceil(pts[:, 1].max() + pad)) + 1, h)
+    return x0, y0, x1, y1
+
+
+def _soft(mask_u8: np.ndarray, sigma_px: float) -> np.ndarray:
+    """A 0/255 mask as float32 0..1, Gaussian-feathered by ``sigma_px`` (wide ones at a lower resolution)."""
+    m = mask_u8.astype(np.float32) * (1 / 255.0)
+    if sigma_px <= 0.3:
+        return m
+    f = int(sigma_px // 4)
+    if f < 2:
+        return cv2.GaussianBlur(m, (0, 0), sigma_px)
+    h, w = m.shape
+    small = cv2.resize(m, (max(1, w // f), max(1, h // f)), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), sigma_px / f)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _random_tissue_point(rng, scene: SynthScene, margin_um: float = 30.0) -> tuple:
+    cand = np.argwhere(scene.raster > margin_um)
+    if len(cand) == 0:
+        cand = np.argwhere(scene.raster > 0)
+    j, i = cand[rng.integers(len(cand))]
+    return i * scene.raster_um / scene.render_mpp, j * scene.raster_um / scene.render_mpp
+
+
+# --- blobs: lesions and decoys --------------------------------------------------
+
+
+def _blob_nuclei(rng, mask: np.ndarray, p: dict, mpp: float):
+    """Nuclei of a blob: haematoxylin OD map and nucleolus map (float32, like ``mask``)."""
+    h, w = mask.shape
+    sp = 1.0 / math.sqrt(p["density"] / 1000.0) / mpp
+    gy, gx = np.meshgrid(np.arange(0.5 * sp, h, sp), np.arange(0.5 * sp, w, sp), indexing="ij")
+    x = np.round(gx.ravel() + rng.uniform(-0.45, 0.45, gx.size) * sp).astype(int)
+    y = np.round(gy.ravel() + rng.uniform(-0.45, 0.45, gy.size) * sp).astype(int)
+    keep = (x >= 0) & (y >= 0) & (x < w) & (y < h) & (rng.random(x.size) > 0.08)
+    x, y = x[keep], y[keep]
+    x, y = x[mask[y, x] > 0], y[mask[y, x] > 0]
+    n = x.size
+    pl = p["pleomorphism"]
+    a = p["radius_um"] / mpp * np.exp(rng.normal(0, pl, n))
+    b = a * np.clip(p["elongation"] * np.exp(rng.normal(0, 0.7 * pl, n)), 0.3, 1.0)
+    ang = rng.uniform(0, 180, n)
+    dark = p["darkness"] * np.exp(rng.normal(0, 0.5 * pl, n))
+    nucleolus = rng.random(n) < p["nucleoli"]
+    nr = rng.uniform(0.5, 0.9, n) / mpp
+    off = rng.uniform(-0.3, 0.3, (n, 2)) * b[:, None]
+    shift, S = 4, 16
+    scale = 255.0 / 2.5
+    canvas = np.zeros((h, w), np.uint8)
+    nuc2 = np.zeros((h, w), np.uint8)
+    rim = max(1, int(round(0.5 / mpp)))
+    hollow = 1.0 - 0.55 * p["chromatin"]
+    for i in range(n):
+        c = (int(x[i] * S), int(y[i] * S))
+        axes = (int(max(a[i], 0.6) * S), int(max(b[i], 0.6) * S))
+        col = float(np.clip(dark[i] * scale, 1, 255))
+        cv2.ellipse(canvas, c, axes, float(ang[i]), 0, 360, col * hollow, -1, cv2.LINE_AA, shift)
+        cv2.ellipse(canvas, c, axes, float(ang[i]), 0, 360, col, rim, cv2.LINE_AA, shift)
+        if nucleolus[i]:
+            cv2.circle(nuc2, (int((x[i] + off[i, 0]) * S), int((y[i] + off[i, 1]) * S)), int(nr[i] * S), 230,
+                       -1, cv2.LINE_AA, shift)
+    od = canvas.astype(np.float32) * (1.0 / scale)
+    grain = cv2.GaussianBlur(rng.standard_normal((h, w), dtype=np.float32), (0, 0), 0.45 / mpp)
+    grain *= 1.0 / (float(grain.std()) + 1e-6)
+    od *= 1.0 + 0.8 * p["chromatin"] * np.clip(grain, -1.5, 1.5)
+    od = cv2.GaussianBlur(od, (0, 0), 0.35)
+    return od, nuc2.astype(np.float32) * (0.9 / 255.0)
+
+
+def _remove_nuclei(rgb: np.ndarray, mpp: float) -> np.ndarray:
+    """Tissue with its nuclei (pixels darker than their surroundings) filled in from the nearby stroma."""
+    lum = rgb.mean(2)
+    dark = (lum < 0.9 * cv2.GaussianBlur(lum, (0, 0), 4.0 / mpp)).astype(np.uint8)
+    k = 2 * int(round(0.8 / mpp)) + 1
+    keep = 1.0 - cv2.dilate(dark, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))).astype(np.float32)
+    sig = 2.5 / mpp
+    fill = cv2.GaussianBlur(rgb * keep[..., None], (0, 0), sig)
+    fill /= np.maximum(cv2.GaussianBlur(keep, (0, 0), sig), 1e-3)[..., None]
+    return rgb * keep[..., None] + fill * (1.0 - keep[..., None])
+
+
+def _composite_blob(img: np.ndarray, src: np.ndarray, box: tuple, poly: np.ndarray, p: dict, rng,
+                    mpp: float) -> tuple:
+    """Replace the tissue under ``poly`` (in place) by a blob of nuclei with parameters ``p``.
+
+    ``src`` is the blob's background over ``box`` (level-0 ``x0, y0, x1, y1``),
+    used with its own nuclei removed (:func:`_remove_nuclei`), lightened or darkened
+    per channel so that the blob's mean colour equals the mean colour of the
+    tissue it replaces: the blob differs from its surroundings by texture, not
+    by colour or darkness.  Returns the density scales of the background and the nuclei.
+    """
+    x0, y0, x1, y1 = box
+    crop = img[y0:y1, x0:x1]
+    mask = np.zeros(crop.shape[:2], np.uint8)
+    _fill_polys(mask, [poly], x0, y0, 1.0, 255, cv2.LINE_AA)
+    inside = mask > 127
+    if not inside.any():
+        return
+    bg = _remove_nuclei(np.ascontiguousarray(src, np.float32), mpp)
+    glass = np.array(_GLASS_RGB, np.float32)
+    bg_od = np.maximum(-np.log(np.maximum(bg, 1.0) / glass), 0.0)
+    hmap, nucleoli = _blob_nuclei(rng, mask, p, mpp)
+    nuc_od = hmap[..., None] * _H_VEC.astype(np.float32) + nucleoli[..., None] * (
+        0.7 * _H_VEC + 0.3 * _E_VEC).astype(np.float32)
+    target = crop[inside].mean(0)
+    sub = np.flatnonzero(inside.ravel())[::3]
+    b_od, n_od = bg_od.reshape(-1, 3)[sub], nuc_od.reshape(-1, 3)[sub]
+
+    def solve(f, lo, hi):  # the x in [lo, hi] where the mean brightness f(x) (decreasing) meets the target
+        for _ in range(22):
+            x = 0.5 * (lo + hi)
+            lo, hi = (x, hi) if float(f(x).mean(0).sum()) > float(target.sum()) else (lo, x)
+        return 0.5 * (lo + hi)
+
+    # brightness: first the background's density, then (pale tissue) the nuclei's
+    s = solve(lambda x: glass * np.exp(-(x * b_od + n_od)), 0.4, 2.0)
+    t = 1.0 if s > 0.401 else solve(lambda x: glass * np.exp(-(s * b_od + x * n_od)), 0.2, 1.0)
+    blob = glass * np.exp(-(s * bg_od + t * nuc_od))
+    blob *= target / blob[inside].mean(0)  # ... then the colour difference that remains
+    alpha = _soft(mask, 1.0 / mpp)[..., None]
+    crop += alpha * (blob - crop)
+    return s, t
+
+
+# --- confounders ------------------------------------------------------------------
+
+
+def _stain_matrix(h_vec, e_vec, k_h: float, k_e: float, h_to=None, e_to=None) -> np.ndarray:
+    """3x3 ``A`` with ``od @ A``: unmix with (h, e, residual), scale H and E, remix with (h_to, e_to)."""
+    h, e = np.asarray(h_vec, float), np.asarray(e_vec, float)
+    r = np.cross(h, e)
+    r /= np.linalg.norm(r)
+    m = np.stack([h, e, r])
+    h2 = np.asarray(h if h_to is None else h_to, float)
+    e2 = np.asarray(e if e_to is None else e_to, float)
+    m2 = np.stack([h2, e2, r])
+    return np.linalg.inv(m) @ np.diag([k_h, k_e, 1.0]) @ m2
+
+
+def _apply_od_matrix(od: np.ndarray, a: np.ndarray) -> np.ndarray:
+    return cv2.transform(od, a.T.astype(np.float32))
+
+
+def _pen(rng, logt, scene, mpp) -> dict:
+    h, w = logt.shape[:2]
+    n = int(rng.uniform(0.25, 0.6) * max(w, h) / (8.0 / mpp))
+    heading = rng.uniform(0, 2 * math.pi) + np.cumsum(rng.normal(0, 0.06, n))
+    pts = np.array([rng.uniform(0, w), rng.uniform(0, h)]) + np.cumsum(
+        np.stack([np.cos(heading), np.sin(heading)], 1) * (8.0 / mpp), 0)
+    thick = rng.uniform(15, 35) / mpp
+    ink = np.array(_INKS[int(rng.integers(len(_INKS)))], np.float32) * rng.uniform(0.5, 1.0)
+    x0, y0, x1, y1 = _crop_box(pts, thick, w, h)
+    if x1 <= x0 or y1 <= y0:
+        return {"kind": "pen", "visible": False}
+    m = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.polylines(m, [np.round((pts - (x0, y0)) * 16).astype(np.int32)], False, 255, int(thick),
+                  cv2.LINE_AA, 4)
+    m = _soft(m, 1.5)
+    m *= 1.0 + 0.15 * cv2.resize(rng.standard_normal((8, 8), dtype=np.float32), (x1 - x0, y1 - y0))
+    logt[y0:y1, x0:x1] -= m[..., None] * ink
+    return {"kind": "pen", "bbox_level0_px": [x0, y0, x1, y1], "ink_od": [round(float(v), 3) for v in ink]}
+
+
+def _fold(rng, logt, scene, mpp) -> dict:
+    h, w = logt.shape[:2]
+    cx, cy = _random_tissue_point(rng, scene)
+    ang, L = rng.uniform(0, math.pi), rng.uniform(150, 600) / mpp
+    bend = rng.normal(0, 0.15)
+    t = np.linspace(-0.5, 0.5, 9)[:, None]
+    d = np.array([math.cos(ang), math.sin(ang)])
+    nrm = np.array([-d[1], d[0]])
+    pts = np.array([cx, cy]) + t * L * d + (t ** 2 - 0.25) * L * bend * nrm
+    wid = rng.uniform(15, 45) / mpp
+    x0, y0, x1, y1 = _crop_box(pts, wid, w, h)
+    m = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.polylines(m, [np.round((pts - (x0, y0)) * 16).astype(np.int32)], False, 255, int(wid), cv2.LINE_AA, 4)
+    m = _soft(m, 0.2 * wid)
+    logt[y0:y1, x0:x1] *= 1.0 + 0.85 * m[..., None]  # two layers of tissue: twice the density
+    return {"kind": "fold", "bbox_level0_px": [x0, y0, x1, y1]}
+
+
+def _ellipse_mask(rng, scene, w, h, r_um: tuple, mpp: float, soft: float):
+    cx, cy = _random_tissue_point(rng, scene)
+    ra, rb = rng.uniform(*r_um) / mpp, rng.uniform(*r_um) / mpp
+    pad = max(ra, rb) * (1 + 2 * soft)
+    x0, y0, x1, y1 = _crop_box(np.array([[cx, cy]]), pad, w, h)
+    m = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.ellipse(m, (int(cx - x0), int(cy - y0)), (int(ra), int(rb)), float(rng.uniform(0, 180)), 0, 360, 255, -1)
+    return (x0, y0, x1, y1), _soft(m, soft * min(ra, rb))
+
+
+def _stain_patch(rng, logt, scene, mpp, h_vec, e_vec) -> dict:
+    h, w = logt.shape[:2]
+    (x0, y0, x1, y1), m = _ellipse_mask(rng, scene, w, h, (150, 450), mpp, 0.3)
+    kh, ke = float(np.exp(rng.uniform(-0.45, 0.45))), float(np.exp(rng.uniform(-0.45, 0.45)))
+    crop = logt[y0:y1, x0:x1]
+    shifted = _apply_od_matrix(np.ascontiguousarray(crop), _stain_matrix(h_vec, e_vec, kh, ke))
+    crop += m[..., None] * (shifted - crop)
+    return {"kind": "stain_patch", "bbox_level0_px": [x0, y0, x1, y1], "stain_h": round(kh, 3),
+            "stain_e": round(ke, 3)}
+
+
+def _debris(rng, logt, scene, mpp) -> dict:
+    h, w = logt.shape[:2]
+    if rng.random() < 0.5:
+        cx, cy = _random_tissue_point(rng, scene, 0.0)
+    else:
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    r = rng.uniform(3, 18) / mpp
+    amps, ph = _deformed_outline(rng, 5, 0.6)
+    th = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+    rr = r * (1 + sum(a_ * np.cos(k * th + p_) for k, (a_, p_) in enumerate(zip(amps, ph), start=2)))
+    pts = np.stack([cx + rr * np.cos(th), cy + rr * np.sin(th)], 1)
+    x0, y0, x1, y1 = _crop_box(pts, 3, w, h)
+    if x1 <= x0 or y1 <= y0:
+        return {"kind": "debris", "visible": False}
+    m = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    _fill_polys(m, [pts], x0, y0, 1.0, 255, cv2.LINE_AA)
+    col = (np.array([0.55, 0.8, 1.0]) if rng.random() < 0.5 else np.ones(3)) * rng.uniform(0.7, 1.8)
+    logt[y0:y1, x0:x1] -= _soft(m, 0.8)[..., None] * col.astype(np.float32)
+    return {"kind": "debris", "bbox_level0_px": [x0, y0, x1, y1]}
+
+
+def _blur_patch(rng, img, scene, mpp) -> dict:
+    h, w = img.shape[:2]
+    (x0, y0, x1, y1), m = _ellipse_mask(rng, scene, w, h, (100, 350), mpp, 0.25)
+    sig = float(rng.uniform(1.5, 4.0))
+    crop = img[y0:y1, x0:x1]
+    crop += m[..., None] * (cv2.GaussianBlur(crop, (0, 0), sig) - crop)
+    return {"kind": "blur", "bbox_level0_px": [x0, y0, x1, y1], "sigma_px": round(sig, 2)}
+
+
+# --- one slide ----------------------------------------------------------------------
+
+
+def _tissue_alpha(scene: SynthScene) -> np.ndarray:
+    """Level-0 tissue coverage (float32 0..1) of a scene, from its distance field at downsample 4."""
+    mpp = scene.render_mpp
+    w4, h4 = -(-scene.width_px // 4), -(-scene.height_px // 4)
+    xs = (np.arange(w4) + 0.5) * 4 * mpp
+    ys = (np.arange(h4) + 0.5) * 4 * mpp
+    f = _tissue_field_grid(scene, xs, ys, 4 * mpp)
+    f = cv2.resize(f, (w4 * 4, h4 * 4), interpolation=cv2.INTER_LINEAR)[:scene.height_px, :scene.width_px]
+    return np.clip(f * (1.0 / mpp) + 0.5, 0.0, 1.0)
+
+
+def _render_realistic(slide: dict, width_px: int, height_px: int, mpp: float, texture: _Texture | None):
+    """Render one realistic slide at level 0: (uint8 RGB, blobs, confounders, tissue area px)."""
+    nz = slide["nuisance"]
+    rng = _rng(slide["seed"], 0x4EA1)
+    scene = make_scene(width_px, height_px, mpp=mpp, seed=slide["seed"], tissue="normal")
+    scene = _with_tissue_fraction(scene, nz["tissue_fraction"])
+    glass = np.array(_GLASS_RGB, np.float32)
+    if texture is None:
+        img = render_region(scene, downsample=1).astype(np.float32)
+    else:
+        alpha = _tissue_alpha(scene)[..., None]
+        img = _quilt(rng, texture, "all", width_px, height_px, needed=scene.raster > -40.0)
+        img -= glass
+        img *= alpha
+        img += glass
+        del alpha
+    tissue_px = _tissue_area_px(scene)
+    # blobs: lesions (positives only) and decoys, all colour-matched to the tissue they replace
+    polys = _place_blobs(rng, scene, [a * tissue_px for a in nz["blob_tissue_fractions"]])
+    blobs = []
+    for j, poly in enumerate(polys):
+        lesion = slide["label"] == 1 and j < nz["n_lesions"]
+        group = slide["lesion_group"] if lesion else "decoy"
+        p = _draw_params(rng, group)
+        box = _crop_box(poly, 6.0 / mpp, width_px, height_px)
+        if texture is None:  # the blob's background: the tissue it replaces
+            src = img[box[1]:box[3], box[0]:box[2]].copy()
+        else:  # ... or tissue from the group's part of the texture source
+            which = {"decoy": "all", "lesion_train": "left", "lesion_test": "right"}[group]
+            src = _quilt(rng, texture, which, box[2] - box[0], box[3] - box[1])
+        bscale, nscale = _composite_blob(img, src, box, poly, p, rng, mpp)
+        blobs.append({"kind": "lesion" if lesion else "decoy", "group": group, "params": p,
+                      "background_density_scale": round(bscale, 3), "nuclear_density_scale": round(nscale, 3),
+                      "area_px": round(_polygon_area(poly), 1), "polygon_level0_px": poly.tolist()})
+    # log transmittance (minus the optical density): per-slide stain, folds, stain patches, debris, pen
+    np.maximum(img, 1.0, out=img)
+    cv2.log(img, img)
+    a = _stain_matrix(_H_VEC, _E_VEC, nz["stain_h"], nz["stain_e"], nz["h_vec"], nz["e_vec"]).T
+    affine = np.concatenate([a, -(a @ np.log(glass))[:, None]], 1).astype(np.float32)
+    logt = cv2.transform(img, affine)  # = stain(log(img / glass)), linear in the optical density
+    del img
+    conf = []
+    cc = nz["confounders"]
+    for _ in range(cc["fold"]):
+        conf.append(_fold(rng, logt, scene, mpp))
+    for _ in range(cc["stain_patch"]):
+        conf.append(_stain_patch(rng, logt, scene, mpp, nz["h_vec"], nz["e_vec"]))
+    for _ in range(cc["debris"]):
+        conf.append(_debris(rng, logt, scene, mpp))
+    for _ in range(cc["pen"]):
+        conf.append(_pen(rng, logt, scene, mpp))
+    logt += np.log(glass * np.float32(nz["brightness"]))
+    img = cv2.exp(logt, logt)
+    # optics: focus, local blur
+    if nz["focus_sigma_px"] >= 0.3:
+        cv2.GaussianBlur(img, (0, 0), nz["focus_sigma_px"], dst=img)
+    for _ in range(cc["blur"]):
+        conf.append(_blur_patch(rng, img, scene, mpp))
+    rgb = cv2.convertScaleAbs(img)  # rounds and saturates to uint8
+    return rgb, blobs, conf, tissue_px
+
+
+def _write_pyramid(path: Path, rgb: np.ndarray, mpp: float | None, tile_px: int, levels, jpeg_quality: int,
+                   photometric: str) -> tuple:
+    """Write a level-0 image as a pyramidal tiled JPEG TIFF (levels area-downsampled); (downsamples, dims)."""
+    h, w = rgb.shape[:2]
+    ds = [int(v) for v in (levels if levels is not None else default_downsamples(w, h))]
+    if not ds or ds[0] != 1 or any(b <= a for a, b in zip(ds, ds[1:])):
+        raise ValueError("levels must start with 1 and increase strictly")
+    tw_kw, enc_kw = _jpeg_args(photometric, int(jpeg_quality))
+    glass = np.round(np.array(_GLASS_RGB)).astype(np.uint8)
+
+    def tiles(arr):
+        lh, lw = arr.shape[:2]
+        for y in range(0, lh, tile_px):
+            for x in range(0, lw, tile_px):
+                t = arr[y:y + tile_px, x:x + tile_px]
+                if t.shape[:2] != (tile_px, tile_px):
+                    full = np.empty((tile_px, tile_px, 3), np.uint8)
+                    full[:] = glass
+                    full[:t.shape[0], :t.shape[1]] = t
+                    t = full
+                yield bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(t), **enc_kw))
+
+    dims = [(math.ceil(w / d), math.ceil(h / d)) for d in ds]
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=w * h * 3 > 2 ** 31) as tw:
+            arr = rgb
+            for li, (d, (lw, lh)) in enumerate(zip(ds, dims)):
+                if li:
+                    arr = cv2.resize(arr, (lw, lh), interpolation=cv2.INTER_AREA)
+                kw = dict(tw_kw)
+                if mpp is not None:
+                    px_per_cm = 1e4 / (mpp * d)
+                    kw.update(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
+                tw.write(tiles(arr), shape=(lh, lw, 3), dtype=np.uint8, tile=(tile_px, tile_px),
+                         compression="jpeg", subfiletype=0 if li == 0 else 1, metadata=None,
+                         software="wsi-pipeline synth", **kw)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return ds, dims
+
+
+def _region_annotation(rng, lesions: list, decoys: list, width_px: int, height_px: int) -> dict:
+    """QuPath-style GeoJSON of a partly annotated slide: ``Region*`` rectangles where the annotation is
+    complete and the ``Tumor`` polygons clipped to them.
+
+    One rectangle cuts through the first lesion (its polygon is clipped), one
+    holds a decoy (annotated normal tissue); the other lesions stay outside
+    every rectangle (unannotated tumour).
+    """
+    import shapely
+    from shapely.geometry import Polygon, box
+
+    les = [Polygon(p) for p in lesions]
+    others = shapely.unary_union(les[1:]) if len(les) > 1 else Polygon()
+    rects = []
+    x0, y0, x1, y1 = les[0].bounds
+    bw, bh = x1 - x0, y1 - y0
+    m = 0.4 * max(bw, bh)
+    cut = rng.uniform(0.55, 0.8)
+    side = int(rng.integers(4))  # which side of the lesion the rectangle cuts through
+    r = [x0 - m, y0 - m, x1 + m, y1 + m]
+    r[side] = (x0 + cut * bw, y0 + cut * bh, x1 - cut * bw, y1 - cut * bh)[side]
+    rect = box(*r)
+    while rect.intersects(others) and m > 1:
+        m *= 0.5
+        r = [x0 - m, y0 - m, x1 + m, y1 + m]
+        r[side] = (x0 + cut * bw, y0 + cut * bh, x1 - cut * bw, y1 - cut * bh)[side]
+        rect = box(*r)
+    rects.append(rect)
+    if decoys:
+        d = Polygon(decoys[0])
+        dx0, dy0, dx1, dy1 = d.bounds
+        md = 0.3 * max(dx1 - dx0, dy1 - dy0)
+        drect = box(dx0 - md, dy0 - md, dx1 + md, dy1 + md)
+        if not drect.intersects(shapely.unary_union(les)):
+            rects.append(drect)
+    frame = box(0, 0, width_px, height_px)
+    rects = [rc.intersection(frame) for rc in rects]
+    feats = []
+    for i, rc in enumerate(rects):
+        ring = [[round(float(x), 2), round(float(y), 2)] for x, y in rc.exterior.coords]
+        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                      "properties": {"objectType": "annotation", "name": f"Region {i + 1}",
+                                     "classification": {"name": "Region*", "color": [0, 0, 180]}}})
+    area = shapely.unary_union(rects)
+    for lp in les:
+        part = lp.intersection(area)
+        for g in getattr(part, "geoms", [part]):
+            if g.geom_type != "Polygon" or g.is_empty or g.area < 1.0:
+                continue
+            feats.append(lesion_geojson([np.asarray(g.exterior.coords)[:-1]])["features"][0])
+    return {"type": "FeatureCollection", "features": feats}
+
+
+def _realistic_slide(job) -> dict:
+    (slide, out, ann_dir, reg_dir, width_px, height_px, mpp, tile_px, levels, jpeg_quality, photometric,
+     mask_downsample, texture) = job
+    sid = slide["slide_id"]
+    path = out / f"{sid}.tif"
+    rgb, blobs, conf, tissue_px = _render_realistic(slide, width_px, height_px, mpp, texture)
+    ds, dims = _write_pyramid(path, rgb, mpp, tile_px, levels, jpeg_quality, photometric)
+    del rgb
+    lesions = [np.asarray(b["polygon_level0_px"]) for b in blobs if b["kind"] == "lesion"]
+    decoys = [np.asarray(b["polygon_level0_px"]) for b in blobs if b["kind"] == "decoy"]
+    gj, mp, mj = _write_truth(ann_dir, path, lesions, width_px, height_px, mpp, mask_downsample,
+                              geojson=bool(lesions))
+    region = None
+    if slide["pixel_annotated"]:
+        reg_dir.mkdir(parents=True, exist_ok=True)
+        region = reg_dir / f"{sid}.geojson"
+        gjr = _region_annotation(_rng(slide["seed"], 0x4E610), lesions, decoys, width_px, height_px)
+        region.write_text(json.dumps(gjr))
+    les_px = sum(b["area_px"] for b in blobs if b["kind"] == "lesion")
+    spec = SlideSpec(
+        path=str(path), width_px=int(width_px), height_px=int(height_px), mpp=mpp, tile_px=int(tile_px),
+        downsamples=ds, level_dimensions=[list(x) for x in dims], jpeg_quality=int(jpeg_quality),
+        photometric=photometric, seed=int(slide["seed"]), tissue="normal",
+        tissue_fraction=round(tissue_px / (width_px * height_px), 4), n_lesions=len(lesions),
+        lesions_level0_px=[p.tolist() for p in lesions], geojson_path=str(gj) if gj else None,
+        mask_path=str(mp), mask_json_path=str(mj), mask_downsample=int(mask_downsample),
+        file_bytes=path.stat().st_size,
+    )
+    return {
+        "slide_id": sid, "label": slide["label"], "split": slide["split"], "path": str(path),
+        "pixel_annotated": slide["pixel_annotated"], "geojson": spec.geojson_path, "mask": str(mp),
+        "mask_downsample": int(mask_downsample), "n_lesions": len(lesions), "seed": slide["seed"],
+        "region_geojson": str(region) if region else None, "lesion_group": slide["lesion_group"],
+        "lesion_fraction_of_tissue": round(les_px / tissue_px, 5), "nuisance": slide["nuisance"],
+        "blobs": blobs, "confounders": conf, "spec": spec.to_dict(),
+    }
+
+
+def _realistic_plan(labels, splits, annotated, seed: int, lesion_range: tuple, test_split: str) -> list:
+    """Per-slide seeds, lesion groups and label-independent nuisances (matched pos/neg pairs per split)."""
+    n = len(labels)
+    key = _subkey(seed, "realistic")
+    plan = [None] * n
+    for sp in dict.fromkeys(splits):
+        pos = [i for i in range(n) if splits[i] == sp and labels[i] == 1]
+        neg = [i for i in range(n) if splits[i] == sp and labels[i] == 0]
+        for k in range(max(len(pos), len(neg))):
+            members = [lst[k] for lst in (pos, neg) if k < len(lst)]
+            rng = _rng(key, zlib.crc32(sp.encode()), k)
+            nz = _nuisance(rng, lesion_range, 2 if any(i in annotated for i in members) else 1)
+            for i in members:
+                plan[i] = nz
+    return [{"slide_id": f"slide_{i:03d}", "label": int(labels[i]), "split": splits[i],
+             "pixel_annotated": i in annotated, "seed": int(_hash(key, i)), "nuisance": plan[i],
+             "lesion_group": "lesion_test" if splits[i] == test_split else "lesion_train"}
+            for i in range(n)]
+
+
+def _resolve_texture(texture_source, mpp: float):
+    """(``_Texture`` or None, description for cohort.json)."""
+    if texture_source == "auto":
+        texture_source = DEFAULT_TEXTURE_SOURCE if DEFAULT_TEXTURE_SOURCE.is_file() else None
+    if texture_source is None or texture_source == "procedural":
+        return None, {"kind": "procedural",
+                      "lesion_texture": "procedural tissue; test lesions differ by their parameter ranges"}
+    p = Path(texture_source)
+    if not p.is_file():
+        raise ValueError(f"texture source {p} does not exist")
+    tex = _load_texture(p, mpp)
+    return tex, tex.describe()
