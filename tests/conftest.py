@@ -34,3 +34,13 @@ def synth_slides(tmp_path_factory) -> dict[str, Path]:
     out["nompp"] = d / "nompp.tif"
     write_slide(out["nompp"], 2048, 2048, mpp=None, seed=4)
     return out
+
+
+@pytest.fixture
+def two_torch_threads():
+    """At most two torch threads for a model test (the CI machine's cores), restored afterwards."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(min(n, 2))
+    yield
+    torch.set_num_threads(n)

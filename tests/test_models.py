@@ -25,11 +25,8 @@ BUILTIN = ["dla34_cls", "dla34_cls_tiny", "dla34_up", "dla34_up_tiny"]
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(min(n, 2))
+def _threads(two_torch_threads):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

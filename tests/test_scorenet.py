@@ -19,11 +19,8 @@ from models.utils import seed_everything  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(min(n, 2))
+def _threads(two_torch_threads):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
