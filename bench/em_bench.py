@@ -28,6 +28,8 @@ Usage::
     python bench/em_bench.py                          # tiny config, 2 CPU cores
     python bench/em_bench.py --config default --tiles 256
     python bench/em_bench.py --compare --rounds 2
+    python bench/em_bench.py --compare --cohort realistic --positives 20 --negatives 20 --annotate 4 \\
+        --seeds 3 --config cpu --ablate no_hard_negative_top_up full_slide_annotations hed_jitter t_from_negatives_and_cap
 """
 
 from __future__ import annotations
@@ -141,34 +143,112 @@ def bench_estep(args) -> None:
         print(f"{w:>14} {e:>15.1f} {fwd:>16.1f} {e / fwd:>6.2f}")
 
 
+ABLATIONS = {
+    # issue #10 items, each switched off (or on) against the mixed run with the config as given
+    "no_hard_negative_top_up": {"em.hard_negative_top_up": False},
+    "full_slide_annotations": {},  # item 2: the annotated slides' lesions outside the regions count as negatives
+    "hed_jitter": {"em.hed_scale": 0.3, "em.hed_shift": 0.05},
+    "t_from_negatives_and_cap": {"em.threshold_mode": "negative_fpr", "em.max_positive_tiles_per_slide": 0.1},
+}
+
+
+def _realistic_cohort(n_pos: int, n_neg: int, annotate: int, seed: int, config: str) -> Path:
+    """Generate (once) a realistic cohort and tile it with ``config``'s tiling settings."""
+    from pipeline.config import load_config
+    from pipeline.tile import run_tile
+    from wsi.synth import make_cohort as synth
+
+    cfg = load_config(config)
+    d = OUT / f"realistic-p{n_pos}-n{n_neg}-a{annotate}-seed{seed}-{cfg.tiling_hash()}"
+    if (d / "READY").is_file():
+        return d
+    shutil.rmtree(d, ignore_errors=True)
+    print(f"generating a realistic cohort of {n_pos + n_neg} slides into {d} ...", flush=True)
+    synth(d / "cohort", n_positive=n_pos, n_negative=n_neg, width_px=4096, height_px=4096, mpp=0.5, seed=seed,
+          annotate=annotate, difficulty="realistic")
+    run_tile(sorted((d / "cohort").glob("*.tif")), d / "stores", cfg, workers=2, quiet=True, progress=False)
+    (d / "READY").write_text("ok\n")
+    return d
+
+
+def _test_stores(d: Path) -> Path:
+    """A folder of links to the test-split stores (classify scores a folder of stores)."""
+    t = d / "test-stores"
+    if not t.is_dir():
+        t.mkdir()
+        for line in (d / "cohort" / "labels.csv").read_text().splitlines()[1:]:
+            sid, _, split = line.split(",")[:3]
+            if split == "test":
+                (t / f"{sid}.zarr").symlink_to(d / "stores" / f"{sid}.zarr")
+    return t
+
+
+def _one(d: Path, mode: str, cfg, ann: list, rounds: int, out: Path, fresh: bool) -> dict:
+    """Train one run on train/val, classify the held-out test slides, evaluate them (slides and pixels)."""
+    from pipeline.classify import run_classify
+    from pipeline.em import run_em
+    from pipeline.evaluate import run_evaluate
+
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = run_em(d / "stores", d / "cohort" / "labels.csv", out / "run", cfg,
+                     annotations=ann if mode != "image" else (), rounds=rounds, progress=False)
+    minutes = (time.perf_counter() - t0) / 60
+    run_classify(_test_stores(d), out / "run", out / "classified", threshold=0.5, quiet=True, progress=False)
+    ev = run_evaluate(out / "classified" / "predictions.csv", d / "cohort" / "labels.csv", split="test",
+                      masks=[d / "cohort" / "annotations"], config=cfg, out_dir=out / "classified")
+    px = ev.get("pixel") or {}
+    return {"test_auc": ev.get("auc"), "test_spec100": ev.get("specificity_at_full_sensitivity"),
+            "test_dice": px.get("dice"), "best_round": summary["best_round"], "minutes": minutes}
+
+
+def _fmt(vals) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+
+
 def bench_compare(args) -> None:
     from pipeline.batch import setup_logging
     from pipeline.config import load_config, parse_set_options
-    from pipeline.compare import format_comparison, write_comparison
-    from pipeline.em import run_em
 
     setup_logging(quiet=not args.verbose)
-    d = make_cohort(OUT, args.positives, args.negatives, 1024, 2.0, args.seed, args.annotate)
-    cohort = d / "cohort"
-    ann = [cohort / "annotations" / f"{sid}.geojson" for sid in (cohort / "pixel_annotated.txt").read_text().split()]
-    out = OUT / "em-compare"
-    runs = []
-    for mode in ("mixed", "pixel", "image"):
-        run = out / f"run-{mode}"
-        if args.fresh:
-            shutil.rmtree(run, ignore_errors=True)
-        cfg = load_config(args.config, {"em.mode": mode, **parse_set_options(args.set)})
-        t0 = time.perf_counter()
-        run_em(d / "stores", cohort / "labels.csv", run, cfg, annotations=ann if mode != "image" else (),
-               rounds=args.rounds, progress=False)
-        print(f"{mode}: {time.perf_counter() - t0:.0f} s", flush=True)
-        runs.append(run)
-    path = write_comparison(runs, out)
-    from pipeline.compare import compare_runs
-
-    print()
-    print(format_comparison(compare_runs(runs)))
-    print(f"\nwritten: {path}")
+    if args.cohort == "realistic":
+        d = _realistic_cohort(args.positives, args.negatives, args.annotate, args.seed, args.config)
+        ann = [d / "cohort" / "region_annotations"]
+    else:
+        d = make_cohort(OUT, args.positives, args.negatives, 1024, 2.0, args.seed, args.annotate, split=(0.5, 0.25, 0.25))
+        ann = [d / "cohort" / "annotations" / f"{sid}.geojson"
+               for sid in (d / "cohort" / "pixel_annotated.txt").read_text().split()]
+    variants = [(m, m, {}) for m in args.modes] + [(f"mixed:{a}", "mixed", ABLATIONS[a]) for a in args.ablate]
+    rows = []
+    for name, mode, extra in variants:
+        per = []
+        for seed in range(args.seeds):
+            cfg = load_config(args.config, {**parse_set_options(args.set), **extra, "em.mode": mode, "em.seed": seed})
+            use_ann = [d / "cohort" / "annotations" / f"{sid}.geojson" for sid in
+                       (d / "cohort" / "pixel_annotated.txt").read_text().split()] if name.endswith(
+                "full_slide_annotations") else ann
+            r = _one(d, mode, cfg, use_ann, args.rounds, OUT / f"em-compare-{args.cohort}" / name.replace(":", "-")
+                     / f"seed{seed}", args.fresh)
+            print(f"{name} seed {seed}: {r}", flush=True)
+            per.append(r)
+        rows.append((name, per))
+    lines = [f"Cohort: {args.cohort} ({d.name}), config {args.config} {' '.join(args.set)}, {args.seeds} seed(s), "
+             f"{args.rounds} round(s); test split, threshold-free metrics; mean ± sd over seeds.", "",
+             "| run | test AUC | specificity at 100 % sensitivity | pixel Dice | chosen round(s) | minutes |",
+             "|---|---|---|---|---|---|"]
+    for name, per in rows:
+        lines.append(f"| {name} | {_fmt([r['test_auc'] for r in per])} | {_fmt([r['test_spec100'] for r in per])} | "
+                     f"{_fmt([r['test_dice'] for r in per])} | {', '.join(str(r['best_round']) for r in per)} | "
+                     f"{_fmt([r['minutes'] for r in per])} |")
+    table = "\n".join(lines)
+    path = OUT / f"em-compare-{args.cohort}" / "comparison.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table + "\n")
+    print("\n" + table + f"\n\nwritten: {path}")
 
 
 def main() -> None:
@@ -187,6 +267,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--fresh", action="store_true", help="Delete previous comparison runs first.")
+    ap.add_argument("--cohort", choices=["easy", "realistic"], default="easy",
+                    help="--compare on the easy cohort or the realistic one (synth --difficulty realistic).")
+    ap.add_argument("--seeds", type=int, default=1, help="--compare: em.seed 0..N-1 per mode (mean ± sd).")
+    ap.add_argument("--modes", nargs="+", default=["mixed", "pixel", "image"], choices=["mixed", "pixel", "image"])
+    ap.add_argument("--ablate", nargs="*", default=[], choices=sorted(ABLATIONS),
+                    help="--compare: also mixed runs with one issue-#10 measure switched (see ABLATIONS).")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     if args.compare:

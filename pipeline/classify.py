@@ -45,7 +45,6 @@ temporary name and renamed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -68,7 +67,7 @@ from pipeline.config import Config
 from pipeline.run import RunDir
 from wsi import __version__
 from wsi.atomic import atomic_path, atomic_write_json, atomic_write_text
-from wsi.store import replace_dir
+from wsi.store import replace_dir, store_fingerprint
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -135,20 +134,6 @@ def _tiling_config(run: RunDir, meta: dict) -> Config:
 
 
 # --------------------------------------------------------------------------- stores
-
-
-def store_fingerprint(store) -> str:
-    """Identity of a store's content: tiling hash, source file fingerprint, creation and tile count."""
-    a = store.attrs
-    key = {
-        "config_hash": a.get("config_hash"),
-        "slide_fingerprint": (a.get("slide") or {}).get("fingerprint"),
-        "slide_size": (a.get("slide") or {}).get("size_bytes"),
-        "created_utc": a.get("created_utc"),
-        "finished_utc": a.get("finished_utc"),
-        "n_tiles": len(store),
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check_store_compatible(store, run_tiling: dict) -> str | None:
@@ -593,6 +578,8 @@ def _provenance(run: RunDir, meta: dict, rm, thr: float, thr_source: str, round_
         "tiling": meta.get("tiling"),
         "validation": {k: v for k, v in (metrics.get("val") or {}).items() if k != "slides"},
         "stage2_loss": metrics.get("stage2_loss"),
+        "slide_score": rm.config.stage2.slide_score,
+        "warnings": list(metrics.get("warnings") or []),
         "device": str(rm.device),
         "config": rm.config.to_dict(),
     }

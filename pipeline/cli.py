@@ -278,12 +278,15 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, difficul
               help="Make rounds 0..N-1 complete; finished rounds are skipped, an interrupted one resumes.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Local file with initial theta1 weights (model.seg_weights); nothing is downloaded.")
+@click.option("--val-fraction", type=float, default=None,
+              help="Without a val split in the labels: carve this share of the training patients out as one "
+                   "(per class, seeded; em.val_fraction).")
 @click.option("--force", is_flag=True, help="Delete the run's rounds and train them again.")
 @_common_options
 @_handle_errors
 @_needs_train_extra
-def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, mode, rounds, weights, force,
-             quiet, verbose):
+def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, mode, rounds, weights, val_fraction,
+             force, quiet, verbose):
     """Train rounds of the mixed-supervision EM loop (Li et al., Algorithm 1).
 
     Round 0 trains the segmentation net theta1 on the annotated tiles; each
@@ -292,7 +295,8 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
     pseudo-positive and hard-negative tiles (M-step). Every round then trains
     the slide classifier theta2 on each slide's top-K tiles, reports the
     stage-2 loss (and validation AUC when the labels have a val split) and
-    updates RUN/best, the round with the lowest stage-2 loss.
+    updates RUN/best (by default the EM round with the lowest stage-2 loss; em.select_by,
+    em.select_rounds).
 
     \b
     Examples:
@@ -311,7 +315,8 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
     cfg = build_config(
         config_path,
         set_items,
-        {"em.mode": mode, "model.seg_weights": str(weights.resolve()) if weights is not None else None},
+        {"em.mode": mode, "model.seg_weights": str(weights.resolve()) if weights is not None else None,
+         "em.val_fraction": val_fraction},
     )
     try:
         summary = run_em(stores, labels_csv, run_dir, cfg, annotations=list(annotations), rounds=rounds,
@@ -426,8 +431,9 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
 @click.option("--masks", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
               help="Ground-truth folder (repeatable): <slide_id>.geojson (level-0 px) and/or "
                    "<slide_id>_lesion_mask.png with <mask>.json {\"downsample\": N}; adds pixel Dice/IoU.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
-              help="Only slides of this split of the labels CSV (default: all labelled slides).")
+@click.option("--split", type=click.Choice(["auto", "train", "val", "test", "all"]), default="auto", show_default=True,
+              help="Slides of this split of the labels CSV; auto = the held-out test split when there is one, "
+                   "else all labelled slides with a warning that training slides give optimistic figures.")
 @click.option("--pixel-threshold", type=float, default=0.5, show_default=True,
               help="theta1 probability at which a heatmap pixel counts as positive for Dice/IoU.")
 @_config_options

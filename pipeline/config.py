@@ -173,6 +173,16 @@ class RuntimeConfig:
 
 
 EM_MODES = ("mixed", "pixel", "image")
+THRESHOLD_MODES = ("fixed", "negative_fpr")
+SELECT_ROUNDS = ("em", "all")
+SELECT_BY = ("stage2_loss", "val_loss", "val_auc")
+SLIDE_SCORES = ("theta2", "theta1_max", "theta1_topk_mean")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    """A ConfigError naming the key, the choices and the closest one, unless ``value`` is one of them."""
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {list(options)}, got {value!r}{_suggest(str(value), options)}")
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # Constructor arguments the pipeline sets itself (one positive-probability channel / logit).
@@ -233,6 +243,29 @@ class EMConfig:
     """E-step: pseudo-positive targets are clip(V * p, 0, 1)."""
     floor: float = 0.01
     """E-step: re-weighted values below this become 0."""
+    threshold_mode: str = "fixed"
+    """How T is set each round: 'fixed' (the paper: T = threshold_T) or 'negative_fpr' (the lowest T at
+    which at most em.negative_fpr of the negative slides' tiles pass: the false-positive rate is held
+    where the truth is known, whatever theta1's calibration)."""
+    negative_fpr: float = 0.01
+    """'negative_fpr' mode: the share of negative-slide tiles allowed to pass T (never below threshold_T)."""
+    max_positive_tiles_per_slide: Optional[float] = None
+    """Cap on each positive slide's pseudo-positive tiles: a count (>= 1) or a share of its tiles (< 1),
+    the highest-scoring kept; None = no cap (the paper)."""
+    hard_negative_top_up: bool = True
+    """When fewer negative-slide tiles pass T than an epoch's hard-negative share needs, add the
+    highest-scoring negative-slide tiles below T (all truly negative), so hard negatives keep their
+    share of every batch instead of repeating a few or handing their share to the other sources."""
+    val_fraction: float = 0.0
+    """Without a 'val' split in labels.csv: the share of training patients (labels.csv 'patient_id', else
+    each slide its own patient) moved to a validation split, per class, seeded by em.seed; 0 = none.
+    Patients with annotated slides stay in training."""
+    select_rounds: str = "em"
+    """Which rounds may be 'best': 'em' (rounds >= 1 of a mixed run: round 0 is the pixel-only model,
+    not the paper's method) or 'all'."""
+    select_by: str = "stage2_loss"
+    """Round choice: 'stage2_loss' (the paper: lowest stage-2 loss on the training slides),
+    'val_loss' (class-balanced BCE on the val split) or 'val_auc' (highest val AUC, ties -> val loss)."""
     ratio: list[float] = field(default_factory=lambda: [2.0, 1.0, 7.0])
     """M-step batch mix annotated : pseudo-positive : hard-negative (exact per batch, largest-remainder
     rounding, see pipeline.sampling.ratio_counts). The official code samples about 51 : 9 : 40."""
@@ -298,6 +331,17 @@ class EMConfig:
             raise ConfigError(f"em.reweight_V must be >= 0, got {self.reweight_V}")
         if not 0.0 <= self.floor < 1.0:
             raise ConfigError(f"em.floor must be in [0, 1), got {self.floor}")
+        _choice("em.threshold_mode", self.threshold_mode, THRESHOLD_MODES)
+        _choice("em.select_rounds", self.select_rounds, SELECT_ROUNDS)
+        _choice("em.select_by", self.select_by, SELECT_BY)
+        if not 0.0 <= self.val_fraction <= 0.9:
+            raise ConfigError(f"em.val_fraction must be in [0, 0.9], got {self.val_fraction}")
+        if not 0.0 <= self.negative_fpr < 1.0:
+            raise ConfigError(f"em.negative_fpr must be in [0, 1), got {self.negative_fpr}")
+        cap = self.max_positive_tiles_per_slide
+        if cap is not None and not (0 < cap < 1 or (cap >= 1 and float(cap).is_integer())):
+            raise ConfigError(f"em.max_positive_tiles_per_slide must be a share in (0, 1), a whole count >= 1 or "
+                              f"null, got {cap}")
         if len(self.ratio) != 3 or any(r < 0 for r in self.ratio) or sum(self.ratio) <= 0:
             raise ConfigError(
                 f"em.ratio must be three non-negative numbers (annotated, pseudo-positive, hard-negative) "
@@ -359,10 +403,20 @@ class Stage2Config:
     """Slides drawn per epoch, half positive and half negative; None = twice the larger class."""
     augment: bool = True
     """Flips, rotations and colour jitter (the em.* settings) on theta2's tiles too."""
+    slide_score: str = "theta2"
+    """The slide probability: 'theta2' (the paper: mean theta2 probability of the top-K tiles),
+    'theta1_max' (theta1's highest tile maximum) or 'theta1_topk_mean' (mean theta1 maximum of the
+    top-K tiles). Every score's validation AUC is recorded either way."""
+    fit_warning_auc: float = 0.8
+    """Warn (log, metrics.json, classify's report) when theta2's AUC on its own training slides is below
+    this: a classifier that did not fit its training set must not look like a working one."""
 
     def validate(self) -> None:
         if self.top_k < 1:
             raise ConfigError("stage2.top_k must be >= 1")
+        _choice("stage2.slide_score", self.slide_score, SLIDE_SCORES)
+        if not 0.0 <= self.fit_warning_auc <= 1.0:
+            raise ConfigError(f"stage2.fit_warning_auc must be in [0, 1], got {self.fit_warning_auc}")
         if self.epochs < 0:
             raise ConfigError("stage2.epochs must be >= 0")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -430,7 +484,8 @@ class Config:
         return out
 
     TRAIN_SECTIONS = ("model", "em", "stage2")
-    TRAIN_EXCLUDE = ("em.predict_batch_size", "em.heatmap_slides")
+    TRAIN_EXCLUDE = ("em.predict_batch_size", "em.heatmap_slides", "em.select_rounds", "em.select_by",
+                     "stage2.fit_warning_auc")
 
     def train_hash(self, tiling_hash: str | None = None) -> str:
         """Hash of everything that changes what training produces: the model, em and stage2

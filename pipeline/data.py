@@ -328,8 +328,10 @@ class TileTargetDataset(Dataset):
         s, t, src = int(it.slide[i]), int(it.tile[i]), int(it.source[i])
         T = store.tile_px
         if src == SOURCE_ANNOTATED:
-            ann = self.annotations[s]
-            return ann.tile_target(store.coords[t], T, store.downsample).astype(np.float32)
+            y, w = self.annotations[s].tile_labels(store.coords[t], T, store.downsample)
+            y = y.astype(np.float32)
+            y[w == 0] = np.nan  # unlabelled (outside the annotated regions): no loss there
+            return y
         if src == SOURCE_PSEUDO:
             y = self.pseudo.positive(self.cache.array(self.pseudo.probmaps, f"{self.slide_ids[s]}/maps")[t])
             if y.shape != (T, T):

@@ -26,7 +26,7 @@ directory are complete. Each round ``k``:
    theta2 over the training slides (eval mode, no augmentation).
 4. **Report**: validation metrics when a ``val`` split exists, heatmaps,
    ``metrics.json``, then ``DONE``; ``run.json`` and ``best`` are updated
-   (best = lowest stage-2 loss, :func:`pipeline.sampling.select_best_round`).
+   (best: ``em.select_by`` among ``em.select_rounds``, :meth:`pipeline.run.RunDir.select_best`).
 
 The run directory's layout and identity belong to :mod:`pipeline.run`; the
 stages to :mod:`pipeline.mstep` (theta1), :mod:`pipeline.probmaps` (maps and
@@ -132,8 +132,8 @@ def _check_models(cfg: Config) -> None:
         load_weights(new_model(arch, 0, kwargs), w, what)
 
 
-def _train_annotations(cfg: Config, cohort: Cohort, annotations: Sequence[str | Path]) -> dict:
-    """The pixel annotations of train slides (``mixed``/``pixel``); none in ``image`` mode."""
+def _annotations(cfg: Config, cohort: Cohort, annotations: Sequence[str | Path]) -> dict:
+    """The pixel annotations of the labelled slides (``mixed``/``pixel``); none in ``image`` mode."""
     from pipeline.data import load_pixel_annotations
 
     if cfg.em.mode == "image":
@@ -145,15 +145,43 @@ def _train_annotations(cfg: Config, cohort: Cohort, annotations: Sequence[str | 
             f"--mode {cfg.em.mode} needs pixel annotations of some positive train slides: pass --annotations "
             "(GeoJSON files / mask images or their folder), or use --mode image"
         )
-    ann_all = load_pixel_annotations(
+    return load_pixel_annotations(
         annotations, cohort.by_id(), positive_classes=cfg.em.positive_classes,
         region_classes=cfg.em.annotated_region_classes, mask_downsample=cfg.em.mask_downsample,
     )
-    split_of = {s.slide_id: s.split for s in cohort.slides}
-    skipped = sorted(sid for sid in ann_all if split_of[sid] != "train")
+
+
+def _splits(cfg: Config, cohort: Cohort, annotated: set[str]) -> tuple[list[SlideEntry], list[SlideEntry]]:
+    """Train and val slides: the labels' splits, or (``em.val_fraction``, no val split) a val split carved
+    out of the training patients, never from patients with annotated slides."""
+    from pipeline.labels import carve_val_split
+    from pipeline.sampling import round_seed
+
+    train, val = cohort.train, cohort.val
+    frac = cfg.em.val_fraction
+    if frac <= 0:
+        return train, val
+    if val:
+        log.info("%s has a val split; em.val_fraction=%g is not used", cohort.labels_path, frac)
+        return train, val
+    keep = {s.patient for s in train if s.slide_id in annotated}
+    pool = [s for s in train if s.patient not in keep]
+    rest, val = carve_val_split(pool, frac, round_seed(cfg.em.seed, 0, 99))
+    ids = {s.slide_id for s in val}
+    log.info("val split carved out by patient (em.val_fraction=%g): %d slides (%d positive)",
+             frac, len(val), sum(s.label for s in val))
+    return [s for s in train if s.slide_id not in ids], val
+
+
+def _train_annotations(ann_all: dict, train: Sequence[SlideEntry], cohort: Cohort, mode: str) -> dict:
+    """Only train slides' annotations train theta1; say which were left out."""
+    if mode == "image":
+        return {}
+    train_ids = {s.slide_id for s in train}
+    skipped = sorted(sid for sid in ann_all if sid not in train_ids)
     if skipped:
         log.warning("annotations of non-train slides are not used for training: %s", ", ".join(skipped))
-    ann = {sid: a for sid, a in ann_all.items() if split_of[sid] == "train"}
+    ann = {sid: a for sid, a in ann_all.items() if sid in train_ids}
     if not ann:
         raise UsageError(
             "none of the given annotations belongs to a train slide; the annotated slides must have split 'train' "
@@ -203,12 +231,14 @@ def run_em(
     _check_models(cfg)
     if cohort.unlabelled:
         log.info("%d store(s) without a label are ignored: %s", len(cohort.unlabelled), ", ".join(cohort.unlabelled[:8]))
-    ann = _train_annotations(cfg, cohort, annotations)
+    ann_all = _annotations(cfg, cohort, annotations)
+    train, val = _splits(cfg, cohort, set(ann_all))
+    ann = _train_annotations(ann_all, train, cohort, cfg.em.mode)
     if cfg.runtime.torch_threads > 0:
         torch.set_num_threads(cfg.runtime.torch_threads)
     run = RunDir(run_dir)
     ctx = RoundContext(cfg, cohort, run, ann, resolve_device(cfg.runtime.device), progress, hooks or EMHooks(),
-                       train=cohort.train, val=cohort.val)
+                       train=train, val=val)
     ensure_writable_dir(run.path, "run directory")
     with RunLock(run.path, "em-round"):
         return _run_rounds(ctx, rounds, force)
@@ -224,6 +254,7 @@ def _run_rounds(ctx: RoundContext, rounds: int, force: bool) -> dict:
         meta = run.create(ident)
     if force:
         meta = run.clear_rounds(meta)
+    meta = run.select_best(meta, cfg)  # the rule may have changed since the last call: re-sync run.json and best
     target = 1 if cfg.em.mode == "pixel" else rounds
     if cfg.em.mode == "pixel" and rounds > 1:
         log.warning("--mode pixel has a single round (theta1 from the annotations, no EM); running round 0 only")
@@ -234,11 +265,12 @@ def _run_rounds(ctx: RoundContext, rounds: int, force: bool) -> dict:
         if run.is_done(k):
             summary["rounds_skipped"].append(k)
             if k not in meta.get("rounds_completed", []):  # finished just before a crash: record it now
-                meta = run.record_round(meta, k, run.metrics(k, required=False))
+                meta = run.record_round(meta, k, run.metrics(k, required=False), cfg)
             log.info("round %d is complete; skipped (--force re-runs it)", k)
             continue
-        meta = run.record_round(meta, k, _run_round(ctx, k))
+        meta = run.record_round(meta, k, _run_round(ctx, k), cfg)
         summary["rounds_run"].append(k)
+    run.empty_trash()  # rounds an earlier --force moved aside: the new ones are complete now
     summary.update({
         "rounds_completed": meta["rounds_completed"],
         "best_round": meta["best_round"],
@@ -336,6 +368,7 @@ def _round_metrics(ctx: RoundContext, k: int, prog: _Progress, val, heatmaps: li
         "stage2": d.get("stage2", {}),
         "stage2_loss": d.get("stage2", {}).get("stage2_loss"),
         "val": val,
+        "warnings": d.get("stage2", {}).get("warnings", []) + ((val or {}).get("warnings") or []),
         "heatmaps": heatmaps,
         "time_s": prog.total(t_round),
     }

@@ -336,13 +336,28 @@ def draw_roc_png(path: str | Path, fpr, tpr, *, auc: float | None = None, title:
 # --------------------------------------------------------------------------- entry point
 
 
+def _resolve_split(split: str | None, lab_rows, labels) -> tuple[str, list[str]]:
+    """``None``/``'auto'``: the held-out ``test`` split when the labels have one, else every slide with a
+    loud warning: slides a model was trained or thresholded on give optimistic figures."""
+    if split not in (None, "auto"):
+        return split, []
+    splits = {r[2] for r in lab_rows}
+    if "test" in splits:
+        return "test", []
+    seen = sorted(splits & {"train", "val"})
+    msg = (f"{labels} has no 'test' split: scoring {', '.join(seen)} slides, which the model was trained or "
+           "thresholded on; these figures are optimistic, not a measure of how it does on new slides")
+    log.warning("%s", msg)
+    return "all", [msg]
+
+
 def run_evaluate(
     predictions: str | Path,
     labels: str | Path,
     *,
     out_dir: str | Path | None = None,
     masks: Sequence[str | Path] = (),
-    split: str | None = None,
+    split: str | None = "auto",
     pixel_threshold: float = 0.5,
     config: Config | None = None,
 ) -> dict:
@@ -357,7 +372,8 @@ def run_evaluate(
     predictions = Path(predictions)
     rows = read_predictions_csv(predictions)
     lab_rows = read_labels_csv(labels)
-    if split is not None:
+    split, warnings = _resolve_split(split, lab_rows, labels)
+    if split != "all":
         lab_rows = [r for r in lab_rows if r[2] == split]
         if not lab_rows:
             raise UsageError(f"{labels}: no slide has split {split!r}")
@@ -376,14 +392,15 @@ def run_evaluate(
     if not used:
         raise UsageError(
             f"{predictions}: no predicted slide has a label in {labels}"
-            + (f" with split {split!r}" if split else "") + "; check that the slide ids match"
+            + (f" with split {split!r}" if split != "all" else "") + "; check that the slide ids match"
         )
     y = np.array([lab[r["slide_id"]] for r in used])
     s = np.array([r["probability"] for r in used])
     result = {
         "predictions": str(predictions.resolve()),
         "labels": str(Path(labels).resolve()),
-        "split": split or "all",
+        "split": split,
+        "warnings": warnings,
         "evaluated_utc": utc_now(),
         **slide_level(y, s, threshold, source),
         "left_out": {"no_tissue": no_tissue, "no_label": unlabelled, "no_prediction": not_predicted},
@@ -421,8 +438,9 @@ def format_evaluation(res: dict) -> str:
     def f(v, nd=3):
         return "n/a" if v is None else f"{v:.{nd}f}"
 
-    lines = [f"slides: {res['n_slides']} ({res['n_pos']} positive, {res['n_neg']} negative; split {res['split']})",
-             f"AUC: {f(res['auc'])}"]
+    lines = [f"WARNING: {w}" for w in res.get("warnings") or []]
+    lines += [f"slides: {res['n_slides']} ({res['n_pos']} positive, {res['n_neg']} negative; split {res['split']})",
+              f"AUC: {f(res['auc'])}"]
     at = res.get("at_threshold")
     if at:
         lines.append(

@@ -305,7 +305,9 @@ def score_slide(
     prob_maps: np.ndarray | None = None,
     progress: bool = False,
 ) -> dict:
-    """Slide probability: mean theta2 probability over theta1's top-K tiles.
+    """Slide probability: by default (``stage2.slide_score: theta2``, the paper) the mean theta2
+    probability over theta1's top-K tiles; ``theta1_max`` / ``theta1_topk_mean`` use theta1 alone.
+    All three are returned in ``slide_scores``.
 
     ``tile_max_probs`` (and ``prob_maps``) may be passed when theta1 already ran on
     the slide (the EM loop reuses its E-step maps); otherwise theta1 runs here.
@@ -328,9 +330,15 @@ def score_slide(
     tile_max_probs = np.asarray(tile_max_probs, np.float32)
     top = topk_tiles(tile_max_probs, rm.top_k)
     scores = classify_tiles(rm.cls_model, st, top, batch_size=batch_size, device=rm.device, amp=rm.amp)
-    prob = float(scores.mean()) if len(scores) else float("nan")
+    nan = float("nan")
+    slide_scores = {
+        "theta2": float(scores.mean()) if len(scores) else nan,
+        "theta1_max": float(tile_max_probs.max()) if len(tile_max_probs) else nan,
+        "theta1_topk_mean": float(tile_max_probs[top].mean()) if len(top) else nan,
+    }
     return {
-        "probability": prob,
+        "probability": slide_scores[rm.config.stage2.slide_score],
+        "slide_scores": slide_scores,
         "topk_indices": top,
         "topk_scores": scores,
         "topk_max_probs": tile_max_probs[top],

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.batch import UsageError
-from wsi.store import StoreError, TileStore, list_stores, store_path_for
+from wsi.store import StoreError, TileStore, list_stores, store_fingerprint, store_path_for
 
-__all__ = ["LabelError", "SlideEntry", "Cohort", "read_labels_csv", "load_cohort", "SPLITS"]
+__all__ = ["LabelError", "SlideEntry", "Cohort", "LabelRow", "read_labels_csv", "read_labels_table", "load_cohort",
+           "carve_val_split", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 
@@ -48,6 +50,14 @@ class SlideEntry:
     split: str
     store_path: Path
     n_tiles: int = 0
+    patient_id: str = ""
+    """The patient the slide comes from ('' = not given: the slide counts as its own patient)."""
+    store_fingerprint: str = ""
+    """Identity of the store's content when the cohort was loaded (:func:`wsi.store.store_fingerprint`)."""
+
+    @property
+    def patient(self) -> str:
+        return self.patient_id or self.slide_id
 
 
 @dataclass
@@ -77,8 +87,20 @@ class Cohort:
         return {s.slide_id: s for s in self.slides}
 
 
+class LabelRow(NamedTuple):
+    slide_id: str
+    label: int
+    split: str
+    patient_id: str
+
+
 def read_labels_csv(path: str | Path) -> list[tuple[str, int, str]]:
     """Parse and check a labels CSV; returns ``[(slide_id, label, split), ...]`` in file order."""
+    return [(r.slide_id, r.label, r.split) for r in read_labels_table(path)]
+
+
+def read_labels_table(path: str | Path) -> list[LabelRow]:
+    """Parse and check a labels CSV (``slide_id,label[,split][,patient_id]``); rows in file order."""
     path = Path(path)
     if not path.is_file():
         raise LabelError(f"{path}: labels file not found; give a CSV with columns slide_id,label[,split]")
@@ -103,6 +125,7 @@ def read_labels_csv(path: str | Path) -> list[tuple[str, int, str]]:
         )
     i_id, i_label = cols.index("slide_id"), cols.index("label")
     i_split = cols.index("split") if "split" in cols else None
+    i_patient = cols.index("patient_id") if "patient_id" in cols else None
     problems: list[str] = []
     seen: dict[str, int] = {}
     out = []
@@ -123,12 +146,27 @@ def read_labels_csv(path: str | Path) -> list[tuple[str, int, str]]:
         if split not in SPLITS:
             problems.append(f"line {line}: split {split!r} of slide {sid!r} must be one of {', '.join(SPLITS)}")
             continue
-        out.append((sid, int(float(lab)), split))
+        out.append(LabelRow(sid, int(float(lab)), split, cells[i_patient] if i_patient is not None else ""))
     if problems:
         raise LabelError(_many(path, problems))
     if not out:
         raise LabelError(f"{path}: no slides listed under the header")
+    _check_patient_splits(path, out)
     return out
+
+
+def _check_patient_splits(path: Path, rows: list[LabelRow]) -> None:
+    """Slides of one patient must share a split (else the model is validated on its training patients)."""
+    splits: dict[str, dict[str, list[str]]] = {}
+    for r in rows:
+        if r.patient_id:
+            splits.setdefault(r.patient_id, {}).setdefault(r.split, []).append(r.slide_id)
+    bad = {p: sp for p, sp in splits.items() if len(sp) > 1}
+    if bad:
+        desc = "; ".join(f"patient {p}: " + ", ".join(f"{', '.join(ids)} in {sp}" for sp, ids in sorted(d.items()))
+                         for p, d in sorted(bad.items())[:5])
+        raise LabelError(f"{path}: {len(bad)} patient(s) have slides in more than one split ({desc}); "
+                         "put all slides of a patient in one split")
 
 
 def _many(path: Path, problems: list[str], limit: int = 10) -> str:
@@ -165,9 +203,9 @@ def load_cohort(
     stores_dir, labels_csv = Path(stores_dir), Path(labels_csv)
     if not stores_dir.is_dir():
         raise LabelError(f"{stores_dir}: no such store folder; pass the --out folder of 'wsi-pipeline tile'")
-    rows = read_labels_csv(labels_csv)
+    rows = read_labels_table(labels_csv)
     missing, broken, entries, tilings = [], [], [], {}
-    for sid, label, split in rows:
+    for sid, label, split, patient in rows:
         p = store_path_for(stores_dir, sid)
         if not p.exists():
             missing.append(sid)
@@ -177,7 +215,7 @@ def load_cohort(
         except StoreError as exc:
             broken.append(str(exc))
             continue
-        entries.append(SlideEntry(sid, label, split, p, len(st)))
+        entries.append(SlideEntry(sid, label, split, p, len(st), patient, store_fingerprint(st)))
         tilings[sid] = _tiling_of(st)
     problems = []
     if missing:
@@ -218,3 +256,23 @@ def load_cohort(
         labels_sha256=hashlib.sha256(labels_csv.read_bytes()).hexdigest(),
         unlabelled=unlabelled,
     )
+
+
+def carve_val_split(train: list[SlideEntry], fraction: float, seed: int) -> tuple[list[SlideEntry], list[SlideEntry]]:
+    """Move about ``fraction`` of the training *patients* to a validation split, per class (a patient is
+    positive when any of its slides is), seeded; returns ``(train, val)`` in the input order."""
+    import numpy as np
+
+    by_patient: dict[str, list[SlideEntry]] = {}
+    for s in train:
+        by_patient.setdefault(s.patient, []).append(s)
+    rng = np.random.default_rng(seed)
+    val_patients: set[str] = set()
+    for cls in (0, 1):
+        pts = sorted(p for p, ss in by_patient.items() if max(s.label for s in ss) == cls)
+        n = int(round(fraction * len(pts)))
+        if fraction > 0 and len(pts) >= 2:
+            n = min(max(n, 1), len(pts) - 1)  # keep both classes in both splits
+        val_patients.update(pts[i] for i in rng.permutation(len(pts))[:n])
+    val = [replace(s, split="val") for s in train if s.patient in val_patients]
+    return [s for s in train if s.patient not in val_patients], val

@@ -15,6 +15,7 @@ the finished model goes to ``round_k/seg.pt``.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -115,6 +116,18 @@ def _sampler(ctx, k: int, sizes: tuple[int, int, int]):
     return sampler
 
 
+def _hard_negatives_per_epoch(e, n_annotated: int) -> int:
+    """Hard-negative tiles one M-step epoch draws (its share of every batch times the batches), so the
+    E-step can top the pool up to that many distinct tiles."""
+    from pipeline.sampling import ratio_counts
+
+    counts = ratio_counts(e.batch_size, e.ratio)
+    n_batches = math.ceil(n_annotated / counts[0]) if counts[0] else 1
+    if e.batches_per_epoch is not None:
+        n_batches = min(n_batches, e.batches_per_epoch) if n_annotated else e.batches_per_epoch
+    return counts[2] * max(1, n_batches)
+
+
 def _mixed_epochs(ctx, k: int, trainer):
     """Round 0 / M-step batches: annotated, pseudo-positive and hard-negative tiles at ``em.ratio``."""
     from pipeline.data import SeededBatches, TileItems, TileTargetDataset, make_loader
@@ -125,7 +138,8 @@ def _mixed_epochs(ctx, k: int, trainer):
     empty = TileItems.concat([])
     est = EStep(empty, empty, PseudoTargets.from_config(e), None)
     if k > 0 and ctx.mode == "mixed":
-        est = e_step(ctx.run.probmaps(k - 1), ctx.train, list(ctx.annotations), e)
+        est = e_step(ctx.run.probmaps(k - 1), ctx.train, list(ctx.annotations), e,
+                     min_hard_negatives=_hard_negatives_per_epoch(e, len(ann_items)))
     sizes = (len(ann_items), len(est.pseudo_positive), len(est.hard_negative))
     sampler = _sampler(ctx, k, sizes)
     for n in sampler.notes:

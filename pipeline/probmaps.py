@@ -34,11 +34,19 @@ PROBMAPS_FORMAT = "wsi-pipeline.probmaps"
 SHARD_TILES = 256
 
 
-def read_max_probs(probmaps: str | Path, slide_id: str) -> np.ndarray:
-    """(N,) float32 maximum theta1 probability of each tile of a slide."""
+def read_max_probs(probmaps: str | Path, slide_id: str, n_tiles: int | None = None) -> np.ndarray:
+    """(N,) float32 maximum theta1 probability of each tile of a slide; with ``n_tiles``, a map count
+    that differs from the slide's store is an error (its maps would land on the wrong tiles)."""
     import zarr
 
-    return np.asarray(zarr.open_array(str(Path(probmaps) / slide_id / "max_prob"), mode="r")[:], np.float32)
+    from pipeline.batch import UsageError
+
+    out = np.asarray(zarr.open_array(str(Path(probmaps) / slide_id / "max_prob"), mode="r")[:], np.float32)
+    if n_tiles is not None and len(out) != n_tiles:
+        raise UsageError(f"{Path(probmaps) / slide_id}: {len(out)} tile maps, but the slide's store has {n_tiles} "
+                         "tiles: the store changed after this round predicted it; re-tile consistently and train "
+                         "a new --run directory")
+    return out
 
 
 def read_maps(probmaps: str | Path, slide_id: str, tiles: np.ndarray | None = None) -> np.ndarray:

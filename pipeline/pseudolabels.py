@@ -226,36 +226,84 @@ class EStep:
 
 
 def _empty_stats(rule: PseudoTargets, annotated: set) -> dict:
-    side = {"slides": 0, "tiles": 0, "kept": 0, "removed": 0}
+    side = {"slides": 0, "tiles": 0, "kept": 0, "removed": 0, "kept_share": 0.0}
     return {
         "threshold_T": rule.T, "reweight_V": rule.V, "floor": rule.floor,
         "positive_slides": dict(side), "negative_slides": dict(side),
         "pseudo_positive_tiles": 0, "pseudo_positive_pixel_fraction": 0.0, "pseudo_positive_mean_target": 0.0,
-        "hard_negative_tiles": 0, "annotated_slides_excluded": sorted(annotated), "per_slide": {},
+        "hard_negative_tiles": 0, "hard_negative_pools": {"above_T": 0, "top_up_below_T": 0},
+        "annotated_slides_excluded": sorted(annotated), "per_slide": {},
     }
 
 
-def e_step(prev_maps: str | Path, train: Sequence, annotated: Sequence[str], em_cfg) -> EStep:
+def round_threshold(negative_max_probs: Sequence[np.ndarray], em_cfg) -> float:
+    """T of this round: the paper's fixed ``em.threshold_T``, or (``threshold_mode: negative_fpr``) the
+    lowest T at which at most ``em.negative_fpr`` of the negative slides' tiles pass, never below
+    ``threshold_T``."""
+    T = float(em_cfg.threshold_T)
+    if em_cfg.threshold_mode == "fixed":
+        return T
+    scores = np.sort(np.concatenate([np.asarray(m, np.float32) for m in negative_max_probs] or [np.zeros(0)]))[::-1]
+    allowed = int(np.floor(em_cfg.negative_fpr * len(scores)))
+    if allowed >= len(scores):
+        return T
+    return max(T, float(np.nextafter(np.float32(scores[allowed]), np.float32(np.inf))))
+
+
+def _cap_positive(kept: np.ndarray, maxp: np.ndarray, cap: float | None) -> np.ndarray:
+    """The ``cap`` highest-scoring kept tiles of a positive slide (a count, or a share of its tiles)."""
+    if cap is None:
+        return kept
+    n = int(cap) if cap >= 1 else max(1, int(np.ceil(cap * len(maxp))))
+    if len(kept) <= n:
+        return kept
+    best = kept[np.argsort(-maxp[kept], kind="stable")[:n]]
+    return np.sort(best)
+
+
+def _top_up(negatives: list[tuple[int, np.ndarray]], T: float, n_have: int, n_need: int) -> list[tuple[int, np.ndarray]]:
+    """The highest-scoring negative-slide tiles below T that bring the hard negatives to ``n_need``."""
+    missing = n_need - n_have
+    if missing <= 0:
+        return []
+    cand = [(i, t, float(m[t])) for i, m in negatives for t in np.flatnonzero(m < T)]
+    cand.sort(key=lambda c: (-c[2], c[0], c[1]))
+    chosen: dict[int, list[int]] = {}
+    for i, t, _ in cand[:missing]:
+        chosen.setdefault(i, []).append(int(t))
+    return [(i, np.sort(np.asarray(ts, np.int64))) for i, ts in sorted(chosen.items())]
+
+
+def e_step(prev_maps: str | Path, train: Sequence, annotated: Sequence[str], em_cfg, *,
+           min_hard_negatives: int = 0) -> EStep:
     """The E-step: pseudo-positive and hard-negative tiles from a round's probability maps.
 
     Tiles are filtered on the stored per-tile maximum (``max_prob``); full maps are read
     only for the kept tiles of positive slides (for the target statistics), so memory
     follows the kept tiles, not the slide. ``train`` are the training slides (item
     ``slide`` indices refer to this list); ``annotated`` slides are not pseudo-labelled.
+
+    T is :func:`round_threshold`; positive slides keep at most
+    ``em.max_positive_tiles_per_slide``; with ``em.hard_negative_top_up`` and fewer than
+    ``min_hard_negatives`` negative-slide tiles at or above T, the highest-scoring ones below T
+    fill the gap (``stats["hard_negative_pools"]`` says how many came from each pool).
     """
     from pipeline.data import SOURCE_NEGATIVE, SOURCE_PSEUDO, TileItems
     from pipeline.probmaps import read_maps, read_max_probs
 
-    rule = PseudoTargets.from_config(em_cfg, prev_maps)
     annotated = set(annotated)
+    slides = [(i, s, read_max_probs(prev_maps, s.slide_id, s.n_tiles)) for i, s in enumerate(train)
+              if s.slide_id not in annotated]
+    T = round_threshold([m for _, s, m in slides if s.label == 0], em_cfg)
+    rule = PseudoTargets(T, float(em_cfg.reweight_V), float(em_cfg.floor), str(prev_maps))
     stats = _empty_stats(rule, annotated)
-    pp, hn = [], []
+    stats["threshold_mode"] = em_cfg.threshold_mode
+    pp, hn, negatives = [], [], []
     nonzero, target_sum, all_pixels = 0.0, 0.0, 0
-    for i, s in enumerate(train):
-        if s.slide_id in annotated:
-            continue
-        maxp = read_max_probs(prev_maps, s.slide_id)
-        kept = np.flatnonzero(maxp >= rule.T).astype(np.int64)
+    for i, s, maxp in slides:
+        kept = np.flatnonzero(maxp >= T).astype(np.int64)
+        if s.label == 1:
+            kept = _cap_positive(kept, maxp, em_cfg.max_positive_tiles_per_slide)
         agg = stats["positive_slides" if s.label == 1 else "negative_slides"]
         agg["slides"] += 1
         agg["tiles"] += len(maxp)
@@ -271,8 +319,16 @@ def e_step(prev_maps: str | Path, train: Sequence, annotated: Sequence[str], em_
             per["pseudo_positive_pixel_fraction"] = float(np.count_nonzero(y) / y.size) if y.size else 0.0
         else:
             hn.append(TileItems.make(i, kept, SOURCE_NEGATIVE))
+            negatives.append((i, maxp))
         stats["per_slide"][s.slide_id] = per
+    n_above = sum(len(h) for h in hn)
+    extra = _top_up(negatives, T, n_above, min_hard_negatives) if em_cfg.hard_negative_top_up else []
+    hn += [TileItems.make(i, t, SOURCE_NEGATIVE) for i, t in extra]
     result = EStep(TileItems.concat(pp), TileItems.concat(hn), rule, stats)
+    for side in ("positive_slides", "negative_slides"):
+        agg = stats[side]
+        agg["kept_share"] = agg["kept"] / agg["tiles"] if agg["tiles"] else 0.0
+    stats["hard_negative_pools"] = {"above_T": n_above, "top_up_below_T": int(sum(len(t) for _, t in extra))}
     stats["pseudo_positive_tiles"] = len(result.pseudo_positive)
     stats["hard_negative_tiles"] = len(result.hard_negative)
     stats["pseudo_positive_pixel_fraction"] = nonzero / all_pixels if all_pixels else 0.0

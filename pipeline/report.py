@@ -135,6 +135,7 @@ def _e(v) -> str:
 
 
 _CSS = """
+.warning { border:2px solid var(--pos); background:#fdecea; padding:8px 16px; margin:12px 0; }
 :root { --fg:#1d2430; --muted:#5b6575; --line:#dfe3ea; --bg:#f6f7f9; --pos:#c0392b; --neg:#2e7d32; --na:#777; }
 * { box-sizing: border-box; }
 body { margin:0; font:14px/1.45 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color:var(--fg); background:var(--bg); }
@@ -183,6 +184,14 @@ def _prob_cell(p, threshold: float) -> str:
             f'<span style="width:{w:.1f}%"></span><i style="left:{t:.1f}%"></i></span></td>')
 
 
+def _warning_banner(warnings: Sequence[str]) -> list[str]:
+    """The run's own warnings (theta2 did not fit, a threshold from too few val positives) on top of the page."""
+    if not warnings:
+        return []
+    items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
+    return [f'<section id="warnings" class="warning" role="alert"><h2>Read this first</h2><ul>{items}</ul></section>']
+
+
 def render_report_html(results: Sequence[dict], provenance: dict, out_dir: str | Path,
                        failures: Sequence[tuple[str, str]] = ()) -> str:
     """The report page as a string (images read from ``out_dir`` and embedded)."""
@@ -201,6 +210,7 @@ def render_report_html(results: Sequence[dict], provenance: dict, out_dir: str |
         f"of {_e(provenance.get('run_dir'))} &middot; wsi-pipeline {_e(provenance.get('software_version'))}</p></header>",
         "<main>",
     ]
+    parts += _warning_banner(provenance.get("warnings") or [])
     # summary table
     parts.append('<section id="summary"><h2>Slides by probability</h2>')
     parts.append(f'<p class="meta">Threshold {thr:.4f} &mdash; {_e(provenance.get("threshold_source"))}. '

@@ -24,7 +24,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from typing import Any
 from pipeline.batch import UsageError, utc_now
 from pipeline.config import Config, ConfigError, config_from_dict
 from wsi import __version__
-from wsi.atomic import atomic_path, atomic_write_json
+from wsi.atomic import atomic_path, atomic_write_json, fsync_dir
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -49,6 +51,7 @@ DONE_FILE = "DONE"
 METRICS_FILE = "metrics.json"
 SEG_CKPT, CLS_CKPT = "seg.pt", "cls.pt"
 PROBMAPS = "probmaps.zarr"
+TRASH_PREFIX = ".trash-"
 
 
 class RunFormatError(UsageError):
@@ -151,16 +154,16 @@ class RunDir:
             ) from None
 
     def is_done(self, k: int) -> bool:
-        return (self.round_dir(k) / DONE_FILE).is_file()
+        """A round is complete when its DONE marker and every file it promises are there."""
+        r = self.round_dir(k)
+        return all((r / f).is_file() for f in (DONE_FILE, METRICS_FILE, SEG_CKPT, CLS_CKPT)) and (r / PROBMAPS).is_dir()
 
     def metrics(self, k: int, required: bool = True) -> dict:
         return _read_json(self.round_dir(k) / METRICS_FILE, ... if required else {})
 
     def best_round(self, meta: dict | None = None) -> int | None:
-        """The round ``best`` names (``run.json``'s ``best_round`` when the file is missing)."""
-        best = _read_json(self.path / BEST_FILE, None)
-        if isinstance(best, dict) and best.get("round") is not None:
-            return int(best["round"])
+        """The best round: ``run.json``'s ``best_round`` (the one source of truth; ``best`` is a copy
+        for people and scripts, re-written on every ``em-round``)."""
         meta = self.read_meta() if meta is None else meta
         return None if meta.get("best_round") is None else int(meta["best_round"])
 
@@ -227,6 +230,7 @@ class RunDir:
                 f"{ident['labels']}: the labels differ from those the run was trained with ({meta.get('labels')}); "
                 "use the same labels or a new --run directory"
             )
+        _check_stores(self.path, meta.get("store_content") or {}, ident["store_content"], ident["stores"])
         old_ann = {k: [e["sha256"] for e in v] for k, v in meta.get("annotations", {}).items()}
         new_ann = {k: [e["sha256"] for e in v] for k, v in ident["annotations"].items()}
         if old_ann != new_ann:
@@ -236,18 +240,35 @@ class RunDir:
                 "--run directory"
             )
 
-    def record_round(self, meta: dict, k: int, metrics: dict) -> dict:
-        """Add finished round ``k`` to ``run.json`` and point ``best`` at the lowest stage-2 loss."""
-        from pipeline.sampling import select_best_round
-
+    def record_round(self, meta: dict, k: int, metrics: dict, cfg: Config) -> dict:
+        """Add finished round ``k`` to ``run.json`` (its selection values too) and choose the best round."""
         done = sorted(set(int(r) for r in meta.get("rounds_completed", [])) | {k})
-        losses = {str(r): v for r, v in meta.get("round_losses", {}).items()}
-        losses[str(k)] = _nan_to_none(metrics.get("stage2_loss"))
-        valid = {int(r): v for r, v in losses.items() if v is not None}
-        best = select_best_round(valid) if valid else k
-        meta = {**meta, "rounds_completed": done, "round_losses": losses, "best_round": best, "updated_utc": utc_now()}
+        values = {str(r): v for r, v in (meta.get("round_values") or {}).items()}
+        values[str(k)] = round_values(metrics)
+        losses = {r: v["stage2_loss"] for r, v in values.items()}
+        meta = {**meta, "rounds_completed": done, "round_values": values, "round_losses": losses,
+                "updated_utc": utc_now()}
+        return self.select_best(meta, cfg)
+
+    def select_best(self, meta: dict, cfg: Config) -> dict:
+        """Choose the best round by the config's rule; ``run.json`` is the truth, ``best`` a copy of it."""
+        from pipeline.sampling import choose_round
+
+        e = cfg.em
+        done = [int(r) for r in meta.get("rounds_completed", [])]
+        allowed = done
+        if e.select_rounds == "em" and e.mode == "mixed" and any(r >= 1 for r in done):
+            allowed = [r for r in done if r >= 1]
+        values = {int(r): v for r, v in (meta.get("round_values") or {}).items()}
+        best, why = choose_round(values, e.select_by, allowed)
+        if best is None and done:
+            best, why = max(done), "the last round (no round has a stage-2 loss)"
+        meta = {**meta, "best_round": best,
+                "selection": {"select_by": e.select_by, "select_rounds": e.select_rounds, "eligible": allowed,
+                              "chosen_by": why}}
         atomic_write_json(self.meta_path, meta)
-        atomic_write_json(self.path / BEST_FILE, {"round": best})
+        if best is not None:
+            atomic_write_json(self.path / BEST_FILE, {"round": best})
         return meta
 
     def finish_round(self, k: int, metrics: dict) -> None:
@@ -257,15 +278,47 @@ class RunDir:
         shutil.rmtree(self.state_dir(k), ignore_errors=True)
 
     def clear_rounds(self, meta: dict) -> dict:
-        """Delete every round (``--force``) and reset the progress in ``run.json``."""
-        for p in sorted(self.path.glob("round_*")):
-            if p.is_dir():
-                shutil.rmtree(p)
+        """``--force``: move every round aside (one rename each, into a hidden trash folder) and reset the
+        progress in ``run.json``; :meth:`empty_trash` deletes them once the new rounds are done, so an
+        interrupted ``--force`` never leaves a half-deleted round that looks complete."""
+        trash = self.path / f"{TRASH_PREFIX}{uuid.uuid4().hex[:8]}"
+        rounds = sorted(p for p in self.path.glob("round_*") if p.is_dir())
+        if rounds:
+            trash.mkdir()
+            for p in rounds:
+                os.replace(p, trash / p.name)
+            fsync_dir(self.path)
         (self.path / BEST_FILE).unlink(missing_ok=True)
-        meta = {**meta, "rounds_completed": [], "best_round": None, "round_losses": {}}
+        meta = {**meta, "rounds_completed": [], "best_round": None, "round_losses": {}, "round_values": {}}
         atomic_write_json(self.meta_path, meta)
-        log.info("--force: removed the previous rounds of %s", self.path)
+        log.info("--force: moved the previous rounds of %s aside; they are deleted when the new ones are done", self.path)
         return meta
+
+    def empty_trash(self) -> None:
+        """Delete rounds that ``--force`` moved aside (after the new rounds are complete)."""
+        for p in self.path.glob(f"{TRASH_PREFIX}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_stores(run_path: Path, old: dict, new: dict, stores: str) -> None:
+    """The run goes on only with the store content it was trained on (a store re-tiled by cron between
+    two calls would otherwise mix data silently, or put last round's pseudo labels on the wrong tiles)."""
+    changed = sorted(sid for sid in old.keys() & new.keys() if old[sid] != new[sid])
+    if changed:
+        sid = changed[0]
+        raise UsageError(
+            f"{Path(stores) / (sid + '.zarr')}: the tile store changed since {run_path} was trained on it "
+            f"({old[sid]['n_tiles']} -> {new[sid]['n_tiles']} tiles, fingerprint {old[sid]['fingerprint']} -> "
+            f"{new[sid]['fingerprint']}{f'; {len(changed) - 1} more store(s) changed' if len(changed) > 1 else ''}); "
+            "restore the stores the run was trained on, or train a new --run directory"
+        )
+
+
+def round_values(metrics: dict) -> dict:
+    """What rounds are chosen by: stage-2 loss (train slides), val loss and val AUC (None when unknown)."""
+    val = metrics.get("val") or {}
+    return {"stage2_loss": _nan_to_none(metrics.get("stage2_loss")), "val_loss": _nan_to_none(val.get("loss")),
+            "val_auc": _nan_to_none(val.get("auc"))}
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
@@ -293,6 +346,8 @@ def run_identity(cfg: Config, cohort, annotations: dict, train, val) -> dict:
             for sid, a in sorted(annotations.items())
         },
         "splits": {"train": [s.slide_id for s in train], "val": [s.slide_id for s in val]},
+        "store_content": {s.slide_id: {"fingerprint": s.store_fingerprint, "n_tiles": s.n_tiles}
+                          for s in sorted(list(train) + list(val), key=lambda e: e.slide_id)},
         "software_version": __version__,
     }
 

@@ -517,6 +517,34 @@ def select_best_round(round_losses: Mapping[int, float]) -> int:
     return min(valid)[1]
 
 
+def choose_round(values: Mapping[int, Mapping[str, float | None]], select_by: str = "stage2_loss",
+                 allowed: Sequence[int] | None = None) -> tuple[int | None, str]:
+    """The best round by ``select_by`` among ``allowed`` rounds, and why.
+
+    ``values[k]`` holds ``stage2_loss``, ``val_loss`` and ``val_auc`` of round k (None when unknown).
+    Losses: lowest wins; ``val_auc``: highest wins, ties broken by the lower val loss. Ties go to
+    the earlier round. When no allowed round has the criterion, the stage-2 loss decides and the
+    reason says so; None when no round has any value.
+    """
+    pool = {int(k): v for k, v in values.items() if allowed is None or int(k) in set(allowed)}
+
+    def ok(v):
+        return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+    if select_by == "val_auc":
+        have = {k: (-v["val_auc"], v["val_loss"] if ok(v.get("val_loss")) else math.inf)
+                for k, v in pool.items() if ok(v.get("val_auc"))}
+    else:
+        have = {k: (v[select_by],) for k, v in pool.items() if ok(v.get(select_by))}
+    if have:
+        return min(have, key=lambda k: (have[k], k)), select_by
+    losses = {k: v.get("stage2_loss") for k, v in pool.items()}
+    try:
+        return select_best_round(losses), "stage2_loss (no round has " + select_by + ")"
+    except ValueError:
+        return None, "no round has a value"
+
+
 def round_seed(seed: int, k: int, step: int) -> int:
     """The seed of one random step of EM round ``k`` (initialisation, sampling, augmentation...):
     distinct per (seed, round, step), so steps never share a stream and a resumed round repeats."""

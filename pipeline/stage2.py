@@ -15,6 +15,7 @@ import logging
 import numpy as np
 
 from pipeline.batch import UsageError
+from pipeline.config import SLIDE_SCORES
 from pipeline.probmaps import read_max_probs
 from pipeline.run import checkpoint_payload, load_checkpoint, load_weights, new_model, save_checkpoint
 from pipeline.sampling import round_seed
@@ -46,7 +47,7 @@ def _cls_trainer(ctx, model, k: int):
         ctx.cfg.model.cls_trainer, model, device=ctx.device, lr=s2.lr, weight_decay=s2.weight_decay, epochs=s2.epochs,
         lr_schedule=e.lr_schedule, optimizer=s2.optimizer, amp=ctx.amp,
         jitter=jitter if jitter is not None and jitter.active else None,
-        seed=round_seed(e.seed, k, 12), progress=ctx.progress, desc=f"round {k} theta2",
+        seed=round_seed(e.seed, 0, 12), progress=ctx.progress, desc=f"round {k} theta2",
     )
 
 
@@ -72,15 +73,36 @@ def _stage2_loss(ctx, model, slides, topk, labels) -> tuple[float, np.ndarray]:
     return balanced_mean(slide_bce(probs, labels), labels), probs
 
 
+def _auc(y, p) -> float | None:
+    from pipeline.metrics import roc_auc
+
+    y = np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return None
+    v = roc_auc(y, np.asarray(p, np.float64))
+    return None if np.isnan(v) else float(v)
+
+
+def _fit_warnings(train_auc: float | None, min_auc: float, k: int) -> list[str]:
+    if train_auc is not None and train_auc < min_auc:
+        return [f"round {k}: theta2 did not fit its training slides (training AUC {train_auc:.3f} < "
+                f"{min_auc:g}, stage2.fit_warning_auc): its slide probabilities are not to be trusted; "
+                "train longer (stage2.epochs) or use stage2.slide_score: theta1_max"]
+    return []
+
+
 def train_theta2(ctx, k: int) -> dict:
-    """Train theta2 of round k on the top-K tiles of round k's maps (resumable); writes ``round_k/cls.pt``."""
+    """Train theta2 of round k on the top-K tiles of round k's maps (resumable); writes ``round_k/cls.pt``.
+
+    Its initial weights, slide order and augmentation draws do not depend on k: rounds differ only by
+    theta1 (through the top-K tiles it picks), so the round choice compares theta1s, not seeds."""
     from pipeline.data import SeededBatches, SlideTopKDataset, make_loader
     from pipeline.sampling import balanced_slide_sampler, topk_tiles
 
     cfg, s2, e = ctx.cfg, ctx.cfg.stage2, ctx.cfg.em
     slides, labels = _training_slides(ctx, k)
-    topk = [topk_tiles(read_max_probs(ctx.run.probmaps(k), s.slide_id), s2.top_k) for s in slides]
-    model = new_model(cfg.model.cls_arch, round_seed(e.seed, k, 5), cfg.model.cls_arch_kwargs)
+    topk = [topk_tiles(read_max_probs(ctx.run.probmaps(k), s.slide_id, s.n_tiles), s2.top_k) for s in slides]
+    model = new_model(cfg.model.cls_arch, round_seed(e.seed, 0, 5), cfg.model.cls_arch_kwargs)
     init = load_weights(model, cfg.model.cls_weights, "theta2") if cfg.model.cls_weights else "random"
     trainer = _cls_trainer(ctx, model, k)
     ckpt_path = ctx.run.state_dir(k) / "cls_train.pt"
@@ -94,9 +116,9 @@ def train_theta2(ctx, k: int) -> dict:
     augment = flip or rot or trainer.jitter is not None or stain is not None
 
     def batches_for_epoch(epoch: int):
-        order = balanced_slide_sampler(labels, n_per_epoch, seed=round_seed(e.seed, k, 6) + epoch)
+        order = balanced_slide_sampler(labels, n_per_epoch, seed=round_seed(e.seed, 0, 6) + epoch)
         batches = [order[a : a + s2.batch_slides].tolist() for a in range(0, len(order), s2.batch_slides)]
-        seeded = SeededBatches(batches, round_seed(e.seed, k, 7), epoch, augment=augment)
+        seeded = SeededBatches(batches, round_seed(e.seed, 0, 7), epoch, augment=augment)
         return make_loader(ds, seeded, loader_workers=cfg.runtime.loader_workers, device=ctx.device)
 
     def save(tr):
@@ -105,6 +127,7 @@ def train_theta2(ctx, k: int) -> dict:
 
     trainer.fit(batches_for_epoch, checkpoint=save)
     loss, probs = _stage2_loss(ctx, trainer.model, slides, topk, labels)
+    train_auc = _auc(labels, probs)
     info = {
         "init": init,
         "trainer": cfg.model.cls_trainer,
@@ -116,7 +139,11 @@ def train_theta2(ctx, k: int) -> dict:
         "stage2_loss": loss,
         "stage2_loss_definition": "class-balanced mean BCE of mean theta2 probability over the top-K tiles, train slides, eval mode",
         "train_slide_probabilities": {s.slide_id: float(p) for s, p in zip(slides, probs)},
+        "train_auc": train_auc,
+        "warnings": _fit_warnings(train_auc, s2.fit_warning_auc, k),
     }
+    for w in info["warnings"]:
+        log.warning("%s", w)
     final = checkpoint_payload(trainer.model, trainer, cfg, k, "cls")
     final["train_info"] = {kk: v for kk, v in info.items() if kk != "epochs"}
     save_checkpoint(final, ctx.run.checkpoint(k, "cls"))
@@ -137,11 +164,25 @@ def validate_round(ctx, k: int, seg_model, cls_model) -> dict:
             log.warning("val slide %s has no tissue tiles; left out of the validation metrics", s.slide_id)
             continue
         r = score_slide(rm, s.store_path, batch_size=cfg.em.predict_batch_size,
-                        tile_max_probs=read_max_probs(ctx.run.probmaps(k), s.slide_id))
+                        tile_max_probs=read_max_probs(ctx.run.probmaps(k), s.slide_id, s.n_tiles))
         ys.append(s.label)
         ps.append(r["probability"])
-        per[s.slide_id] = {"label": s.label, "probability": r["probability"]}
+        per[s.slide_id] = {"label": s.label, "probability": r["probability"], "scores": r["slide_scores"]}
     out = slide_metrics(ys, ps) if ys else {"auc": None, "specificity_at_full_sensitivity": None,
                                               "threshold_at_full_sensitivity": None, "n_pos": 0, "n_neg": 0}
+    y = np.asarray(ys)
+    out["slide_score"] = cfg.stage2.slide_score
+    out["loss"] = balanced_mean(slide_bce(np.asarray(ps), y), y) if ys else None
+    out["score_aucs"] = {name: _auc(ys, [per[sid]["scores"][name] for sid in per]) for name in SLIDE_SCORES}
+    out["warnings"] = _val_warnings(out, k)
+    for w in out["warnings"]:
+        log.warning("%s", w)
     out["slides"] = per
     return out
+
+
+def _val_warnings(val: dict, k: int) -> list[str]:
+    if val.get("n_pos", 0) < 3:
+        return [f"round {k}: the validation threshold comes from {val.get('n_pos', 0)} positive slide(s) (< 3): "
+                "it is not a reliable operating point; add positive val slides or pass classify --threshold"]
+    return []

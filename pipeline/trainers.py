@@ -354,7 +354,8 @@ class Trainer:
 class SoftBCESegTrainer(Trainer):
     """theta1: per-pixel soft-label BCE; logits upsampled to the tile size.
 
-    Batches: ``{"image": (B, T, T, 3) uint8, "target": (B, T, T) float in [0, 1], ...}``.
+    Batches: ``{"image": (B, T, T, 3) uint8, "target": (B, T, T) float in [0, 1], ...}``; a NaN
+    target marks an unlabelled pixel (outside a region-limited annotation), which gets loss weight 0.
     """
 
     def compute_loss(self, batch, generator):
@@ -365,6 +366,9 @@ class SoftBCESegTrainer(Trainer):
         logits = self.model(x)
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        unlabelled = torch.isnan(y)
+        if bool(unlabelled.any()):
+            return soft_bce_with_logits(logits, y.nan_to_num(0.0), (~unlabelled).float()), int(x.shape[0])
         return soft_bce_with_logits(logits, y), int(x.shape[0])
 
 

@@ -26,6 +26,8 @@ does that (see :mod:`wsi.codecs`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -678,3 +680,20 @@ def list_stores(store_dir: str | Path) -> list[Path]:
     if not d.is_dir():
         return []
     return sorted(p for p in d.glob(f"*{STORE_SUFFIX}") if p.is_dir() and not p.name.startswith("."))
+
+
+def store_fingerprint(store) -> str:
+    """Identity of a store's content: tiling hash, source file fingerprint, creation and tile count.
+
+    A re-tiled or replaced store gets a new one (its creation time changes), so a run or a classify
+    result can tell that the data it read is no longer there."""
+    a = store.attrs
+    key = {
+        "config_hash": a.get("config_hash"),
+        "slide_fingerprint": (a.get("slide") or {}).get("fingerprint"),
+        "slide_size": (a.get("slide") or {}).get("size_bytes"),
+        "created_utc": a.get("created_utc"),
+        "finished_utc": a.get("finished_utc"),
+        "n_tiles": len(store),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
