@@ -363,3 +363,6 @@ def setup_logging(quiet: bool = False, verbose: bool = False, log_file: str | Pa
     root.propagate = False
     _console_redirect = logging_redirect_tqdm(loggers=[root])
     _console_redirect.__enter__()
+    for h in root.handlers:  # the tqdm handler replacing the console one does not copy its level
+        if not isinstance(h, logging.FileHandler):
+            h.setLevel(console_level)
