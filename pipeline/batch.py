@@ -67,12 +67,23 @@ def discover_slides(source: str | Path, extensions: Iterable[str] = SLIDE_EXTENS
     if src.suffix.lower() in (".txt", ".lst", ".csv"):
         lines = [ln.strip() for ln in src.read_text().splitlines()]
         lines = [ln for ln in lines if ln and not ln.startswith("#")]
-        if src.suffix.lower() == ".csv" and lines and "path" in [c.strip() for c in lines[0].split(",")]:
-            col = [c.strip() for c in lines[0].split(",")].index("path")
+        header = [c.strip().lower() for c in lines[0].split(",")] if lines else []
+        if src.suffix.lower() == ".csv" and "path" not in header and {"slide_id", "label"} <= set(header):
+            raise UsageError(
+                f"{src}: this is a labels file (slide_id,label[,split]), not a list of slides; pass the folder of "
+                "slides (or a list file of paths) as SLIDES, and the labels with --labels where a command takes them"
+            )
+        if src.suffix.lower() == ".csv" and "path" in header:
+            col = header.index("path")
             lines = [ln.split(",")[col].strip() for ln in lines[1:]]
         paths = [(src.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines]
         if not paths:
             raise UsageError(f"{src}: the slide list is empty")
+        if not any(p.exists() for p in paths):
+            raise UsageError(
+                f"{src}: none of the {len(paths)} listed slide(s) exists (first: {paths[0]}); a list file names one "
+                "slide path per line, relative paths resolve against the list file's folder"
+            )
         return paths
     return [src]
 
@@ -315,11 +326,43 @@ class BatchRun:
         return out
 
 
-def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+_console_redirect = None  # the logging_redirect_tqdm context entered by setup_logging
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False, log_file: str | Path | None = None) -> None:
+    """Log lines of ``wsi_pipeline`` to stderr through ``tqdm.write`` (progress bars stay intact) at
+    WARNING (``quiet``), DEBUG (``verbose``) or INFO; with ``log_file`` also appended to that file at
+    INFO (DEBUG with ``verbose``), whatever ``quiet`` says, with the date on every line."""
+    global _console_redirect
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    if _console_redirect is not None:
+        _console_redirect.__exit__(None, None, None)
+        _console_redirect = None
+    console_level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(console_level)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root = logging.getLogger("wsi_pipeline")
+    for h in root.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.close()
     root.handlers[:] = [handler]
+    level = console_level
+    if log_file is not None:
+        try:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{log_file}: cannot open the log file ({exc.strerror}); choose another --log-file") from None
+        fh.setLevel(logging.DEBUG if verbose else logging.INFO)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.handlers.append(fh)
+        level = min(level, fh.level)
     root.setLevel(level)
     root.propagate = False
+    _console_redirect = logging_redirect_tqdm(loggers=[root])
+    _console_redirect.__enter__()
+    for h in root.handlers:  # the tqdm handler replacing the console one does not copy its level
+        if not isinstance(h, logging.FileHandler):
+            h.setLevel(console_level)

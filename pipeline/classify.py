@@ -35,6 +35,9 @@ Output folder ::
     OUT/heatmaps/<id>.zarr        the same as an array (see wsi.heatmap), with the tissue mask
     OUT/heatmaps/<id>_thumbnail.jpg
     OUT/regions/<id>.geojson      predicted positive regions for QuPath (level-0 px)
+    OUT/detections/<id>.geojson   every tissue tile as a QuPath detection with measurements
+                                  theta1_max, theta1_mean (and theta2_probability for the top-K)
+    OUT/provenance.json           run, round, threshold and config behind predictions.csv
     OUT/tiles/<id>/NN.jpg         the top-K tiles, rank order
     OUT/stores/                   tile stores made from slide input
 
@@ -71,12 +74,15 @@ from wsi.store import replace_dir, store_fingerprint
 
 log = logging.getLogger("wsi_pipeline")
 
-__all__ = ["run_classify", "resolve_threshold", "check_store_compatible", "store_fingerprint", "RESULT_FORMAT"]
+__all__ = ["run_classify", "resolve_threshold", "check_store_compatible", "check_stores_batch", "store_fingerprint",
+           "detections_geojson", "RESULT_FORMAT"]
 
 RESULT_FORMAT = "wsi-pipeline.classify-slide"
 RESULT_FORMAT_VERSION = 1
 REGION_CLASS = "Tumor (predicted)"
 TILE_THUMB_PX = 128
+#: QuPath classification of the tile detections.
+DETECTION_CLASS = "Tile"
 
 
 # --------------------------------------------------------------------------- run and threshold
@@ -138,6 +144,18 @@ def _tiling_config(run: RunDir, meta: dict) -> Config:
 
 def check_store_compatible(store, run_tiling: dict) -> str | None:
     """None when the store was tiled as the run's stores were; else one line naming the difference."""
+    what = _tiling_difference(store, run_tiling)
+    if what is None:
+        return None
+    return f"{store.path}: tiled with other settings than the run's models expect: {what}; {_RETILE}"
+
+
+_RETILE = ("pass the slides instead of the stores (classify then tiles them with the run's settings) "
+           "or re-tile with the run's config")
+
+
+def _tiling_difference(store, run_tiling: dict) -> str | None:
+    """None when ``store`` was tiled with the run's settings; else what differs (without the store's name)."""
     a = store.attrs
     t = a.get("tiling") or {}
     have = {
@@ -150,12 +168,27 @@ def check_store_compatible(store, run_tiling: dict) -> str | None:
     if have["config_hash"] == want["config_hash"]:
         return None
     diffs = [f"{k} {have[k]} (run: {want[k]})" for k in ("tile_px", "mpp", "overlap_px") if want[k] is not None and have[k] != want[k]]
-    what = ", ".join(diffs) if diffs else f"tiling config hash {have['config_hash']} (run: {want['config_hash']}; tissue/codec settings differ)"
-    return (
-        f"{store.path}: tiled with other settings than the run's models expect: {what}; "
-        "pass the slides instead of the stores (classify then tiles them with the run's settings) "
-        "or re-tile with the run's config"
-    )
+    return ", ".join(diffs) if diffs else f"tiling config hash {have['config_hash']} (run: {want['config_hash']}; tissue/codec settings differ)"
+
+
+def check_stores_batch(src: Path, stores: list[Path], run_tiling: dict) -> None:
+    """One :class:`UsageError` when every store fails the same compatibility check (a whole-batch
+    mistake: the folder was tiled with other settings); stores that cannot be opened, or a mix of
+    compatible and incompatible stores, are left to fail one by one."""
+    from wsi.store import TileStore
+
+    whats = set()
+    for p in stores:
+        try:
+            what = _tiling_difference(TileStore(p), run_tiling)
+        except Exception:  # a damaged store fails alone later, with its own reason
+            return
+        if what is None:
+            return
+        whats.add(what)
+    if len(whats) == 1:
+        raise UsageError(f"{src}: all {len(stores)} store(s) were tiled with other settings than the run's models "
+                         f"expect: {whats.pop()}; {_RETILE}")
 
 
 def _gather_stores(src: Path) -> list[Path] | None:
@@ -223,7 +256,8 @@ class _Ctx:
 
     @property
     def options(self) -> dict:
-        return {"region_threshold": self.region_threshold, "geojson": self.geojson, "heatmap_reduce": "max"}
+        return {"region_threshold": self.region_threshold, "geojson": self.geojson, "heatmap_reduce": "max",
+                "detections": self.geojson}
 
 
 def _rel(ctx: _Ctx, p: Path | None) -> str | None:
@@ -243,6 +277,7 @@ def _is_current(ctx: _Ctx, sid: str, fp: str) -> bool:
     files += [t.get("image") for t in res.get("topk", [])]
     if ctx.geojson:
         files.append((res.get("regions") or {}).get("geojson"))
+        files.append((res.get("detections") or {}).get("geojson"))
     return all(f and (ctx.out / f).exists() for f in files)
 
 
@@ -350,6 +385,14 @@ def _score_one(ctx: _Ctx, sid: str, store_path: Path, source: str) -> dict:
             "n_regions": len(regs),
             "area_level0_px2": round(float(sum(x["polygon"].area for x in regs)), 1),
         })
+    detections_info = {"geojson": None, "n_detections": 0}
+    if ctx.geojson:
+        tile_means = maps.reshape(len(maps), -1).astype(np.float32).mean(axis=1) if len(maps) else np.zeros(0)
+        theta2 = {int(i): float(v) for i, v in zip(idx, r["topk_scores"])}
+        dj = detections_geojson(st.coords, tile_l0, r["tile_max_probs"], tile_means, theta2)
+        dpath = out / "detections" / f"{sid}.geojson"
+        atomic_write_text(dpath, json.dumps(dj, separators=(",", ":")))
+        detections_info = {"geojson": _rel(ctx, dpath), "n_detections": len(dj["features"])}
 
     prob = r["probability"]
     result = {
@@ -381,6 +424,7 @@ def _score_one(ctx: _Ctx, sid: str, store_path: Path, source: str) -> dict:
             "positive_fraction_of_tissue": round(pos_px / tissue_px, 6) if tissue_px else 0.0,
         },
         "regions": regions_info,
+        "detections": detections_info,
         "device": str(rm.device),
         "seconds": round(time.perf_counter() - t0, 3),
         "scored_utc": utc_now(),
@@ -388,6 +432,30 @@ def _score_one(ctx: _Ctx, sid: str, store_path: Path, source: str) -> dict:
     }
     atomic_write_json(_result_path(out, sid), result)
     return result
+
+
+def detections_geojson(coords_level0_xy, tile_size_level0_px: float, theta1_max, theta1_mean,
+                       theta2_by_tile: dict[int, float] | None = None, *, name: str = DETECTION_CLASS) -> dict:
+    """Every tile as a QuPath detection (File > Import objects): a square in level-0 px with measurements
+    ``theta1_max``, ``theta1_mean`` and, for the tiles theta2 scored (the top-K), ``theta2_probability``,
+    so QuPath's Measurement Maps can colour them."""
+    theta2_by_tile = theta2_by_tile or {}
+    s = float(tile_size_level0_px)
+    feats = []
+    for i, ((x, y), mx, mn) in enumerate(zip(np.asarray(coords_level0_xy).tolist(), np.asarray(theta1_max).tolist(),
+                                             np.asarray(theta1_mean).tolist())):
+        x, y = float(x), float(y)
+        meas = {"theta1_max": round(float(mx), 4), "theta1_mean": round(float(mn), 4)}
+        if i in theta2_by_tile:
+            meas["theta2_probability"] = round(theta2_by_tile[i], 4)
+        feats.append({
+            "type": "Feature",
+            "id": str(uuid.uuid4()),
+            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]]},
+            "properties": {"objectType": "detection", "classification": {"name": name, "color": [90, 90, 200]},
+                           "isLocked": False, "tile_index": i, "measurements": meas},
+        })
+    return {"type": "FeatureCollection", "features": feats}
 
 
 # --------------------------------------------------------------------------- entry point
@@ -410,13 +478,15 @@ def run_classify(
     assume_mpp: float | None = None,
     region_threshold: float = 0.5,
     geojson: bool = True,
+    labels: str | Path | None = None,
     quiet: bool = False,
     progress: bool = True,
 ) -> RunReport:
     """Classify every slide (or store) in ``slides`` with a round of ``run_dir``; outputs go to ``out_dir``.
 
     ``round_`` is ``'best'`` (default), ``'last'`` or a round number; ``threshold``
-    overrides the run's validation threshold.
+    overrides the run's validation threshold. ``labels`` (a labels CSV) adds the truth,
+    the ROC with AUC and the confusion counts at the threshold to ``report.html``.
 
     Returns the run report (also written as ``OUT/classify-report.json``); slides
     that failed are in it with one line each and never stop the others.
@@ -437,10 +507,13 @@ def run_classify(
     src = Path(slides)
     stores = _gather_stores(src)
     which = _round_arg(round_)
+    label_of = _read_labels(labels) if labels is not None else None
     run = RunDir(run_dir)
     meta = run.read_meta()
     cfg = run.config(meta)
     tiling_cfg = _tiling_config(run, meta) if stores is None else None
+    if stores is not None:
+        check_stores_batch(src, stores, meta.get("tiling") or {})
     bs = int(batch_size if batch_size is not None else cfg.em.predict_batch_size)
     lw = int(loader_workers if loader_workers is not None else cfg.runtime.loader_workers)
     if bs < 1 or lw < 0:
@@ -467,7 +540,7 @@ def run_classify(
     }
     with BatchRun("classify", out, settings, progress=show, t0=t_run) as batch:
         report = batch.report
-        batch.clean("slides", "heatmaps", "regions", "tiles")  # leftovers of an interrupted run (never stores/)
+        batch.clean(".", "slides", "heatmaps", "regions", "detections", "tiles")  # leftovers of an interrupted run (never stores/)
         run_fp = run.fingerprint(rm.round, meta)
         todo: list[tuple[str, Path, str]] = []
         if stores is None:
@@ -531,12 +604,22 @@ def run_classify(
         from pipeline.report import write_predictions_csv, write_report_html
 
         write_predictions_csv(out / "predictions.csv", results, thr, thr_source, provenance)
+        atomic_write_json(out / "provenance.json", provenance)
         failures = [(s.slide_id, s.reason) for s in report.slides if s.status == "failed"]
-        write_report_html(out / "report.html", results, provenance, out, failures=failures)
+        if labels is not None:
+            provenance["labels"] = str(Path(labels).resolve())
+        write_report_html(out / "report.html", results, provenance, out, failures=failures, labels=label_of)
         report.settings["predictions"] = str(out / "predictions.csv")
         report.settings["report_html"] = str(out / "report.html")
         report.settings["slides_in_predictions"] = len(results)
     return report
+
+
+def _read_labels(path: str | Path) -> dict[str, int]:
+    """slide_id -> 0/1 from a labels CSV (split ignored: the report shows every labelled slide)."""
+    from pipeline.labels import read_labels_csv
+
+    return {sid: int(y) for sid, y, _ in read_labels_csv(path)}
 
 
 def collect_results(out: Path, run_fp: str) -> tuple[list[dict], list[str]]:

@@ -42,6 +42,8 @@ def _config_options(fn):
 
 
 def _common_options(fn):
+    fn = click.option("--log-file", "log_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                      metavar="FILE", help="Also append the log (INFO, DEBUG with --verbose; dated lines) to FILE.")(fn)
     fn = click.option("--quiet", "-q", is_flag=True, help="Only warnings and the final summary.")(fn)
     fn = click.option("--verbose", "-v", is_flag=True, help="Debug logging.")(fn)
     return fn
@@ -166,7 +168,7 @@ def main():
 @_common_options
 @_handle_errors
 def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, codec, jpeg_quality, workers,
-         processes, scheduler, mpp_csv, assume_mpp, quiet, verbose):
+         processes, scheduler, mpp_csv, assume_mpp, quiet, verbose, log_file):
     """Cut tissue tiles from SLIDES into one Zarr store per slide.
 
     SLIDES is a folder (searched recursively for slide files), one slide, or a
@@ -189,7 +191,7 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
     from pipeline.tile import run_tile
     from wsi.slide import load_mpp_csv
 
-    setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose, log_file)
     cfg = build_config(
         config_path,
         set_items,
@@ -227,7 +229,7 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
                    "in region_annotations/.")
 @_common_options
 @_handle_errors
-def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, difficulty, quiet, verbose):
+def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, difficulty, quiet, verbose, log_file):
     """Generate a synthetic cohort of pyramidal TIFF slides with lesions, labels and annotations.
 
     Takes no --config/--set: the options below are all there is to a cohort
@@ -244,7 +246,7 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, difficul
     from pipeline.batch import UsageError, setup_logging
     from wsi.synth import make_cohort
 
-    setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose, log_file)
     logging.getLogger("wsi_pipeline").info(
         "generating %d slides of %d x %d px at %s um/px in %s", positives + negatives, size_px, size_px, mpp, out_dir
     )
@@ -282,11 +284,14 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, difficul
               help="Without a val split in the labels: carve this share of the training patients out as one "
                    "(per class, seeded; em.val_fraction).")
 @click.option("--force", is_flag=True, help="Delete the run's rounds and train them again.")
+@click.option("--tracker", type=click.Choice(["none", "tensorboard", "mlflow"]), default="none", show_default=True,
+              help="Log losses, E-step statistics and validation metrics per round to TensorBoard (RUN/tensorboard) "
+                   "or MLflow (pip install 'wsi-pipeline[tensorboard]' / '[mlflow]').")
 @_common_options
 @_handle_errors
 @_needs_train_extra
 def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, mode, rounds, weights, val_fraction,
-             force, quiet, verbose):
+             force, tracker, quiet, verbose, log_file):
     """Train rounds of the mixed-supervision EM loop (Li et al., Algorithm 1).
 
     Round 0 trains the segmentation net theta1 on the annotated tiles; each
@@ -306,26 +311,33 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
       wsi-pipeline em-round --stores stores --labels labels.csv --run run-mil --mode image --rounds 2
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run \\
           --set em.epochs=10 --set stage2.top_k=8 --weights theta1.pt
+      wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --tracker tensorboard
     """
     from pipeline.batch import UsageError, setup_logging
     from pipeline.em import run_em
     from wsi.store import StoreError
 
-    setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose, log_file)
     cfg = build_config(
         config_path,
         set_items,
         {"em.mode": mode, "model.seg_weights": str(weights.resolve()) if weights is not None else None,
          "em.val_fraction": val_fraction},
     )
+    from pipeline.tracking import make_tracker
+
+    tracker_obj = make_tracker(tracker, run_dir)
     try:
         summary = run_em(stores, labels_csv, run_dir, cfg, annotations=list(annotations), rounds=rounds,
-                         force=force, progress=not quiet)
+                         force=force, progress=not quiet, hooks=tracker_obj.hooks() if tracker_obj else None)
     except StoreError as exc:
         raise UsageError(str(exc)) from None
     except KeyboardInterrupt:
         click.echo(f"interrupted; run the same command again to resume from the last checkpoint in {run_dir}", err=True)
         sys.exit(130)
+    finally:
+        if tracker_obj is not None:
+            tracker_obj.close()
     rows = []
     for k in summary["rounds_completed"]:
         m = summary["rounds"].get(k, {})
@@ -357,7 +369,11 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
 @click.option("--region-threshold", type=float, default=0.5, show_default=True,
               help="theta1 probability above which heatmap pixels form the GeoJSON regions and outlines.")
 @click.option("--geojson/--no-geojson", default=True, show_default=True,
-              help="Write the predicted positive regions as QuPath GeoJSON (OUT/regions/).")
+              help="Write QuPath GeoJSON: the predicted positive regions (OUT/regions/) and every tile as a "
+                   "detection with its theta1/theta2 measurements (OUT/detections/).")
+@click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV slide_id,label[,split]: report.html then shows the truth, the ROC with AUC and its "
+                   "bootstrap 95% interval, and the confusion counts at the threshold.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=None, help="Tiles per inference batch (default: the run's em.predict_batch_size).")
 @click.option("--loader-workers", type=int, default=None,
@@ -371,7 +387,7 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
 @_handle_errors
 @_needs_train_extra
 def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geojson, device, batch_size,
-             loader_workers, workers, processes, scheduler, mpp_csv, assume_mpp, quiet, verbose):
+             loader_workers, workers, processes, scheduler, mpp_csv, assume_mpp, quiet, verbose, log_file):
     """Score slides with a trained run: predictions.csv, heatmaps, GeoJSON regions and report.html.
 
     SLIDES is a folder of slides (searched recursively; tiled into OUT/stores with
@@ -396,19 +412,20 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
       wsi-pipeline classify slides/ --run run --out results --threshold 0.35 --device cuda
       wsi-pipeline classify slides/ --run run --out results --workers 4 --loader-workers 4 --quiet
       wsi-pipeline classify slides.txt --run run --out results --scheduler tcp://head:8786
+      wsi-pipeline classify slides/ --run run --out results --labels labels.csv --log-file classify.log
     """
     from pipeline.batch import setup_logging
     from pipeline.classify import run_classify
     from wsi.slide import load_mpp_csv
 
-    setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose, log_file)
     overrides = load_mpp_csv(mpp_csv) if mpp_csv else None
     try:
         report = run_classify(
             slides, run_dir, out_dir, round_=round_, threshold=threshold, device=device, batch_size=batch_size,
             loader_workers=loader_workers, workers=workers, processes=processes, scheduler=scheduler,
             mpp_overrides=overrides,
-            assume_mpp=assume_mpp, region_threshold=region_threshold, geojson=geojson, quiet=quiet,
+            assume_mpp=assume_mpp, region_threshold=region_threshold, geojson=geojson, labels=labels_csv, quiet=quiet,
             progress=not quiet,
         )
     except KeyboardInterrupt:
@@ -436,11 +453,14 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
                    "else all labelled slides with a warning that training slides give optimistic figures.")
 @click.option("--pixel-threshold", type=float, default=0.5, show_default=True,
               help="theta1 probability at which a heatmap pixel counts as positive for Dice/IoU.")
+@click.option("--report", is_flag=True,
+              help="Also write report.html (in --out): the classify report with a truth column, the ROC with AUC "
+                   "and its bootstrap 95% interval, and the confusion counts at the threshold.")
 @_config_options
 @_common_options
 @_handle_errors
-def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, config_path, set_items, quiet,
-             verbose):
+def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, report, config_path, set_items, quiet,
+             verbose, log_file):
     """Slide AUC, sensitivity and specificity of a classify output (and pixel Dice/IoU of its heatmaps).
 
     Prints AUC, sensitivity and specificity at the threshold stored in
@@ -454,6 +474,7 @@ def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, co
     Examples:
       wsi-pipeline evaluate --predictions results/predictions.csv --labels labels.csv
       wsi-pipeline evaluate --predictions results/predictions.csv --labels labels.csv --split test
+      wsi-pipeline evaluate --predictions results/predictions.csv --labels labels.csv --report --out eval/
       wsi-pipeline evaluate --predictions results/predictions.csv --labels cohort/labels.csv \\
           --masks cohort/annotations --out eval/
       wsi-pipeline evaluate --predictions results/predictions.csv --labels labels.csv --masks ann/ \\
@@ -462,10 +483,10 @@ def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, co
     from pipeline.batch import setup_logging
     from pipeline.evaluate import format_evaluation, run_evaluate
 
-    setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose, log_file)
     cfg = build_config(config_path, set_items, {})
     res = run_evaluate(predictions, labels_csv, out_dir=out_dir, masks=list(masks), split=split,
-                       pixel_threshold=pixel_threshold, config=cfg)
+                       pixel_threshold=pixel_threshold, config=cfg, report=report)
     click.echo(format_evaluation(res))
 
 
@@ -483,7 +504,7 @@ def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, co
 @_handle_errors
 @_needs_train_extra
 def demo(out_dir, config_path, set_items, positives, negatives, size_px, rounds, seed, workers, processes, quiet,
-         verbose):
+         verbose, log_file):
     """Run every stage on a generated cohort: synth -> tile -> em-round -> classify -> evaluate.
 
     Uses configs/tiny.yaml unless --config is given, so it runs in minutes on a
@@ -500,7 +521,7 @@ def demo(out_dir, config_path, set_items, positives, negatives, size_px, rounds,
     from pipeline.demo import run_demo
     from pipeline.evaluate import format_evaluation
 
-    setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose, log_file)
     t = time.perf_counter()
     cfg = build_config(config_path or "tiny", set_items, {"runtime.processes": processes})
     res = run_demo(out_dir, cfg, n_positive=positives, n_negative=negatives, size_px=size_px, rounds=rounds,

@@ -74,13 +74,20 @@ class EMHooks:
 
     ``on_checkpoint(round, step, epoch)`` runs after each checkpoint is on disk;
     ``step`` is ``'seg'``, ``'predict'`` (epoch = slides done) or ``'cls'``.
+    ``on_round_end(round, metrics)`` runs when a round is finished and recorded, with the
+    round's ``metrics.json`` content (experiment trackers, :mod:`pipeline.tracking`).
     """
 
     on_checkpoint: Callable[[int, str, int], None] | None = None
+    on_round_end: Callable[[int, dict], None] | None = None
 
     def checkpoint(self, k: int, step: str, epoch: int) -> None:
         if self.on_checkpoint is not None:
             self.on_checkpoint(k, step, epoch)
+
+    def round_end(self, k: int, metrics: dict) -> None:
+        if self.on_round_end is not None:
+            self.on_round_end(k, metrics)
 
 
 @dataclass
@@ -268,7 +275,8 @@ def _run_rounds(ctx: RoundContext, rounds: int, force: bool) -> dict:
                 meta = run.record_round(meta, k, run.metrics(k, required=False), cfg)
             log.info("round %d is complete; skipped (--force re-runs it)", k)
             continue
-        meta = run.record_round(meta, k, _run_round(ctx, k), cfg)
+        meta = run.record_round(meta, k, metrics := _run_round(ctx, k), cfg)
+        ctx.hooks.round_end(k, metrics)
         summary["rounds_run"].append(k)
     run.empty_trash()  # rounds an earlier --force moved aside: the new ones are complete now
     summary.update({

@@ -53,7 +53,7 @@ from wsi.annotations import AnnotationError, annotation_files, load_slide_annota
 
 log = logging.getLogger("wsi_pipeline")
 
-__all__ = ["read_predictions_csv", "run_evaluate", "format_evaluation", "draw_roc_png", "pixel_scores"]
+__all__ = ["read_predictions_csv", "run_evaluate", "auc_bootstrap_ci", "slide_level", "format_evaluation", "draw_roc_png", "pixel_scores"]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -153,6 +153,29 @@ def slide_level(y, s, threshold: float | None, threshold_source: str = "") -> di
     else:
         res["at_full_sensitivity"] = None
     return res
+
+
+def auc_bootstrap_ci(y, s, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the slide AUC (slides resampled with replacement,
+    ``n_boot`` times, fixed ``seed`` so a report is reproducible); None without both classes.
+    Resamples that miss a class are drawn again."""
+    y = np.asarray(y, np.int64)
+    s = np.asarray(s, np.float64)
+    if y.size == 0 or y.min() == y.max():
+        return None
+    rng = np.random.default_rng(seed)
+    aucs = []
+    while len(aucs) < n_boot:
+        idx = rng.integers(0, y.size, y.size)
+        yb, sb = y[idx], s[idx]
+        pos, neg = sb[yb == 1], np.sort(sb[yb == 0])
+        if not pos.size or not neg.size:
+            continue
+        lo, hi = np.searchsorted(neg, pos, "left"), np.searchsorted(neg, pos, "right")
+        aucs.append(float((lo + 0.5 * (hi - lo)).sum() / (pos.size * neg.size)))
+    a = (1.0 - level) / 2.0
+    q = np.quantile(np.asarray(aucs), [a, 1.0 - a])
+    return float(q[0]), float(q[1])
 
 
 # --------------------------------------------------------------------------- pixel level
@@ -360,13 +383,16 @@ def run_evaluate(
     split: str | None = "auto",
     pixel_threshold: float = 0.5,
     config: Config | None = None,
+    report: bool = False,
 ) -> dict:
     """Evaluate ``predictions.csv`` against ``labels``; writes ``evaluation.json`` and ``roc.png`` into
     ``out_dir`` (default: the predictions file's folder) and returns the results.
 
     ``masks`` are ground-truth files or folders (see the module docstring); ``config`` (default: the
     built-in one) gives the GeoJSON classes that count as lesion (``em.positive_classes``) and those that
-    mark where an annotation is complete (``em.annotated_region_classes``)."""
+    mark where an annotation is complete (``em.annotated_region_classes``). ``report`` also writes
+    ``report.html`` into ``out_dir``: the classify report of these predictions with the labels
+    (:func:`write_labelled_report`)."""
     from pipeline.labels import read_labels_csv
 
     predictions = Path(predictions)
@@ -427,9 +453,41 @@ def run_evaluate(
         result["roc_png"] = str(out / "roc.png")
     else:
         result["roc_png"] = None
+    if report:
+        result["report_html"] = str(write_labelled_report(predictions, rows, lab, out, labels))
     atomic_write_json(out / "evaluation.json", result)
     result["evaluation_json"] = str(out / "evaluation.json")
     return result
+
+
+def write_labelled_report(predictions: Path, rows: list[dict], labels: dict, out: Path, labels_path) -> Path:
+    """``out/report.html`` from the per-slide results beside ``predictions`` (``slides/<id>.json``, written by
+    ``classify``) with a truth column, the ROC with AUC and its bootstrap interval, and the confusion counts."""
+    import json
+
+    from pipeline.report import write_report_html
+
+    folder = predictions.parent
+    results, missing = [], []
+    for r in rows:
+        try:
+            results.append(json.loads((folder / "slides" / f"{r['slide_id']}.json").read_text()))
+        except (OSError, ValueError):
+            missing.append(r["slide_id"])
+    if missing:
+        raise UsageError(f"{folder / 'slides'}: no result file for {len(missing)} slide(s) of {predictions} "
+                         f"({', '.join(missing[:4])}); --report needs the classify output folder as it was written")
+    try:
+        provenance = json.loads((folder / "provenance.json").read_text())
+    except (OSError, ValueError):  # an output of an older version: what predictions.csv says
+        thr = next((r["threshold"] for r in rows if r["threshold"] is not None), None)
+        if thr is None:
+            raise UsageError(f"{predictions}: no threshold column; --report needs the predictions.csv of classify") from None
+        provenance = {"threshold": thr, "threshold_source": rows[0]["threshold_source"],
+                      "run_dir": results[0].get("run_dir") if results else None,
+                      "round": results[0].get("round") if results else None}
+    provenance = {**provenance, "labels": str(Path(labels_path).resolve()), "generated_utc": utc_now()}
+    return write_report_html(out / "report.html", results, provenance, folder, labels=labels)
 
 
 def format_evaluation(res: dict) -> str:
@@ -472,6 +530,8 @@ def format_evaluation(res: dict) -> str:
             lines.append(f"pixels skipped: {', '.join(f'{k} ({v})' for k, v in list(px['skipped'].items())[:6])}")
     if res.get("roc_png"):
         lines.append(f"ROC curve: {res['roc_png']}")
+    if res.get("report_html"):
+        lines.append(f"report: {res['report_html']}")
     if res.get("evaluation_json"):
         lines.append(f"results: {res['evaluation_json']}")
     return "\n".join(lines)

@@ -45,16 +45,40 @@ def draw_tissue_overlay(
     return out
 
 
+#: The heatmap colour map: perceptually uniform, readable in grey and by colour-blind readers.
+HEATMAP_COLORMAP = cv2.COLORMAP_VIRIDIS
+#: Heatmap opacity at probability 0 and 1; it rises linearly in between, so tissue the model
+#: calls negative stays readable under a faint tint and only likely lesions are covered.
+HEATMAP_ALPHA_RANGE = (0.12, 0.7)
+
+
+def colormap_rgb(values: np.ndarray) -> np.ndarray:
+    """[0, 1] values -> (..., 3) uint8 RGB in :data:`HEATMAP_COLORMAP`."""
+    v = (np.clip(np.nan_to_num(np.asarray(values, np.float32)), 0, 1) * 255).astype(np.uint8)
+    flat = cv2.applyColorMap(v.reshape(-1, 1), HEATMAP_COLORMAP)[..., ::-1]
+    return flat.reshape(v.shape + (3,))
+
+
 def heatmap_overlay(
-    thumbnail: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, valid: np.ndarray | None = None
+    thumbnail: np.ndarray,
+    heat: np.ndarray,
+    *,
+    alpha_range: tuple[float, float] = HEATMAP_ALPHA_RANGE,
+    valid: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Blend a [0, 1] heatmap (any size; resized to the thumbnail) onto a thumbnail with a jet colour map."""
+    """Blend a [0, 1] heatmap (any size; resized to the thumbnail) onto a thumbnail.
+
+    Colours from :data:`HEATMAP_COLORMAP` (viridis); opacity rises linearly with the
+    value from ``alpha_range[0]`` to ``alpha_range[1]``; pixels outside ``valid`` stay as
+    they are.
+    """
     h, w = thumbnail.shape[:2]
     heat = np.clip(np.nan_to_num(heat.astype(np.float32)), 0, 1)
     if heat.shape != (h, w):
         heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
-    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-    a = np.full((h, w, 1), alpha, np.float32)
+    colour = colormap_rgb(heat)
+    a0, a1 = alpha_range
+    a = (a0 + (a1 - a0) * heat)[..., None]
     if valid is not None:
         v = valid.astype(np.float32)
         if v.shape != (h, w):
@@ -62,6 +86,24 @@ def heatmap_overlay(
         a = a * v[..., None]
     out = thumbnail.astype(np.float32) * (1 - a) + colour.astype(np.float32) * a
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def colorbar(width_px: int, *, height_px: int = 44, label: str = "theta1 probability") -> np.ndarray:
+    """A horizontal colour bar image (white background, ticks 0, 0.5, 1 and ``label``) as (H, W, 3) uint8."""
+    width_px = max(int(width_px), 160)
+    img = np.full((height_px, width_px, 3), 255, np.uint8)
+    x0, x1, y0, y1 = 8, width_px - 8, 4, 12
+    img[y0:y1, x0:x1] = colormap_rgb(np.linspace(0, 1, x1 - x0))[None]
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.35
+    for val in (0.0, 0.5, 1.0):
+        x = int(round(x0 + val * (x1 - x0 - 1)))
+        img[y1:y1 + 3, x] = 0
+        txt = f"{val:g}"
+        (tw, _), _ = cv2.getTextSize(txt, font, scale, 1)
+        cv2.putText(img, txt, (min(max(x - tw // 2, 0), width_px - tw), y1 + 13), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    (tw, _), _ = cv2.getTextSize(label, font, scale, 1)
+    cv2.putText(img, label, ((width_px - tw) // 2, y1 + 28), font, scale, (60, 60, 60), 1, cv2.LINE_AA)
+    return img
 
 
 #: Small thumbnails are scaled up to at least this side for overlays people look at.
@@ -74,10 +116,16 @@ def overlay_upscale(thumb: np.ndarray) -> int:
 
 
 def render_heatmap_overlay(
-    thumb: np.ndarray, heat: np.ndarray, tissue: np.ndarray, region_threshold: float | None = None
+    thumb: np.ndarray,
+    heat: np.ndarray,
+    tissue: np.ndarray,
+    region_threshold: float | None = None,
+    *,
+    with_colorbar: bool = True,
 ) -> np.ndarray:
     """The one heatmap picture: a heatmap on the thumbnail's grid (NaN = no tile) over the tissue of the
-    thumbnail, scaled up to >= 512 px for small slides, regions at ``region_threshold`` outlined (None: none)."""
+    thumbnail (viridis, opacity rising with the value), scaled up to >= 512 px for small slides, regions at
+    ``region_threshold`` outlined (None: none), and a colour bar below (``with_colorbar``)."""
     H, W = thumb.shape[:2]
     f = overlay_upscale(thumb)
     valid = ~np.isnan(heat) & tissue
@@ -86,13 +134,14 @@ def render_heatmap_overlay(
         base = cv2.resize(thumb, (W * f, H * f), interpolation=cv2.INTER_CUBIC)
         heat = cv2.resize(np.nan_to_num(heat, nan=0.0), (W * f, H * f), interpolation=cv2.INTER_NEAREST)
         valid = cv2.resize(valid.astype(np.uint8), (W * f, H * f), interpolation=cv2.INTER_NEAREST).astype(bool)
-    img = np.ascontiguousarray(heatmap_overlay(base, np.nan_to_num(heat, nan=0.0), alpha=0.45, valid=valid))
-    if region_threshold is None:
-        return img
-    pos = ((np.nan_to_num(heat, nan=0.0) >= region_threshold) & valid).astype(np.uint8)
-    if pos.any():
-        contours, _ = cv2.findContours(pos, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(img, contours, -1, (255, 255, 255), max(1, f // 2))
+    img = np.ascontiguousarray(heatmap_overlay(base, np.nan_to_num(heat, nan=0.0), valid=valid))
+    if region_threshold is not None:
+        pos = ((np.nan_to_num(heat, nan=0.0) >= region_threshold) & valid).astype(np.uint8)
+        if pos.any():
+            contours, _ = cv2.findContours(pos, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(img, contours, -1, (255, 255, 255), max(1, f // 2))
+    if with_colorbar:
+        img = np.concatenate([img, colorbar(img.shape[1])], axis=0)
     return img
 
 
