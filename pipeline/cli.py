@@ -386,7 +386,7 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
 @_common_options
 @_handle_errors
 @_needs_train_extra
-def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geojson, device, batch_size,
+def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geojson, labels_csv, device, batch_size,
              loader_workers, workers, processes, scheduler, mpp_csv, assume_mpp, quiet, verbose, log_file):
     """Score slides with a trained run: predictions.csv, heatmaps, GeoJSON regions and report.html.
 
