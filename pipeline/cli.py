@@ -222,6 +222,13 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="Level-0 µm/px.")
 @click.option("--annotated", type=int, default=2, show_default=True, help="Positive slides given pixel annotations.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--patches", is_flag=True,
+              help="Write a multi-class patch set (ImageFolder OUT_DIR/{train,val,test}/<class>/*.png, classes "
+                   "told apart by texture) for train-patches instead of a slide cohort.")
+@click.option("--classes", "n_classes", type=int, default=4, show_default=True, help="With --patches: classes (2-5).")
+@click.option("--per-class", type=int, nargs=3, default=(40, 12, 12), show_default=True, metavar="TRAIN VAL TEST",
+              help="With --patches: images per class in train, val and test.")
+@click.option("--patch-px", type=int, default=64, show_default=True, help="With --patches: image side in pixels.")
 @click.option("--difficulty", type=click.Choice(["easy", "realistic"]), default="easy", show_default=True,
               help="easy: large dark lesions any colour feature finds (fast tests, the demo); realistic: small "
                    "lesions that differ only in nuclear texture, normal-tissue decoys and confounders in both "
@@ -229,7 +236,8 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
                    "in region_annotations/.")
 @_common_options
 @_handle_errors
-def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, difficulty, quiet, verbose, log_file):
+def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, patches, n_classes, per_class, patch_px,
+          difficulty, quiet, verbose, log_file):
     """Generate a synthetic cohort of pyramidal TIFF slides with lesions, labels and annotations.
 
     Takes no --config/--set: the options below are all there is to a cohort
@@ -240,13 +248,22 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, difficul
       wsi-pipeline synth cohort/ --positives 6 --negatives 6
       wsi-pipeline synth big/ --positives 1 --negatives 0 --size-px 20000
       wsi-pipeline synth hard/ --difficulty realistic --positives 20 --negatives 20 --annotated 4
+      wsi-pipeline synth patches/ --patches --classes 4 --per-class 40 12 12
     """
     import logging
 
     from pipeline.batch import UsageError, setup_logging
-    from wsi.synth import make_cohort
+    from wsi.synth import make_cohort, make_patch_set
 
     setup_logging(quiet, verbose, log_file)
+    if patches:
+        try:
+            info = make_patch_set(out_dir, n_classes=n_classes, per_class=per_class, size_px=patch_px, seed=seed)
+        except ValueError as exc:
+            raise UsageError(f"cannot generate this patch set ({exc}); check --classes, --per-class and --patch-px") \
+                from None
+        click.echo(f"wrote a {len(info['classes'])}-class patch set ({', '.join(info['classes'])}) to {out_dir}")
+        return info
     logging.getLogger("wsi_pipeline").info(
         "generating %d slides of %d x %d px at %s um/px in %s", positives + negatives, size_px, size_px, mpp, out_dir
     )
@@ -537,6 +554,118 @@ def demo(out_dir, config_path, set_items, positives, negatives, size_px, rounds,
     click.echo(format_evaluation(res["test"]))
     click.echo(f"timings (s): {res['timings_s']}, total {time.perf_counter() - t:.0f} s")
     click.echo(f"report: {res['report']}")
+
+
+@main.command()
+@click.option("--method", type=click.Choice(["dino"]), default="dino", show_default=True,
+              help="Self-supervised method: DINO (Caron et al. 2021), as ScoreNet pre-trains its ViTs.")
+@click.option("--stores", type=click.Path(path_type=Path), default=None, help="Tile store folder (the --out of 'tile').")
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="Folder of images (searched recursively, e.g. an ImageFolder tree; labels are not used).")
+@click.option("--out", "-o", "out_path", required=True, type=click.Path(path_type=Path),
+              help="Weights file to write (loads with --weights / model.*_weights).")
+@_config_options
+@click.option("--arch", default=None, help="Model whose part is pre-trained (pretrain.arch), e.g. scorenet_tiny.")
+@click.option("--part", type=click.Choice(["auto", "scorer", "fine", "backbone"]), default=None,
+              help="scorer: ScoreNet's recommendation ViT on images downsampled by s; fine: its fine-grained ViT "
+                   "on full-resolution crops; backbone: a DLA classifier's trunk (pretrain.part).")
+@click.option("--init", "init_path", type=click.Path(path_type=Path), default=None,
+              help="Earlier weights file: loaded first, its tensors carried into --out (scorer, then fine).")
+@click.option("--force", is_flag=True, help="Train again even if --out exists.")
+@_common_options
+@_handle_errors
+@_needs_train_extra
+def pretrain(method, stores, images, out_path, config_path, set_items, arch, part, init_path, force, quiet, verbose,
+             log_file):
+    """Self-supervised pre-training of a model part; writes local weights.
+
+    DINO: a student and an EMA teacher (same backbone + projection head) see
+    2 global and N local crops of each image; the student learns to match the
+    teacher's centred, sharpened output on the other views (pretrain.*: DINO's
+    values by default, ScoreNet's head sizes). The teacher's backbone is saved
+    under the target model's key names. Re-running resumes from the last epoch;
+    a finished --out with the same settings is left as it is.
+
+    \b
+    Examples:
+      wsi-pipeline pretrain --method dino --stores stores --out scorer.pt
+      wsi-pipeline pretrain --images patches/train --out scorer.pt --config tiny
+      wsi-pipeline pretrain --images patches/train --out both.pt --part fine --init scorer.pt
+      wsi-pipeline pretrain --images patches/train --out dla.pt --arch dla34_cls_tiny --set pretrain.epochs=10
+    """
+    from pipeline.batch import setup_logging
+    from pipeline.pretrain import run_pretrain
+
+    setup_logging(quiet, verbose, log_file)
+    cfg = build_config(config_path, set_items, {"pretrain.arch": arch, "pretrain.part": part})
+    try:
+        res = run_pretrain(out_path, cfg, method=method, stores=stores, images=images, init=init_path, force=force,
+                           progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; run the same command again to resume from the last epoch of {out_path}", err=True)
+        sys.exit(130)
+    if res["skipped"]:
+        click.echo(f"{out_path}: already pre-trained with these settings; nothing to do", err=True)
+    else:
+        losses = [round(h["loss"], 4) for h in res["history"]]
+        click.echo(f"pretrain ({method}, {res['arch']} {res['part']}): DINO loss per epoch {losses}", err=True)
+    click.echo(f"weights: {out_path}", err=True)
+
+
+@main.command("train-patches")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="ImageFolder tree (train/<class>/*.png, val/<class>/..., optional test/), or a tile store "
+                   "folder with --labels.")
+@click.option("--labels", "labels_csv", type=click.Path(path_type=Path), default=None,
+              help="With a store folder as --data: CSV slide_id,tile_index,label[,split].")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory (created).")
+@_config_options
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Local file with initial weights, e.g. from 'pretrain' (model.cls_weights).")
+@click.option("--predict", "predict_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of images to classify with the trained model (per-image probabilities CSV).")
+@click.option("--predictions", "predictions_csv", type=click.Path(path_type=Path), default=None,
+              help="Where --predict writes (default RUN/predictions.csv).")
+@click.option("--force", is_flag=True, help="Delete the run and train again.")
+@_common_options
+@_handle_errors
+@_needs_train_extra
+def train_patches(data, labels_csv, run_dir, config_path, set_items, weights, predict_dir, predictions_csv, force,
+                  quiet, verbose, log_file):
+    """Train a multi-class patch / ROI classifier (model.cls_arch, trainer patches.trainer).
+
+    Reports accuracy, macro-F1, per-class recall and the confusion matrix of
+    val (and test) in RUN/report (JSON + PNG). Re-running resumes from the last
+    epoch or, when the run is complete, only predicts; other settings or data in
+    the same --run stop with one line.
+
+    \b
+    Examples:
+      wsi-pipeline train-patches --data patches --run patch-run --config tiny
+      wsi-pipeline train-patches --data patches --run patch-run --predict new-images/
+      wsi-pipeline train-patches --data patches --run sn-run --set model.cls_arch=scorenet_tiny --weights scorer.pt
+      wsi-pipeline train-patches --data stores --labels tile_labels.csv --run tile-run --set patches.epochs=30
+    """
+    from pipeline.batch import setup_logging
+    from pipeline.patches import run_train_patches
+
+    setup_logging(quiet, verbose, log_file)
+    cfg = build_config(config_path, set_items,
+                       {"model.cls_weights": str(weights.resolve()) if weights is not None else None})
+    try:
+        res = run_train_patches(data, run_dir, cfg, labels_csv=labels_csv, predict=predict_dir,
+                                predictions=predictions_csv, force=force, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; run the same command again to resume from the last checkpoint in {run_dir}", err=True)
+        sys.exit(130)
+    if res["skipped"]:
+        click.echo(f"{run_dir}: already trained; nothing to train", err=True)
+    for split, rep in res["reports"].items():
+        recall = ", ".join(f"{c} {'n/a' if r is None else f'{r:.2f}'}" for c, r in rep["per_class_recall"].items())
+        click.echo(f"{split}: accuracy {rep['accuracy']:.3f}, macro-F1 {rep['macro_f1']:.3f}; recall {recall}", err=True)
+    click.echo(f"report: {Path(run_dir) / 'report'}", err=True)
+    if res["predictions"]:
+        click.echo(f"predictions: {res['predictions']}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -429,6 +429,143 @@ class Stage2Config:
 
 
 @dataclass
+class PretrainConfig:
+    """Self-supervised DINO pre-training (Caron et al. 2021) of a model part: ``wsi-pipeline pretrain``.
+
+    Defaults are DINO's (``main_dino.py``, ViT-S/16) except the projection head, which is
+    ScoreNet's (Stegmueller et al., App. B.2)."""
+
+    arch: str = "scorenet"
+    """Model whose part is pre-trained (models registry); the weights file loads into it."""
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Constructor arguments of arch (as model.cls_arch_kwargs)."""
+    part: str = "auto"
+    """'scorer' (ScoreNet's recommendation ViT, on images downsampled by its factor s), 'fine'
+    (its fine-grained ViT, on full-resolution crops), 'backbone' (a DLA classifier's trunk);
+    'auto' = the first of these the model has."""
+    epochs: int = 100
+    """Training epochs (DINO: 100 for the ablations, 300-800 for the best ViT-S)."""
+    batch_size: int = 128
+    """Images per batch (DINO: 64 per GPU, 1024 in all; ScoreNet: >= 128)."""
+    lr: float = 0.0005
+    """Peak AdamW learning rate at batch 256, scaled linearly with batch_size (DINO)."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+    warmup_epochs: int = 10
+    """Linear learning-rate warm-up from 0."""
+    weight_decay: float = 0.04
+    """Weight decay at the start (cosine to weight_decay_end); not applied to biases and norms."""
+    weight_decay_end: float = 0.4
+    """Weight decay at the end."""
+    momentum_teacher: float = 0.996
+    """EMA momentum of the teacher at the start, cosine to 1.0 at the end."""
+    teacher_temp: float = 0.04
+    """Teacher softmax temperature (sharpening) after the warm-up."""
+    warmup_teacher_temp: float = 0.04
+    """Teacher temperature at the start, linear to teacher_temp (DINO paper: 0.04 -> 0.07; code default 0.04)."""
+    warmup_teacher_temp_epochs: int = 0
+    """Epochs of the teacher-temperature warm-up (DINO paper: 30; code default 0)."""
+    student_temp: float = 0.1
+    """Student softmax temperature."""
+    center_momentum: float = 0.9
+    """Momentum of the running centre of the teacher's outputs (centring)."""
+    out_dim: int = 1024
+    """Prototypes of the projection head (ScoreNet; DINO: 65536)."""
+    hidden_dim: int = 1024
+    """Hidden width of the head's MLP (ScoreNet; DINO: 2048)."""
+    bottleneck_dim: int = 128
+    """Width before the prototype layer (ScoreNet; DINO: 256)."""
+    head_layers: int = 3
+    """Linear layers of the head's MLP."""
+    norm_last_layer: bool = True
+    """Fix the prototypes' lengths to 1 (weight norm with g = 1)."""
+    clip_grad: float = 3.0
+    """Clip each parameter's gradient norm to this; 0 = off."""
+    freeze_last_layer: int = 1
+    """Epochs during which the prototype layer gets no update."""
+    global_crop_px: int = 224
+    """Side of the 2 global crops in input pixels (of the downsampled image for 'scorer')."""
+    local_crop_px: int = 96
+    """Side of the local crops."""
+    local_crops: int = 8
+    """Local crops per image (the N of multi-crop)."""
+    global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    """Area fraction of the image a global crop covers, [min, max]."""
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    """Area fraction of the image a local crop covers, [min, max]."""
+    seed: int = 0
+    """Seed of initialisation, data order and crops (reproducible on CPU)."""
+
+    def validate(self) -> None:
+        if self.part not in ("auto", "scorer", "fine", "backbone"):
+            raise ConfigError(f"pretrain.part must be auto, scorer, fine or backbone, got {self.part!r}"
+                              f"{_suggest(str(self.part), ('auto', 'scorer', 'fine', 'backbone'))}")
+        taken = sorted(set(self.arch_kwargs) & set(RESERVED_ARCH_KWARGS))
+        if taken:
+            raise ConfigError(f"pretrain.arch_kwargs must not set {taken}: the pipeline sets them itself")
+        for name in ("epochs", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim", "head_layers",
+                     "global_crop_px", "local_crop_px"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer", "local_crops"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"pretrain.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.weight_decay_end < 0:
+            raise ConfigError("pretrain.lr must be > 0; min_lr, weight_decay and weight_decay_end >= 0")
+        if not 0.0 <= self.momentum_teacher <= 1.0 or not 0.0 <= self.center_momentum <= 1.0:
+            raise ConfigError("pretrain.momentum_teacher and pretrain.center_momentum must be in [0, 1]")
+        if min(self.teacher_temp, self.warmup_teacher_temp, self.student_temp) <= 0:
+            raise ConfigError("pretrain temperatures must be > 0")
+        for name in ("global_scale", "local_scale"):
+            v = getattr(self, name)
+            if len(v) != 2 or not 0 < v[0] <= v[1] <= 1:
+                raise ConfigError(f"pretrain.{name} must be [min, max] with 0 < min <= max <= 1, got {list(v)}")
+
+
+@dataclass
+class PatchesConfig:
+    """Patch / ROI classification: ``wsi-pipeline train-patches``. The network is
+    ``model.cls_arch`` (with ``model.cls_arch_kwargs``, ``model.cls_weights``) with one
+    logit per class. Defaults: ScoreNet's TRoI classifier (Stegmueller et al., Sec. 4)."""
+
+    trainer: str = "soft_ce"
+    """Trainer (pipeline.trainers registry): multi-class cross-entropy with soft labels."""
+    epochs: int = 15
+    """Training epochs."""
+    batch_size: int = 8
+    """Images per batch."""
+    lr: float = 3.125e-4
+    """Learning rate: 1e-2 * batch / 256 (linear scaling rule)."""
+    weight_decay: float = 0.0
+    """Weight decay (not given by the paper)."""
+    optimizer: str = "sgd"
+    """'sgd' (momentum 0.9, the paper's), 'adam' or 'adamw'."""
+    lr_schedule: str = "cosine"
+    """'cosine' (the paper anneals to 1e-6, this to 0) or 'constant'."""
+    augment: bool = True
+    """Flips, rotations and colour jitter (the em.* settings) on the training images."""
+    image_px: Optional[int] = None
+    """Resize every image to this square side; None = use images as stored (all one size)."""
+    seed: int = 0
+    """Seed of initialisation, data order and augmentation (reproducible on CPU)."""
+    predict_batch_size: int = 64
+    """Images per inference batch (performance only)."""
+
+    def validate(self) -> None:
+        if not self.trainer:
+            raise ConfigError("patches.trainer must not be empty")
+        if self.epochs < 0 or self.batch_size < 1 or self.predict_batch_size < 1:
+            raise ConfigError("patches.epochs must be >= 0, patches.batch_size and predict_batch_size >= 1")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("patches.lr must be > 0 and patches.weight_decay >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"patches.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        _check_optimizer(self.optimizer, "patches.optimizer")
+        if self.image_px is not None and self.image_px < 8:
+            raise ConfigError(f"patches.image_px must be >= 8 or null, got {self.image_px}")
+
+
+@dataclass
 class Config:
     tiling: TilingConfig = field(default_factory=TilingConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)
@@ -437,6 +574,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     em: EMConfig = field(default_factory=EMConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    patches: PatchesConfig = field(default_factory=PatchesConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

@@ -389,3 +389,30 @@ class TopKMeanSlideTrainer(Trainer):
         mask = batch["mask"].to(self.device)
         y = batch["label"].to(self.device).float()
         return topk_mean_bce(logits, y, mask=mask), int(b)
+
+
+@register_trainer("soft_ce")
+class SoftCETrainer(Trainer):
+    """Patch / ROI classification: multi-class cross-entropy against soft labels.
+
+    Batches: ``{"image": (B, T, T, 3) uint8, "target": (B, C) float}``; each target row is a
+    distribution over the C classes (one-hot for a plain label; a mixer's soft label, e.g.
+    ``f * y_a + (1 - f) * y_b``, is used as it is). Loss: ``mean_b sum_c -y_bc log softmax(z_b)_c``.
+    Target kind ``label``: one label per image, so a mixer that can say how much of each
+    image went into a mixed one can label it exactly.
+    """
+
+    target_kind = "label"
+
+    def compute_loss(self, batch, generator):
+        x = images_to_float(batch["image"], self.device)
+        if self.jitter is not None:
+            x = self.jitter(x, generator)
+        y = batch["target"].to(self.device, non_blocking=True).float()
+        logits = self.model(x)
+        if logits.dim() != 2 or logits.shape != y.shape:
+            raise ValueError(f"{self.desc}: the model gives logits of shape {tuple(logits.shape)} for targets of shape "
+                             f"{tuple(y.shape)}; build it with num_classes={y.shape[-1]}")
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            loss = torch.sum(-y * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return loss, int(x.shape[0])

@@ -59,6 +59,7 @@ __all__ = [
     "default_downsamples",
     "lesion_geojson",
     "make_cohort",
+    "make_patch_set",
     "make_scene",
     "rasterize_polygons",
     "render_region",
@@ -2478,3 +2479,113 @@ def _resolve_texture(texture_source, mpp: float):
         raise ValueError(f"texture source {p} does not exist")
     tex = _load_texture(p, mpp)
     return tex, tex.describe()
+
+
+# ----------------------------------------------------------------------------
+# patch sets (patch / ROI classification)
+# ----------------------------------------------------------------------------
+
+#: Classes of :func:`make_patch_set`, in order; ``n_classes`` takes the first n.
+PATCH_CLASSES = ("normal", "stroma", "tumour", "lymphocytes", "adipose")
+PATCH_SPLITS = ("train", "val", "test")
+
+
+def _patch_stains(rng, px: int):
+    """Per-image haematoxylin and eosin amounts (optical density per unit stain) and a soft
+    eosin background: stain strength and brightness vary the same way in every class."""
+    yy, xx = np.mgrid[0:px, 0:px].astype(np.float32) / px
+    ph = rng.uniform(0, 2 * np.pi, 2)
+    bg = 0.35 + 0.08 * np.sin(2 * np.pi * rng.uniform(0.5, 1.5) * xx + ph[0]) * np.cos(2 * np.pi * yy + ph[1])
+    return np.zeros((px, px), np.float32), bg.astype(np.float32)
+
+
+def _patch_nuclei(rng, h: np.ndarray, density: float, r_px: tuple, dark: tuple, elong: tuple = (1.0, 1.4),
+                 angle: float | None = None) -> None:
+    px = h.shape[0]
+    n = rng.poisson(density * px * px)
+    for _ in range(n):
+        cx, cy = rng.uniform(0, px, 2)
+        r = rng.uniform(*r_px)
+        e = rng.uniform(*elong)
+        a = rng.uniform(0, 180) if angle is None else angle + rng.normal(0, 8)
+        layer = np.zeros_like(h)
+        cv2.ellipse(layer, (int(cx * 16), int(cy * 16)), (max(1, int(r * e * 16)), max(1, int(r / e * 16))),
+                    a, 0, 360, float(rng.uniform(*dark)), -1, cv2.LINE_AA, 4)
+        np.maximum(h, layer, out=h)
+
+
+def _render_patch(rng, cls: str, px: int) -> np.ndarray:
+    """One RGB uint8 patch of class ``cls``: classes differ in nuclear size, density and shape,
+    fibres and fat vacuoles (texture), not in mean stain colour, which varies per image."""
+    s = px / 64.0  # feature sizes are given for a 64 px patch
+    h, e = _patch_stains(rng, px)
+    if cls == "normal":
+        _patch_nuclei(rng, h, 0.0025 / s**2, (1.8 * s, 2.6 * s), (0.9, 1.2))
+    elif cls == "tumour":
+        _patch_nuclei(rng, h, 0.0065 / s**2, (3.0 * s, 5.0 * s), (0.7, 1.3), elong=(1.0, 1.8))
+        e = e * 1.1
+    elif cls == "lymphocytes":
+        _patch_nuclei(rng, h, 0.02 / s**2, (1.3 * s, 1.9 * s), (1.3, 1.7))
+    elif cls == "stroma":
+        ang = rng.uniform(0, np.pi)
+        yy, xx = np.mgrid[0:px, 0:px].astype(np.float32)
+        u = xx * np.cos(ang) + yy * np.sin(ang)
+        v = -xx * np.sin(ang) + yy * np.cos(ang)
+        period = rng.uniform(4.0, 6.5) * s
+        wave = np.sin(2 * np.pi * (u + 2.0 * s * np.sin(2 * np.pi * v / (px * 0.7))) / period)
+        e = e * (0.55 + 0.75 * (wave > 0.2))
+        _patch_nuclei(rng, h, 0.0009 / s**2, (2.0 * s, 2.6 * s), (0.9, 1.2), elong=(2.2, 3.0), angle=np.degrees(ang) + 90)
+    elif cls == "adipose":
+        e = e * 0.9
+        holes = np.zeros_like(e)
+        n = int(rng.integers(4, 8))
+        for _ in range(n):
+            cx, cy = rng.uniform(0, px, 2)
+            r = rng.uniform(9, 15) * s
+            cv2.circle(holes, (int(cx), int(cy)), int(r), 1.0, -1, cv2.LINE_AA)
+        edge = cv2.morphologyEx(holes, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
+        e = e * (1 - 0.92 * holes) + 0.4 * edge
+        _patch_nuclei(rng, h, 0.0006 / s**2, (1.8 * s, 2.4 * s), (0.9, 1.1))
+    else:
+        raise ValueError(f"unknown patch class {cls!r}; known: {list(PATCH_CLASSES)}")
+    h = cv2.GaussianBlur(h, (0, 0), 0.6 * s)
+    k_h, k_e = rng.uniform(0.75, 1.25, 2)
+    od = (k_h * h)[..., None] * _H_VEC + (k_e * e)[..., None] * _E_VEC
+    od = od + rng.normal(0, 0.03, od.shape)
+    rgb = 255.0 * np.exp(-od) * rng.uniform(0.92, 1.0)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def make_patch_set(out_dir, *, n_classes: int = 4, per_class: Sequence[int] = (40, 12, 12), size_px: int = 64,
+                   seed: int = 0) -> dict:
+    """Write a small multi-class patch set as an ImageFolder tree ``OUT/{train,val,test}/<class>/*.png``.
+
+    Classes (the first ``n_classes`` of :data:`PATCH_CLASSES`) differ by texture: nuclear
+    size, density and shape, fibres, fat vacuoles; stain strength and brightness are drawn
+    per image in the same ranges for every class. ``per_class`` = images per class in
+    train, val and test. Each image depends only on (seed, split, class, index). Also
+    writes ``OUT/patch_set.json`` (classes, counts, size, seed). Returns that record.
+    """
+    from wsi.atomic import atomic_write_bytes, atomic_write_json
+
+    if not 2 <= n_classes <= len(PATCH_CLASSES):
+        raise ValueError(f"n_classes must be in [2, {len(PATCH_CLASSES)}], got {n_classes}")
+    if len(per_class) != 3 or min(per_class) < 0 or per_class[0] < 1:
+        raise ValueError(f"per_class must be (train >= 1, val >= 0, test >= 0) images per class, got {per_class}")
+    if size_px < 16:
+        raise ValueError(f"size_px must be >= 16, got {size_px}")
+    out = Path(out_dir)
+    classes = list(PATCH_CLASSES[:n_classes])
+    for si, split in enumerate(PATCH_SPLITS):
+        for ci, cls in enumerate(classes):
+            folder = out / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class[si]):
+                rng = np.random.default_rng([int(seed), si, ci, i])
+                rgb = _render_patch(rng, cls, size_px)
+                ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+                atomic_write_bytes(folder / f"{cls}_{i:04d}.png", buf.tobytes(), durable=False)
+    info = {"format": "wsi-pipeline.patch-set", "classes": classes, "size_px": int(size_px), "seed": int(seed),
+            "per_class": dict(zip(PATCH_SPLITS, map(int, per_class)))}
+    atomic_write_json(out / "patch_set.json", info)
+    return info

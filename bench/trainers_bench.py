@@ -1,0 +1,79 @@
+"""train-patches on the generated patch set: dla34_cls_tiny vs scorenet_tiny, ScoreNet with and
+without DINO pre-training of its scorer; accuracy and macro-F1 (test split) over seeds, mean +- sd,
+seconds per epoch.
+
+    PYTHONPATH=. python bench/trainers_bench.py [--seeds 3] [--epochs 6] [--out bench-out]
+
+Mixer rows (CellMix, ScoreMix: issue #12) go in ROWS once pipeline/mixers.py lands, e.g.
+``("scorenet_tiny + scoremix", {"model.cls_arch": "scorenet_tiny",
+"model.cls_mix": [{"name": "scoremix", "p": 0.5}]}, False)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.patches import run_train_patches  # noqa: E402
+from pipeline.pretrain import run_pretrain  # noqa: E402
+from wsi.synth import make_patch_set  # noqa: E402
+
+# (label, config overrides, DINO pre-training of the scorer first)
+ROWS = [
+    ("dla34_cls_tiny", {"model.cls_arch": "dla34_cls_tiny"}, False),
+    ("scorenet_tiny", {"model.cls_arch": "scorenet_tiny"}, False),
+    ("scorenet_tiny + DINO scorer", {"model.cls_arch": "scorenet_tiny"}, True),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--pretrain-epochs", type=int, default=4)
+    ap.add_argument("--per-class", type=int, nargs=3, default=(24, 8, 16))
+    ap.add_argument("--out", type=Path, default=Path("bench-out/trainers"))
+    a = ap.parse_args()
+    data = a.out / "patches"
+    if not (data / "patch_set.json").is_file():
+        make_patch_set(data, n_classes=4, per_class=a.per_class, size_px=64, seed=0)
+    tiny = ROOT / "configs" / "tiny.yaml"
+    rows = []
+    for label, over, dino in ROWS:
+        acc, f1, spe = [], [], []
+        for seed in range(a.seeds):
+            o = {**over, "patches.seed": seed, "patches.epochs": a.epochs, "runtime.torch_threads": 2}
+            if dino:
+                w = a.out / f"dino_seed{seed}.pt"
+                run_pretrain(w, load_config(tiny, {"pretrain.seed": seed, "pretrain.epochs": a.pretrain_epochs}),
+                             images=data / "train", progress=False)
+                o["model.cls_weights"] = str(w)
+            t = time.perf_counter()
+            res = run_train_patches(data, a.out / f"{label.replace(' ', '_')}_seed{seed}", load_config(tiny, o),
+                                    progress=False)
+            rep = res["reports"]["test"]
+            acc.append(rep["accuracy"])
+            f1.append(rep["macro_f1"])
+            spe.append(statistics.mean(h["seconds"] for h in res["history"]))
+            print(f"{label} seed {seed}: acc {acc[-1]:.3f} macro-F1 {f1[-1]:.3f} ({time.perf_counter() - t:.0f} s)",
+                  flush=True)
+        rows.append((label, acc, f1, spe))
+
+    def ms(v):
+        return f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
+
+    print(f"\n| model | test accuracy | test macro-F1 | s/epoch |  ({a.seeds} seeds, {a.epochs} epochs, CPU)")
+    print("|---|---|---|---|")
+    for label, acc, f1, spe in rows:
+        print(f"| {label} | {ms(acc)} | {ms(f1)} | {statistics.mean(spe):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
