@@ -9,7 +9,10 @@ Layout
 ``tissue_fraction``  (N,) float32
 ``mask``             (h, w) uint8 tissue mask (1 = tissue) at ``attrs['tissue']['mask_downsample']``
 ``thumbnail``        (h, w, 3) uint8 RGB rendering at the same scale as the mask
-``overlay.png``, ``mask.png``  pictures for people (thumbnail + mask + grid)
+
+Beside the group, ``STORE_DIR/<slide_id>.overlay.png`` and ``<slide_id>.mask.png`` are pictures for
+people (thumbnail + mask + grid; :func:`picture_paths`). Stores written before kept them inside the
+group as ``overlay.png`` / ``mask.png``; readers ignore them either way.
 
 Group attributes record the source file (path, size, mtime, fingerprint), the
 resolution (mpp, level, downsample), the tiling and mask parameters, the codec,
@@ -466,15 +469,32 @@ class RawChunks:
             return f.read(nbytes)
 
 
+#: Pictures a tiling leaves in its temporary store, moved beside the finished store by
+#: :func:`finalize_store` (inside the group, stock zarr warns about them on every listing).
+PICTURE_NAMES = ("overlay.png", "mask.png")
+
+
+def picture_paths(store_path: str | Path) -> dict[str, Path]:
+    """Where the pictures of a store live: ``{"overlay.png": <dir>/<slide_id>.overlay.png, ...}``."""
+    store_path = Path(store_path)
+    stem = store_path.name[: -len(STORE_SUFFIX)] if store_path.name.endswith(STORE_SUFFIX) else store_path.name
+    return {name: store_path.with_name(f"{stem}.{name}") for name in PICTURE_NAMES}
+
+
 def finalize_store(tmp_path: str | Path, final_path: str | Path, attrs: dict) -> None:
     """Mark a store complete and move it into place atomically.
 
     An existing store at ``final_path`` (an outdated one) is moved aside first
-    and deleted only after the new one is in place.
+    and deleted only after the new one is in place. Pictures written into the
+    temporary store (:data:`PICTURE_NAMES`) move beside it first
+    (:func:`picture_paths`).
     """
     tmp_path, final_path = Path(tmp_path), Path(final_path)
     g = zarr.open_group(str(tmp_path), mode="r+")
     g.attrs.update({**attrs, "complete": True})
+    for name, dest in picture_paths(final_path).items():
+        if (tmp_path / name).is_file():
+            os.replace(tmp_path / name, dest)
     replace_dir(tmp_path, final_path)
 
 
