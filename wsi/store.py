@@ -23,7 +23,9 @@ tiles of a JPEG store straight from its files (the same pixels as ``TileStore[i]
 without Zarr's per-call cost), for random access from training loaders.
 
 Reading needs the ``wsi_pipeline.jpeg`` codec registered: importing this module
-does that (see :mod:`wsi.codecs`).
+does that (see :mod:`wsi.codecs`); without this package, ``pip install ./codecs-dist``
+lets stock zarr-python read a store. Every array has ``dimension_names``
+(:data:`DIMENSION_NAMES`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from zarr.storage import LocalStore
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from wsi.codecs import JpegCodec
+from wsi.codecs import CODEC_NAME, JpegCodec
+from zarr.abc.codec import ArrayBytesCodec
 
 FORMAT_NAME = "wsi-pipeline.tile-store"
 FORMAT_VERSION = 2
@@ -55,6 +58,18 @@ STORE_SUFFIX = ".zarr"
 
 class StoreError(Exception):
     """A tile store is missing, incomplete or from an incompatible version."""
+
+
+#: Axis names of every array of a store (zarr v3 ``dimension_names``: xarray opens the group
+#: as a Dataset). Tiles and mask have their own y/x names: their sizes differ.
+DIMENSION_NAMES = {
+    "tiles": ("tile", "tile_y", "tile_x", "rgb"),
+    "coords": ("tile", "xy"),
+    "grid_colrow": ("tile", "colrow"),
+    "tissue_fraction": ("tile",),
+    "mask": ("mask_y", "mask_x"),
+    "thumbnail": ("mask_y", "mask_x", "rgb"),
+}
 
 
 def store_path_for(store_dir: str | Path, slide_id: str) -> Path:
@@ -79,9 +94,10 @@ def codec_description(codec: str, jpeg_quality: int, zstd_level: int) -> dict:
         return {
             "name": "jpeg",
             "quality": int(jpeg_quality),
-            "zarr_codec": "wsi_pipeline.jpeg",
+            "zarr_codec": CODEC_NAME,
             "how_to_read": "each chunk is one baseline JPEG of shape (T, T, 3), grouped into zarr v3 shard files "
-            "(chunk bytes, then the shard index); install wsi-pipeline (or import wsi.codecs) and open with zarr, "
+            "(chunk bytes, then the shard index); open with stock zarr-python after 'pip install wsi-pipeline-jpeg' "
+            "(codecs-dist/ in the wsi-pipeline repository) or with wsi-pipeline installed, "
             "or take a chunk's bytes from its shard index and decode them with any JPEG decoder",
         }
     return {"name": "zstd", "level": int(zstd_level), "how_to_read": "plain zarr v3 (bytes + zstd)"}
@@ -153,6 +169,7 @@ def create_tile_array(
         fill_value=255,
         # Flat chunk files (tiles/c.<i>.0.0.0): no directory per tile or shard to create.
         chunk_key_encoding={"name": "default", "separator": "."},
+        dimension_names=DIMENSION_NAMES["tiles"],
         **_tile_codecs(codec, jpeg_quality, zstd_level),
     )
     g.attrs.update(
@@ -202,7 +219,10 @@ def write_slide_arrays(
         ag = await zarr.api.asynchronous.open_group(store=str(path), mode="r+")
         await asyncio.gather(
             *(
-                ag.create_array(name, data=data, chunks=_one_chunk_up_to(data.shape, 4096), compressors=ZstdCodec(level=3))
+                ag.create_array(
+                    name, data=data, chunks=_one_chunk_up_to(data.shape, 4096), compressors=ZstdCodec(level=3),
+                    dimension_names=DIMENSION_NAMES[name],
+                )
                 for name, data in arrays.items()
             )
         )
@@ -213,9 +233,16 @@ def write_slide_arrays(
     return zarr.open_group(str(path), mode="r+")
 
 
+def _is_jpeg(codec) -> bool:
+    """Our JPEG codec, whichever module registered it (``wsi.codecs`` or the ``wsi_pipeline_jpeg`` distribution)."""
+    return isinstance(codec, JpegCodec) or (
+        isinstance(codec, ArrayBytesCodec) and codec.to_dict().get("name") == CODEC_NAME
+    )
+
+
 def _chunk_encoder(codecs):
     """A function encoding one chunk exactly as the array's codec chain would, or None."""
-    if len(codecs) == 1 and isinstance(codecs[0], JpegCodec):
+    if len(codecs) == 1 and _is_jpeg(codecs[0]):
         return codecs[0].encode_array
     if len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec):
         import imagecodecs
@@ -674,7 +701,7 @@ class FastTileReader:
         self.fast = (
             self._raw.supported
             and len(self._raw.codecs) == 1
-            and isinstance(self._raw.codecs[0], JpegCodec)
+            and _is_jpeg(self._raw.codecs[0])
             and tuple(meta.shape[1:]) == (self.T, self.T, 3)
         )
         self._fill = int(meta.fill_value) if meta.fill_value is not None else 0
