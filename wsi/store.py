@@ -233,7 +233,7 @@ def write_slide_arrays(
     return zarr.open_group(str(path), mode="r+")
 
 
-def _is_jpeg(codec) -> bool:
+def is_jpeg_codec(codec) -> bool:
     """Our JPEG codec, whichever module registered it (``wsi.codecs`` or the ``wsi_pipeline_jpeg`` distribution)."""
     return isinstance(codec, JpegCodec) or (
         isinstance(codec, ArrayBytesCodec) and codec.to_dict().get("name") == CODEC_NAME
@@ -242,7 +242,7 @@ def _is_jpeg(codec) -> bool:
 
 def _chunk_encoder(codecs):
     """A function encoding one chunk exactly as the array's codec chain would, or None."""
-    if len(codecs) == 1 and _is_jpeg(codecs[0]):
+    if len(codecs) == 1 and is_jpeg_codec(codecs[0]):
         return codecs[0].encode_array
     if len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec):
         import imagecodecs
@@ -701,7 +701,7 @@ class FastTileReader:
         self.fast = (
             self._raw.supported
             and len(self._raw.codecs) == 1
-            and _is_jpeg(self._raw.codecs[0])
+            and is_jpeg_codec(self._raw.codecs[0])
             and tuple(meta.shape[1:]) == (self.T, self.T, 3)
         )
         self._fill = int(meta.fill_value) if meta.fill_value is not None else 0
