@@ -152,3 +152,84 @@ def test_dicom_instances_are_one_slide_per_series(tmp_path):
     with pytest.raises(SlideError, match="case-7"):  # not real WSI DICOM: one clear message
         open_slide(scan)
 
+
+
+def _write_dicom_pyramid(levels, out_dir: Path, mpp: float, tile: int = 256) -> None:
+    """A VL Whole Slide Microscopy series: one TILED_FULL instance per level, JPEG baseline frames."""
+    import imagecodecs
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.sequence import Sequence
+    from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+    study, series, frame_ref = generate_uid(), generate_uid(), generate_uid()
+    for li, img in enumerate(levels):
+        h, w = img.shape[:2]
+        nx, ny = -(-w // tile), -(-h // tile)
+        frames = []
+        for ty in range(ny):
+            for tx in range(nx):
+                t = np.full((tile, tile, 3), 255, np.uint8)
+                part = img[ty*tile:(ty+1)*tile, tx*tile:(tx+1)*tile]
+                t[:part.shape[0], :part.shape[1]] = part
+                frames.append(bytes(imagecodecs.jpeg8_encode(t, level=95)))
+        ds = Dataset()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+        sop = generate_uid()
+        meta.MediaStorageSOPInstanceUID = sop
+        meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.file_meta = meta
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_ref
+        ds.Modality = "SM"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if li == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        ds.PatientID = "synth"; ds.PatientName = "synth"; ds.StudyID = "1"; ds.SeriesNumber = 1; ds.InstanceNumber = li + 1
+        ds.Manufacturer = "wsi-pipeline synth"
+        ds.ContainerIdentifier = "synth-1"
+        ds.DimensionOrganizationType = "TILED_FULL"
+        ds.Rows = ds.Columns = tile
+        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = w, h
+        ds.TotalPixelMatrixFocalPlanes = 1
+        ds.NumberOfFrames = len(frames)
+        ds.SamplesPerPixel = 3
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+        ds.PlanarConfiguration = 0
+        ds.BitsAllocated = 8; ds.BitsStored = 8; ds.HighBit = 7; ds.PixelRepresentation = 0
+        ds.LossyImageCompression = "01"
+        ds.NumberOfOpticalPaths = 1
+        op = Dataset(); op.OpticalPathIdentifier = "1"
+        ds.OpticalPathSequence = Sequence([op])
+        ds.ImagedVolumeWidth = w * mpp * 2**li / 1000; ds.ImagedVolumeHeight = h * mpp * 2**li / 1000; ds.ImagedVolumeDepth = 0.001
+        pm = Dataset(); pm.PixelSpacing = [mpp * 2**li / 1000, mpp * 2**li / 1000]; pm.SliceThickness = 0.001
+        sfg = Dataset(); sfg.PixelMeasuresSequence = Sequence([pm])
+        ds.SharedFunctionalGroupsSequence = Sequence([sfg])
+        origin = Dataset(); origin.XOffsetInSlideCoordinateSystem = 0; origin.YOffsetInSlideCoordinateSystem = 0
+        ds.TotalPixelMatrixOriginSequence = Sequence([origin])
+        ds.PixelData = encapsulate(frames)
+        ds["PixelData"].VR = "OB"
+        ds.save_as(f"{out_dir}/level{li}.dcm", enforce_file_format=True)
+
+
+def test_dicom_pyramid_tiles_through_openslide(tmp_path, region):
+    pytest.importorskip("pydicom", reason="writing a WSI DICOM pyramid needs pydicom (the 'test' extra)")
+    scan = tmp_path / "in" / "scan-1"
+    scan.mkdir(parents=True)
+    _write_dicom_pyramid([region, np.ascontiguousarray(region[::2, ::2])], scan, 0.5)
+    assert discover_slides(tmp_path / "in") == [scan]
+    with open_slide(scan) as s:
+        assert s.properties["openslide.vendor"] == "dicom" and len(s.level_dimensions) == 2
+    rep = run_tile(tmp_path / "in", tmp_path / "out", _cfg(), workers=0, quiet=True, progress=False)
+    assert rep.ok, rep.slides
+    st = TileStore(tmp_path / "out" / "scan-1.zarr")
+    a = st.attrs
+    assert a["slide"]["mpp_source"] == "openslide-properties" and a["slide"]["mpp"] == pytest.approx(0.5)
+    assert a["tiling"]["read_path"] == "openslide" and len(st) > 10
+    for i in (0, len(st) // 2, len(st) - 1):  # JPEG frames at quality 95: close to the source
+        x, y = st.coords[i]
+        part = region[y : y + 128, x : x + 128].astype(int)
+        assert np.abs(st[i][: part.shape[0], : part.shape[1]].astype(int) - part).mean() < 3
+    # a second run sees the unchanged folder and skips it
+    again = run_tile(tmp_path / "in", tmp_path / "out", _cfg(), workers=0, quiet=True, progress=False)
+    assert [o.status for o in again.slides] == ["skipped"]
