@@ -87,7 +87,7 @@ def open_slide(path: str | Path) -> openslide.AbstractSlide:
         return openslide.OpenSlide(str(target))
     except openslide.OpenSlideUnsupportedFormatError:
         if path.suffix.lower() in FLAT_IMAGE_EXTENSIONS and path.is_file():
-            return openslide.ImageSlide(Image.fromarray(read_flat_image(path)))
+            return openslide.ImageSlide(Image.fromarray(_flat_rgba(path)))
         raise SlideError(
             f"{path}: not a slide OpenSlide can read (unsupported format or not an image); "
             "check the file is a complete whole-slide image"
@@ -100,9 +100,15 @@ def read_flat_image(path: str | Path) -> np.ndarray:
     """The pixels of a flat image file as (H, W, 3) uint8 RGB (transparency composited onto white).
 
     TIFFs are read with tifffile (the first page, or level 0 of a pyramid),
-    PNG and JPEG with OpenCV. The last decoded image is kept (by path, size
-    and mtime) so the tasks of one slide don't decode it again.
+    PNG and JPEG with OpenCV.
     """
+    return np.ascontiguousarray(_flat_rgba(path)[..., :3])
+
+
+def _flat_rgba(path: str | Path) -> np.ndarray:
+    """:func:`read_flat_image` as read-only opaque RGBA (PIL then shares the memory instead of
+    copying it). The last image decoded in this process is kept (by path, size and mtime), so
+    the tasks of one slide don't decode it again."""
     path = Path(path)
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -110,11 +116,13 @@ def read_flat_image(path: str | Path) -> np.ndarray:
         if _flat_cache.get("key") == key:
             return _flat_cache["rgb"]
     rgb = _decode_flat(path)
-    rgb.setflags(write=False)
+    rgba = np.empty(rgb.shape[:2] + (4,), np.uint8)
+    rgba[..., :3], rgba[..., 3] = rgb, 255
+    rgba.setflags(write=False)
     with _flat_lock:
         _flat_cache.clear()
-        _flat_cache.update(key=key, rgb=rgb)
-    return rgb
+        _flat_cache.update(key=key, rgb=rgba)
+    return rgba
 
 
 _flat_cache: dict = {}
