@@ -46,7 +46,7 @@ import zarr
 
 from pipeline.batch import UsageError
 from wsi.atomic import atomic_path
-from wsi.store import RawChunks, StoreError, TileStore, list_stores, replace_dir, is_jpeg_codec
+from wsi.store import RawChunks, StoreError, TileStore, is_jpeg_codec, list_stores, replace_dir
 
 log = logging.getLogger("wsi_pipeline")
 

@@ -40,13 +40,13 @@ from typing import Iterator
 import imagecodecs
 import numpy as np
 import zarr
+from zarr.abc.codec import ArrayBytesCodec
 from zarr.codecs import BytesCodec, ShardingCodec, ShardingCodecIndexLocation, ZstdCodec
 from zarr.storage import LocalStore
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from wsi.codecs import CODEC_NAME, JpegCodec
-from zarr.abc.codec import ArrayBytesCodec
 
 FORMAT_NAME = "wsi-pipeline.tile-store"
 FORMAT_VERSION = 2
