@@ -152,3 +152,15 @@ def test_heatmap_zarr_is_ome_ngff_with_physical_pixel_size(tmp_path):
     # without a resolution there is no physical frame to claim
     bare = write_heatmap_zarr(tmp_path / "s2.zarr", heat, None, {"downsample": 64.0})
     assert "ome" not in zarr.open_group(str(bare), mode="r").attrs
+
+
+def test_heatmap_validates_with_the_ome_zarr_models(tmp_path):
+    pytest.importorskip("ome_zarr_models", reason="the OME-NGFF validator is the 'ome-zarr-models' package (test extra)")
+    from ome_zarr_models.v05.image import Image
+
+    heat = np.random.default_rng(0).random((12, 20), dtype=np.float32)
+    path = write_heatmap_zarr(tmp_path / "s1.zarr", heat, heat > 0.5,
+                              {"slide_id": "s1", "mpp": 0.5, "downsample": 32.0, "origin_level0_xy": [0, 0]})
+    img = Image.from_zarr(zarr.open_group(str(path), mode="r"))  # raises on any spec violation
+    (ms,) = img.ome_attributes.multiscales
+    assert [a.unit for a in ms.axes] == ["micrometer", "micrometer"] and ms.datasets[0].path == "probability"
