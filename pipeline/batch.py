@@ -27,7 +27,8 @@ from typing import Container, Iterable, Mapping
 
 from wsi import __version__
 from wsi.atomic import atomic_write_json
-from wsi.slide import SLIDE_EXTENSIONS, slide_id_for
+from wsi.slide import FLAT_IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, dicom_slides, slide_id_for
+from wsi.store import STORE_SUFFIX
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -39,13 +40,24 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------- discovery
 
 
+#: Pictures written beside slides and stores (our overlays and masks, annotation masks,
+#: thumbnails): never slides when a folder is searched.
+PICTURE_SUFFIXES = (".overlay.png", ".mask.png", "_mask.png", "-mask.png", "_thumbnail.jpg", "_thumbnail.png")
+
+
 def discover_slides(source: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
     """Slides named by ``source``: a folder (searched recursively), a slide file, or a list file.
 
     A list file is a ``.txt``/``.csv``/``.lst`` with one path per line (relative
     paths resolve against the list file's folder; ``#`` starts a comment; a
     ``.csv`` may have a header with a ``path`` column). MRXS companion folders
-    are not searched. Raises :class:`UsageError` when nothing is found.
+    and tile stores (``*.zarr``) are not searched. The ``.dcm`` instances of a
+    DICOM scan are one slide per series (:func:`wsi.slide.dicom_slides`: the
+    folder, when it holds one series). Flat images (``.png``, ``.jpg``,
+    ``.jpeg``) named as a file or in a list are always slides; a folder search
+    takes them only from folders without whole-slide files or tile stores, and
+    never the pictures written beside slides (:data:`PICTURE_SUFFIXES`).
+    Raises :class:`UsageError` when nothing is found.
     """
     src = Path(source)
     exts = tuple(e.lower() for e in extensions)
@@ -54,15 +66,12 @@ def discover_slides(source: str | Path, extensions: Iterable[str] = SLIDE_EXTENS
     if src.is_dir():
         found = []
         for root, dirs, files in os.walk(src):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            names = set(files)
-            # An MRXS slide's data folder has the slide's stem as its name.
-            dirs[:] = [d for d in dirs if f"{d}.mrxs" not in names]
-            for f in sorted(files):
-                if f.lower().endswith(exts) and not f.startswith("."):
-                    found.append(Path(root) / f)
+            has_stores = any(d.lower().endswith(STORE_SUFFIX) for d in dirs)
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.lower().endswith(STORE_SUFFIX))
+            found += _slides_in_folder(Path(root), dirs, files, exts, flat_images=not has_stores)
         if not found:
-            raise UsageError(f"{src}: no slides found (looked recursively for {', '.join(exts)})")
+            looked = ", ".join(dict.fromkeys(exts + FLAT_IMAGE_EXTENSIONS))
+            raise UsageError(f"{src}: no slides found (looked recursively for {looked})")
         return sorted(found)
     if src.suffix.lower() in (".txt", ".lst", ".csv"):
         lines = [ln.strip() for ln in src.read_text().splitlines()]
@@ -86,6 +95,25 @@ def discover_slides(source: str | Path, extensions: Iterable[str] = SLIDE_EXTENS
             )
         return paths
     return [src]
+
+
+def _slides_in_folder(
+    root: Path, dirs: list[str], files: list[str], exts: tuple[str, ...], *, flat_images: bool
+) -> list[Path]:
+    """The slides directly in one folder of a search (``dirs`` is pruned in place)."""
+    names = set(files)
+    # An MRXS slide's data folder has the slide's stem as its name.
+    dirs[:] = [d for d in dirs if f"{d}.mrxs" not in names]
+    visible = sorted(f for f in files if not f.startswith("."))
+    slides = [root / f for f in visible if f.lower().endswith(exts) and not f.lower().endswith(".dcm")]
+    if ".dcm" in exts and any(f.lower().endswith(".dcm") for f in visible):
+        slides += dicom_slides(root)
+    if not slides and flat_images:
+        slides = [
+            root / f for f in visible
+            if f.lower().endswith(FLAT_IMAGE_EXTENSIONS) and not f.lower().endswith(PICTURE_SUFFIXES)
+        ]
+    return slides
 
 
 def check_unique_ids(paths: list[Path]) -> tuple[list[Path], dict[Path, str]]:

@@ -508,6 +508,42 @@ def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, re
 
 
 @main.command()
+@click.argument("stores", type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Export folder: <format>/ per format inside.")
+@click.option("--format", "formats", multiple=True, required=True, type=click.Choice(["h5", "imagefolder", "webdataset"]),
+              help="h5: CLAM/TRIDENT coords file per slide; imagefolder: <class>/<slide_id>/ tile images; "
+                   "webdataset: one .tar shard per slide. Repeatable.")
+@click.option("--labels", "labels_csv", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV slide_id,label[,split]: the ImageFolder class and the WebDataset .cls of each slide.")
+@_common_options
+@_handle_errors
+def export(stores, out_dir, formats, labels_csv, quiet, verbose):
+    """Export tile stores for other tools: CLAM/TRIDENT coordinates, ImageFolder, WebDataset.
+
+    STORES is a store folder (the --out of 'tile') or one <slide_id>.zarr.
+    h5 writes OUT/h5/<slide_id>.h5: dataset 'coords' (level-0 x, y) with
+    attributes patch_level and patch_size, the layout CLAM's and TRIDENT's
+    feature extractors read (needs h5py: pip install 'wsi-pipeline[export]').
+    imagefolder and webdataset write the tile images themselves (a JPEG
+    store's own JPEG bytes; PNG for zstd stores). Takes no --config: the
+    stores carry their settings.
+
+    \b
+    Examples:
+      wsi-pipeline export stores --out export --format h5
+      wsi-pipeline export stores --out export --format imagefolder --labels labels.csv
+      wsi-pipeline export stores/slide_000.zarr --out export --format webdataset --format h5
+    """
+    from pipeline.batch import setup_logging
+    from pipeline.export import run_export
+
+    setup_logging(quiet, verbose)
+    res = run_export(stores, out_dir, list(formats), labels_csv=labels_csv)
+    click.echo(f"exported {res.tiles} tiles of {res.slides} slides to {out_dir} ({', '.join(res.written)})", err=True)
+
+
+@main.command()
 @click.argument("out_dir", type=click.Path(path_type=Path), default=Path("demo-out"), required=False)
 @_config_options
 @click.option("--positives", type=int, default=12, show_default=True, help="Slides with lesions.")

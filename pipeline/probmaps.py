@@ -96,9 +96,9 @@ class _MapWriter:
         n, h = s.n_tiles, self.h
         g.create_array(
             "maps", shape=(n, h, h), chunks=(1, h, h), shards=(max(1, min(n, SHARD_TILES)), h, h) if n else None,
-            dtype="float16", compressors=ZstdCodec(level=1), fill_value=0,
+            dtype="float16", compressors=ZstdCodec(level=1), fill_value=0, dimension_names=("tile", "map_y", "map_x"),
         )
-        g.create_array("max_prob", shape=(n,), chunks=(max(1, n),), dtype="float32", fill_value=0)
+        g.create_array("max_prob", shape=(n,), chunks=(max(1, n),), dtype="float32", fill_value=0, dimension_names=("tile",))
 
     def _write_maps(self, sid: str, a: int, data: np.ndarray) -> None:
         self.root[sid]["maps"][a : a + len(data)] = data

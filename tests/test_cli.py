@@ -18,7 +18,7 @@ from pipeline.executor import available_cores, make_executor, resolve_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Commands without --config/--set, and the README says why.
-NO_CONFIG = {"synth", "classify"}
+NO_CONFIG = {"synth", "classify", "export"}
 
 
 def _help(args: list[str]) -> str:

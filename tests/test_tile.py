@@ -64,7 +64,9 @@ def test_tiles_match_openslide_and_store_is_complete(tmp_path, synth_slides):
             ref = read_region_rgb(osr, tuple(s.coords[i]), 0, (128, 128))
             d = np.abs(s[i].astype(int) - ref)
             assert d.max() <= 4 and d.mean() < 0.5
-    assert (tmp_path / "out" / "tissue.zarr" / "overlay.png").stat().st_size > 0
+    assert (tmp_path / "out" / "tissue.overlay.png").stat().st_size > 0  # beside the store, not inside
+    assert (tmp_path / "out" / "tissue.mask.png").stat().st_size > 0
+    assert not list((tmp_path / "out" / "tissue.zarr").glob("*.png"))
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp-")]
     report = json.loads((tmp_path / "out" / "tile-report.json").read_text())
     assert report["counts"] == {"done": 1, "skipped": 0, "failed": 0}

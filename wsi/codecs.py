@@ -2,15 +2,19 @@
 
 zarr-python 3 ships no image codec. :class:`JpegCodec` is an array-to-bytes
 codec named ``"wsi_pipeline.jpeg"``: each chunk of shape ``(k, H, W, C)``
-(uint8, C = 1 or 3) is stored as ONE baseline JPEG of the ``k`` tiles stacked
-vertically, ``(k*H, W, C)``. With one tile per chunk (the default) every chunk
-file is a plain ``.jpg`` any image viewer opens.
+(uint8, C = 1 or 3) is encoded as ONE baseline JPEG of the ``k`` tiles
+stacked vertically, ``(k*H, W, C)``. Tile stores keep one tile per chunk and
+group the chunks into zarr v3 shard files, so a chunk is a JPEG stream inside
+a shard (its offset and length in the shard's index), not a file of its own.
 
 Reading a store therefore needs this codec registered. Importing
-:mod:`wsi.codecs` registers it, and the package also declares it under the
+:mod:`wsi.codecs` registers it, and the package declares it under the
 ``zarr.codecs`` entry point, so zarr finds it by itself once ``wsi-pipeline``
-is installed. Without this package, decode a chunk file with any JPEG decoder
-and split it into ``k`` rows of ``H`` pixels.
+is installed. Without the pipeline, install the codec alone: this module is
+also the tiny distribution ``wsi-pipeline-jpeg`` (``codecs-dist/`` in the
+repository, module ``wsi_pipeline_jpeg``; it needs zarr, numpy and
+imagecodecs), and stock zarr-python then opens the ``tiles`` array.
+This file must import nothing of the pipeline.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ __all__ = [
     "regions_geojson",
     "write_heatmap_zarr",
     "read_heatmap_zarr",
+    "ome_multiscales",
 ]
 
 HEATMAP_FORMAT = "wsi-pipeline.heatmap"
@@ -272,8 +273,11 @@ def write_heatmap_zarr(path: str | Path, heat: np.ndarray, tissue: np.ndarray | 
     """Write a heatmap as a Zarr v3 group, built under a temporary name and renamed into place.
 
     Layout: ``probability`` (H, W) float32 (NaN = not scored), ``tissue`` (H, W)
-    uint8 (1 = tissue), attributes ``format``, ``downsample``,
-    ``origin_level0_xy`` and whatever ``attrs`` adds.
+    uint8 (1 = tissue), both with ``dimension_names`` ``("y", "x")``; attributes
+    ``format``, ``downsample``, ``origin_level0_xy`` and whatever ``attrs`` adds.
+    When ``attrs`` gives the slide's level-0 ``mpp`` and the ``downsample``,
+    the group also carries OME-NGFF 0.5 multiscale metadata
+    (:func:`ome_multiscales`) so viewers (napari, QuPath) place it on the slide.
     """
     import zarr
     from zarr.codecs import ZstdCodec
@@ -284,15 +288,53 @@ def write_heatmap_zarr(path: str | Path, heat: np.ndarray, tissue: np.ndarray | 
     try:
         g = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
         heat = np.asarray(heat, np.float32)
-        g.create_array("probability", data=heat, compressors=ZstdCodec(level=3), fill_value=np.nan)
+        g.create_array("probability", data=heat, compressors=ZstdCodec(level=3), fill_value=np.nan,
+                       dimension_names=("y", "x"))
         if tissue is not None:
-            g.create_array("tissue", data=np.asarray(tissue, np.uint8), compressors=ZstdCodec(level=3))
-        g.attrs.update({"format": HEATMAP_FORMAT, "format_version": HEATMAP_FORMAT_VERSION, **json.loads(json.dumps(attrs, default=str))})
+            g.create_array("tissue", data=np.asarray(tissue, np.uint8), compressors=ZstdCodec(level=3),
+                           dimension_names=("y", "x"))
+        meta = {"format": HEATMAP_FORMAT, "format_version": HEATMAP_FORMAT_VERSION, **json.loads(json.dumps(attrs, default=str))}
+        if meta.get("mpp") and meta.get("downsample"):
+            meta["ome"] = ome_multiscales(
+                float(meta["mpp"]), float(meta["downsample"]), meta.get("origin_level0_xy") or (0, 0),
+                name=str(meta.get("slide_id", path.stem)),
+            )
+        g.attrs.update(meta)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def ome_multiscales(mpp: float, downsample: float, origin_level0_xy, *, name: str = "probability") -> dict:
+    """OME-NGFF 0.5 ``ome`` attributes for a one-level ``probability`` image on the slide's frame.
+
+    Physical coordinates are micrometres with the slide's level-0 pixel ``i``
+    centred at ``i * mpp`` (how viewers place the slide at scale ``mpp``). A
+    heatmap pixel ``(r, c)`` covers level-0 ``[ox + c*m, ox + (c+1)*m)``, so its
+    centre is at ``(ox + (c + 0.5) * m - 0.5) * mpp``: scale ``m * mpp``,
+    translation ``(ox + m/2 - 1/2) * mpp`` (``m`` = ``downsample``).
+    """
+    ox, oy = (float(v) for v in origin_level0_xy)
+    m = float(downsample)
+    return {
+        "version": "0.5",
+        "multiscales": [{
+            "name": name,
+            "axes": [
+                {"name": "y", "type": "space", "unit": "micrometer"},
+                {"name": "x", "type": "space", "unit": "micrometer"},
+            ],
+            "datasets": [{
+                "path": "probability",
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [m * mpp, m * mpp]},
+                    {"type": "translation", "translation": [(oy + m / 2 - 0.5) * mpp, (ox + m / 2 - 0.5) * mpp]},
+                ],
+            }],
+        }],
+    }
 
 
 def read_heatmap_zarr(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]:

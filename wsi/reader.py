@@ -95,6 +95,8 @@ def pick_read_path(path: str, level_dimensions: tuple[int, int]) -> tuple[str, s
     The fast reader opened to decide stays in this thread's cache for the
     reads that follow.
     """
+    if os.path.isdir(path):
+        return "openslide", "a DICOM folder (read through OpenSlide's DICOM driver)"
     try:
         fast_reader(path, level_dimensions)
     except UnsupportedSlide as exc:

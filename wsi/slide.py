@@ -8,6 +8,16 @@ never turn into black, tissue-like pixels.
 OpenSlide errors are sticky: after one failed read a handle refuses everything.
 Callers therefore open a handle per unit of work (:func:`open_slide`) and never
 reuse one after an error.
+
+Inputs besides OpenSlide's own formats:
+
+* **flat images** (a plain RGB TIFF, PNG or JPEG export of a region, see
+  :data:`FLAT_IMAGE_EXTENSIONS`): what OpenSlide cannot open is decoded whole
+  (tifffile / OpenCV) and served as a one-level slide (``openslide.ImageSlide``);
+  their micrometres per pixel come from the TIFF resolution tags or
+  ``--mpp-csv`` / ``--assume-mpp``;
+* **DICOM WSI**: a scan is a folder of instance files; the slide path is the
+  folder (:func:`dicom_files`), read through OpenSlide's DICOM driver.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import csv
 import hashlib
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,11 +34,18 @@ import cv2
 import numpy as np
 import openslide
 import tifffile
+from PIL import Image
 
+#: Files OpenSlide reads (``.dcm``: DICOM instances, grouped into one slide per folder by discovery).
+#: Zeiss ``.czi`` is not listed: OpenSlide 4 does not read it.
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
-    ".svslide", ".bif", ".dcm", ".czi",
+    ".svslide", ".bif", ".dcm",
 )
+#: Flat (one-level) image exports read whole when OpenSlide cannot open them.
+FLAT_IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+#: Flat images larger than this are refused (a whole-slide scan must be pyramidal).
+MAX_FLAT_PIXELS = 1 << 30
 
 
 class SlideError(Exception):
@@ -41,26 +59,162 @@ class MissingMppError(SlideError):
 def slide_id_for(path: str | Path) -> str:
     """The slide id used in stores, labels and reports: the file name without its extension."""
     name = Path(path).name
+    if Path(path).is_dir():  # a DICOM scan: the folder's name as it is
+        return name
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return Path(name).stem
 
 
-def open_slide(path: str | Path) -> openslide.OpenSlide:
-    """Open a slide with OpenSlide, turning its errors into one clear :class:`SlideError`."""
+def open_slide(path: str | Path) -> openslide.AbstractSlide:
+    """Open a slide, turning errors into one clear :class:`SlideError`.
+
+    OpenSlide first; a flat image it cannot read (:data:`FLAT_IMAGE_EXTENSIONS`)
+    becomes a one-level ``openslide.ImageSlide``; a folder is a DICOM scan,
+    opened through one of its instance files.
+    """
     path = Path(path)
     if not path.exists():
         raise SlideError(f"{path}: file not found")
+    target = path
+    if path.is_dir():
+        files = dicom_files(path)
+        if not files:
+            raise SlideError(f"{path}: a folder is read as a DICOM scan but holds no .dcm files")
+        target = files[0]
     try:
-        return openslide.OpenSlide(str(path))
+        return openslide.OpenSlide(str(target))
     except openslide.OpenSlideUnsupportedFormatError:
+        if path.suffix.lower() in FLAT_IMAGE_EXTENSIONS and path.is_file():
+            return openslide.ImageSlide(Image.fromarray(_flat_rgba(path)))
         raise SlideError(
             f"{path}: not a slide OpenSlide can read (unsupported format or not an image); "
             "check the file is a complete whole-slide image"
         ) from None
     except openslide.OpenSlideError as exc:
         raise SlideError(f"{path}: OpenSlide could not open it ({exc}); the file may be damaged") from None
+
+
+def read_flat_image(path: str | Path) -> np.ndarray:
+    """The pixels of a flat image file as (H, W, 3) uint8 RGB (transparency composited onto white).
+
+    TIFFs are read with tifffile (the first page, or level 0 of a pyramid),
+    PNG and JPEG with OpenCV.
+    """
+    return np.ascontiguousarray(_flat_rgba(path)[..., :3])
+
+
+def _flat_rgba(path: str | Path) -> np.ndarray:
+    """:func:`read_flat_image` as read-only opaque RGBA (PIL then shares the memory instead of
+    copying it). The last image decoded in this process is kept (by path, size and mtime), so
+    the tasks of one slide don't decode it again."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _flat_lock:
+        if _flat_cache.get("key") == key:
+            return _flat_cache["rgb"]
+    rgb = _decode_flat(path)
+    rgba = np.empty(rgb.shape[:2] + (4,), np.uint8)
+    rgba[..., :3], rgba[..., 3] = rgb, 255
+    rgba.setflags(write=False)
+    with _flat_lock:
+        _flat_cache.clear()
+        _flat_cache.update(key=key, rgb=rgba)
+    return rgba
+
+
+_flat_cache: dict = {}
+_flat_lock = threading.Lock()
+
+
+def _decode_flat(path: Path) -> np.ndarray:
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                if int(np.prod(page.shape[:2])) > MAX_FLAT_PIXELS:
+                    raise SlideError(f"{path}: a flat {page.shape[1]} x {page.shape[0]} px image is too large to "
+                                     "read whole; convert it to a tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid)")
+                img = page.asarray()
+        else:
+            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if img is None:
+                raise ValueError("OpenCV could not decode it")
+            if img.ndim == 3:  # OpenCV's channel order is BGR(A)
+                img = img[..., [2, 1, 0, 3][: img.shape[-1]]]
+    except SlideError:
+        raise
+    except Exception as exc:
+        raise SlideError(f"{path}: not a slide OpenSlide can read, nor a flat image ({exc})") from None
+    return _as_rgb8(img, path)
+
+
+def _as_rgb8(img: np.ndarray, path: Path) -> np.ndarray:
+    if img.dtype != np.uint8:
+        raise SlideError(f"{path}: a flat image must be 8-bit RGB, got {img.dtype}; convert it to 8-bit")
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[-1] not in (1, 2, 3, 4):
+        raise SlideError(f"{path}: a flat image must be RGB (H, W, 3), got shape {img.shape}")
+    if img.shape[-1] in (2, 4):  # straight alpha: composite onto white glass
+        a = img[..., -1:].astype(np.uint16)
+        img = ((img[..., :-1].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    return np.ascontiguousarray(img)
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def dicom_files(folder: str | Path) -> list[Path]:
+    """The DICOM instance files (``*.dcm``, not hidden) directly in ``folder``, sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == ".dcm" and not p.name.startswith(".") and p.is_file())
+
+
+#: (0020,000E) Series Instance UID, little endian: group, element.
+_SERIES_UID_TAG = b"\x20\x00\x0e\x00"
+
+
+def dicom_series_uid(path: str | Path, *, header_bytes: int = 1 << 16) -> str | None:
+    """The Series Instance UID of a DICOM file (explicit or implicit VR little endian), or None.
+
+    Only the first ``header_bytes`` are read: the UID sits in the header,
+    before any pixel data.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(header_bytes)
+    if head[128:132] != b"DICM":
+        return None
+    at = head.find(_SERIES_UID_TAG, 132)
+    while at >= 0:
+        if head[at + 4 : at + 6] == b"UI":  # explicit VR: 2-byte length
+            n, start = int.from_bytes(head[at + 6 : at + 8], "little"), at + 8
+        else:  # implicit VR: 4-byte length
+            n, start = int.from_bytes(head[at + 4 : at + 8], "little"), at + 8
+        uid = head[start : start + n].rstrip(b"\x00 ").decode("ascii", "replace")
+        if 0 < n <= 64 and uid.replace(".", "").isdigit():
+            return uid
+        at = head.find(_SERIES_UID_TAG, at + 1)
+    return None
+
+
+def dicom_slides(folder: str | Path) -> list[Path]:
+    """The slides of a folder of DICOM instances: one per series.
+
+    A folder that holds one series (the usual export: one scan per folder) is
+    the slide itself (its id is the folder name); with several series, each
+    series is named by its first file (OpenSlide opens that file's series),
+    its id the file's stem.
+    """
+    series: dict[str, list[Path]] = {}
+    for f in dicom_files(folder):
+        series.setdefault(dicom_series_uid(f) or "", []).append(f)
+    if len(series) <= 1:
+        return [Path(folder)] if series else []
+    return sorted(files[0] for files in series.values())
 
 
 # --------------------------------------------------------------------------- resolution
@@ -342,7 +496,8 @@ def read_lowres(
     lvl_h = max(1, int(math.ceil(bh / ds_level)))
     out = np.empty((out_h, out_w, 3), np.uint8)
     reader = None
-    if fast_path is not None and bx == 0 and by == 0:  # offset bounds (MRXS ...) never take the fast path
+    # Offset bounds (MRXS ...), DICOM folders and flat images never take the fast path.
+    if fast_path is not None and bx == 0 and by == 0 and not isinstance(slide, openslide.ImageSlide) and Path(fast_path).is_file():
         from wsi.fastread import try_open
 
         reader = try_open(fast_path, slide.level_dimensions[choice.level])
@@ -380,6 +535,10 @@ def file_fingerprint(path: str | Path, *, sample_bytes: int = 1 << 20, n_samples
     """
     path = Path(path)
     h = hashlib.sha256()
+    if path.is_dir():  # a DICOM scan: every instance file's name and fingerprint
+        for f in dicom_files(path):
+            h.update(f"{f.name}:{file_fingerprint(f, sample_bytes=sample_bytes, n_samples=n_samples)}".encode())
+        return h.hexdigest()[:32]
     size = path.stat().st_size
     h.update(str(size).encode())
     with path.open("rb") as fh:
@@ -400,5 +559,9 @@ def file_fingerprint(path: str | Path, *, sample_bytes: int = 1 << 20, n_samples
 
 
 def file_stat(path: str | Path) -> tuple[int, float]:
+    """``(size in bytes, mtime)``; for a DICOM folder the total size and the newest mtime."""
+    if Path(path).is_dir():
+        sts = [f.stat() for f in dicom_files(path)] or [os.stat(path)]
+        return int(sum(s.st_size for s in sts)), float(max(s.st_mtime for s in sts))
     st = os.stat(path)
     return int(st.st_size), float(st.st_mtime)

@@ -9,7 +9,10 @@ Layout
 ``tissue_fraction``  (N,) float32
 ``mask``             (h, w) uint8 tissue mask (1 = tissue) at ``attrs['tissue']['mask_downsample']``
 ``thumbnail``        (h, w, 3) uint8 RGB rendering at the same scale as the mask
-``overlay.png``, ``mask.png``  pictures for people (thumbnail + mask + grid)
+
+Beside the group, ``STORE_DIR/<slide_id>.overlay.png`` and ``<slide_id>.mask.png`` are pictures for
+people (thumbnail + mask + grid; :func:`picture_paths`). Stores written before kept them inside the
+group as ``overlay.png`` / ``mask.png``; readers ignore them either way.
 
 Group attributes record the source file (path, size, mtime, fingerprint), the
 resolution (mpp, level, downsample), the tiling and mask parameters, the codec,
@@ -20,7 +23,9 @@ tiles of a JPEG store straight from its files (the same pixels as ``TileStore[i]
 without Zarr's per-call cost), for random access from training loaders.
 
 Reading needs the ``wsi_pipeline.jpeg`` codec registered: importing this module
-does that (see :mod:`wsi.codecs`).
+does that (see :mod:`wsi.codecs`); without this package, ``pip install ./codecs-dist``
+lets stock zarr-python read a store. Every array has ``dimension_names``
+(:data:`DIMENSION_NAMES`).
 """
 
 from __future__ import annotations
@@ -37,12 +42,13 @@ from typing import Iterator
 import imagecodecs
 import numpy as np
 import zarr
+from zarr.abc.codec import ArrayBytesCodec
 from zarr.codecs import BytesCodec, ShardingCodec, ShardingCodecIndexLocation, ZstdCodec
 from zarr.storage import LocalStore
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from wsi.codecs import JpegCodec
+from wsi.codecs import CODEC_NAME, JpegCodec
 
 FORMAT_NAME = "wsi-pipeline.tile-store"
 FORMAT_VERSION = 2
@@ -54,6 +60,18 @@ STORE_SUFFIX = ".zarr"
 
 class StoreError(Exception):
     """A tile store is missing, incomplete or from an incompatible version."""
+
+
+#: Axis names of every array of a store (zarr v3 ``dimension_names``: xarray opens the group
+#: as a Dataset). Tiles and mask have their own y/x names: their sizes differ.
+DIMENSION_NAMES = {
+    "tiles": ("tile", "tile_y", "tile_x", "rgb"),
+    "coords": ("tile", "xy"),
+    "grid_colrow": ("tile", "colrow"),
+    "tissue_fraction": ("tile",),
+    "mask": ("mask_y", "mask_x"),
+    "thumbnail": ("mask_y", "mask_x", "rgb"),
+}
 
 
 def store_path_for(store_dir: str | Path, slide_id: str) -> Path:
@@ -78,9 +96,10 @@ def codec_description(codec: str, jpeg_quality: int, zstd_level: int) -> dict:
         return {
             "name": "jpeg",
             "quality": int(jpeg_quality),
-            "zarr_codec": "wsi_pipeline.jpeg",
+            "zarr_codec": CODEC_NAME,
             "how_to_read": "each chunk is one baseline JPEG of shape (T, T, 3), grouped into zarr v3 shard files "
-            "(chunk bytes, then the shard index); install wsi-pipeline (or import wsi.codecs) and open with zarr, "
+            "(chunk bytes, then the shard index); open with stock zarr-python after 'pip install wsi-pipeline-jpeg' "
+            "(codecs-dist/ in the wsi-pipeline repository) or with wsi-pipeline installed, "
             "or take a chunk's bytes from its shard index and decode them with any JPEG decoder",
         }
     return {"name": "zstd", "level": int(zstd_level), "how_to_read": "plain zarr v3 (bytes + zstd)"}
@@ -152,6 +171,7 @@ def create_tile_array(
         fill_value=255,
         # Flat chunk files (tiles/c.<i>.0.0.0): no directory per tile or shard to create.
         chunk_key_encoding={"name": "default", "separator": "."},
+        dimension_names=DIMENSION_NAMES["tiles"],
         **_tile_codecs(codec, jpeg_quality, zstd_level),
     )
     g.attrs.update(
@@ -201,7 +221,10 @@ def write_slide_arrays(
         ag = await zarr.api.asynchronous.open_group(store=str(path), mode="r+")
         await asyncio.gather(
             *(
-                ag.create_array(name, data=data, chunks=_one_chunk_up_to(data.shape, 4096), compressors=ZstdCodec(level=3))
+                ag.create_array(
+                    name, data=data, chunks=_one_chunk_up_to(data.shape, 4096), compressors=ZstdCodec(level=3),
+                    dimension_names=DIMENSION_NAMES[name],
+                )
                 for name, data in arrays.items()
             )
         )
@@ -212,9 +235,16 @@ def write_slide_arrays(
     return zarr.open_group(str(path), mode="r+")
 
 
+def is_jpeg_codec(codec) -> bool:
+    """Our JPEG codec, whichever module registered it (``wsi.codecs`` or the ``wsi_pipeline_jpeg`` distribution)."""
+    return isinstance(codec, JpegCodec) or (
+        isinstance(codec, ArrayBytesCodec) and codec.to_dict().get("name") == CODEC_NAME
+    )
+
+
 def _chunk_encoder(codecs):
     """A function encoding one chunk exactly as the array's codec chain would, or None."""
-    if len(codecs) == 1 and isinstance(codecs[0], JpegCodec):
+    if len(codecs) == 1 and is_jpeg_codec(codecs[0]):
         return codecs[0].encode_array
     if len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec):
         import imagecodecs
@@ -468,15 +498,32 @@ class RawChunks:
             return f.read(nbytes)
 
 
+#: Pictures a tiling leaves in its temporary store, moved beside the finished store by
+#: :func:`finalize_store` (inside the group, stock zarr warns about them on every listing).
+PICTURE_NAMES = ("overlay.png", "mask.png")
+
+
+def picture_paths(store_path: str | Path) -> dict[str, Path]:
+    """Where the pictures of a store live: ``{"overlay.png": <dir>/<slide_id>.overlay.png, ...}``."""
+    store_path = Path(store_path)
+    stem = store_path.name[: -len(STORE_SUFFIX)] if store_path.name.endswith(STORE_SUFFIX) else store_path.name
+    return {name: store_path.with_name(f"{stem}.{name}") for name in PICTURE_NAMES}
+
+
 def finalize_store(tmp_path: str | Path, final_path: str | Path, attrs: dict) -> None:
     """Mark a store complete and move it into place atomically.
 
     An existing store at ``final_path`` (an outdated one) is moved aside first
-    and deleted only after the new one is in place.
+    and deleted only after the new one is in place. Pictures written into the
+    temporary store (:data:`PICTURE_NAMES`) move beside it first
+    (:func:`picture_paths`).
     """
     tmp_path, final_path = Path(tmp_path), Path(final_path)
     g = zarr.open_group(str(tmp_path), mode="r+")
     g.attrs.update({**attrs, "complete": True})
+    for name, dest in picture_paths(final_path).items():
+        if (tmp_path / name).is_file():
+            os.replace(tmp_path / name, dest)
     replace_dir(tmp_path, final_path)
 
 
@@ -656,7 +703,7 @@ class FastTileReader:
         self.fast = (
             self._raw.supported
             and len(self._raw.codecs) == 1
-            and isinstance(self._raw.codecs[0], JpegCodec)
+            and is_jpeg_codec(self._raw.codecs[0])
             and tuple(meta.shape[1:]) == (self.T, self.T, 3)
         )
         self._fill = int(meta.fill_value) if meta.fill_value is not None else 0

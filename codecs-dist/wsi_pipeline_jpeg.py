@@ -1,0 +1,1 @@
+../wsi/codecs.py
