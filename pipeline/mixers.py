@@ -139,6 +139,7 @@ class BatchMixer:
 
     def __call__(self, x: torch.Tensor, y: Any, *, kind: str, model: torch.nn.Module | None = None,
                  generator: torch.Generator) -> tuple[torch.Tensor, Any]:
+        self.observe(x)
         if self.p <= 0.0:
             return x, y
         if self.p < 1.0 and float(torch.rand((), generator=generator)) >= self.p:
@@ -146,6 +147,9 @@ class BatchMixer:
         self.check(kind, model)
         self.batches_mixed += 1
         return self.mix(x, y, kind=kind, model=model, generator=generator)
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Sees every batch, mixed or not (no random draws): e.g. the tile size."""
 
     def mix(self, x, y, *, kind, model, generator):
         raise NotImplementedError
@@ -370,10 +374,12 @@ class CellMix(BatchMixer):
                     src[pool, r] = pool[torch.randperm(len(pool), generator=generator)]
         return src, fixed
 
+    def observe(self, x):
+        self.edge_px = math.gcd(*x.shape[-2:])
+
     def mix(self, x, y, *, kind, model, generator):
         lead = x.shape[:-3]
         h, w = x.shape[-2:]
-        self.edge_px = math.gcd(h, w)
         patch, ratio = self.current()
         flat = x.reshape(-1, *x.shape[-3:])
         n_img, n_tok = flat.shape[0], (h // patch) * (w // patch)

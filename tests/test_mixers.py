@@ -8,7 +8,6 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -273,11 +272,11 @@ def test_scoremix_bag_swap_keeps_the_slides_pixels():
 # --------------------------------------------------------------------------- the EM loop
 
 
-def _subset_labels(em_cohort, path):
+def _subset_labels(cohort, path):
     from pipeline.labels import read_labels_csv
 
-    rows = read_labels_csv(em_cohort.labels)
-    ann = set(em_cohort.annotated_ids)
+    rows = read_labels_csv(cohort.labels)
+    ann = set(cohort.annotated_ids)
     keep = [r for r in rows if r[0] in ann]
     keep += [r for r in rows if r[2] == "train" and r[1] == 1 and r[0] not in ann][:1]
     keep += [r for r in rows if r[2] == "train" and r[1] == 0][:3]
@@ -300,17 +299,34 @@ def _same_weights(a, b, k, name):
     return wa["model"].keys() == wb["model"].keys() and all(torch.equal(wa["model"][x], wb["model"][x]) for x in wa["model"])
 
 
+SMALL = {"em.epochs_init": 3, "em.epochs": 2, "em.batches_per_epoch": 3, "stage2.epochs": 2, "em.heatmap_slides": 1}
+
+
+def _run(cohort, labels, run_dir, cfg, crash_at=None) -> str:
+    """Two EM rounds through run_em, optionally stopped at a checkpoint ``(round, step, n)``."""
+    from pipeline.em import EMHooks, run_em
+
+    def hook(k, step, n):
+        if crash_at == (k, step, n):
+            raise _Crash(str(crash_at))
+    try:
+        run_em(cohort.stores, labels, run_dir, cfg, annotations=cohort.annotations, rounds=2, progress=False,
+               hooks=EMHooks(hook))
+    except _Crash:
+        return "crashed"
+    return "done"
+
+
 def test_em_round_with_mixers(em_cohort, tmp_path, em_threads):
+    """Two rounds of em-round with configs/tiny-mix.yaml (CellMix on theta1, ScoreNet + ScoreMix on theta2)."""
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from pipeline.em import EMHooks, run_em
 
     labels = _subset_labels(em_cohort, tmp_path / "l.csv")
-    small = {"em.epochs_init": 3, "em.epochs": 2, "em.batches_per_epoch": 3, "stage2.epochs": 2, "em.heatmap_slides": 1}
     args = ["em-round", "--stores", str(em_cohort.stores), "--labels", str(labels), "--run", str(tmp_path / "a"),
             "--config", str(TINY_MIX), "--rounds", "2", "--quiet"]
-    for key, v in small.items():
+    for key, v in SMALL.items():
         args += ["--set", f"{key}={v}"]
     for a in em_cohort.annotations:
         args += ["--annotations", str(a)]
@@ -318,6 +334,7 @@ def test_em_round_with_mixers(em_cohort, tmp_path, em_threads):
     assert res.exit_code == 0, res.output
     a = tmp_path / "a"
     assert (a / "best").exists()
+    mixed_seg = mixed_cls = 0
     for k in (0, 1):
         m = json.loads((a / f"round_{k}" / "metrics.json").read_text())
         seg = [e["mix"][0] for e in m["seg"]["epochs"]]
@@ -326,26 +343,15 @@ def test_em_round_with_mixers(em_cohort, tmp_path, em_threads):
         assert all(r["T"] is not None and r["patch_px"] in (64, 32, 16) for r in seg)  # restarts each round
         cls = [e["mix"][0] for e in m["stage2"]["epochs"]]
         assert [r["name"] for r in cls] == ["scoremix", "scoremix"]
-        assert sum(r["batches_mixed"] for r in seg + cls) > 0
+        mixed_seg += sum(r["batches_mixed"] for r in seg)
+        mixed_cls += sum(r["batches_mixed"] for r in cls)
+    assert mixed_seg > 0 and mixed_cls > 0  # p = 0.5: both trainers mixed some batches
 
     # resumed after crashes in both rounds: bit-identical
-    cfg = load_config(TINY_MIX, small)
-
-    def run(d, crash_at=None, c=cfg, rounds=2):
-        def hook(k, step, n):
-            if crash_at == (k, step, n):
-                raise _Crash(str(crash_at))
-        try:
-            run_em(em_cohort.stores, labels, d, c, annotations=em_cohort.annotations, rounds=rounds, progress=False,
-                   hooks=EMHooks(hook))
-        except _Crash:
-            return "crashed"
-        return "done"
-
     b = tmp_path / "b"
     for crash in [(0, "seg", 1), (1, "seg", 1), (1, "cls", 1)]:
-        assert run(b, crash) == "crashed"
-    assert run(b) == "done"
+        assert _run(em_cohort, labels, b, load_config(TINY_MIX, SMALL), crash) == "crashed"
+    assert _run(em_cohort, labels, b, load_config(TINY_MIX, SMALL)) == "done"
     for k in (0, 1):
         assert _same_weights(a, b, k, "seg.pt") and _same_weights(a, b, k, "cls.pt")
         ma = json.loads((a / f"round_{k}" / "metrics.json").read_text())
@@ -355,11 +361,16 @@ def test_em_round_with_mixers(em_cohort, tmp_path, em_threads):
             assert strip[0] == strip[1]
         assert ma["stage2_loss"] == mb["stage2_loss"] and ma["val"] == mb["val"]
 
-    # every mixer at p: 0 equals the plain trainers bit for bit
-    off = load_config(TINY_MIX, {**small, "model.seg_mix": "[{name: cellmix, p: 0}]",
+
+@pytest.mark.slow
+def test_em_round_with_mixers_at_p0_equals_the_plain_trainers(em_cohort, tmp_path, em_threads):
+    labels = _subset_labels(em_cohort, tmp_path / "l.csv")
+    off = load_config(TINY_MIX, {**SMALL, "model.seg_mix": "[{name: cellmix, p: 0}]",
                                  "model.cls_mix": "[{name: scoremix, p: 0}]"})
-    plain = load_config(TINY_MIX, {**small, "model.seg_mix": "[]", "model.cls_mix": "[]"})
-    assert run(tmp_path / "off", c=off, rounds=2) == "done" and run(tmp_path / "plain", c=plain, rounds=2) == "done"
+    plain = load_config(TINY_MIX, {**SMALL, "model.seg_mix": "[]", "model.cls_mix": "[]"})
+    assert off.train_hash() != plain.train_hash()
+    assert _run(em_cohort, labels, tmp_path / "off", off) == "done"
+    assert _run(em_cohort, labels, tmp_path / "plain", plain) == "done"
     for k in (0, 1):
         assert _same_weights(tmp_path / "off", tmp_path / "plain", k, "seg.pt")
         assert _same_weights(tmp_path / "off", tmp_path / "plain", k, "cls.pt")
