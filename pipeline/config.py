@@ -217,6 +217,12 @@ class ModelConfig:
     num_classes is set by the pipeline."""
     cls_arch_kwargs: dict[str, Any] = field(default_factory=dict)
     """Constructor arguments of cls_arch (e.g. {drop_rate: 0.2}); {} = the architecture's defaults."""
+    seg_mix: list[dict[str, Any]] = field(default_factory=list)
+    """Batch mixers of theta1's trainer (pipeline.mixers registry), applied in order after colour jitter:
+    [{name: cellmix, p: 0.5, strategy: group, drive: hold, T0: auto}]; [] = none."""
+    cls_mix: list[dict[str, Any]] = field(default_factory=list)
+    """Batch mixers of theta2's trainer, e.g. [{name: scoremix, p: 0.5}] (needs a cls_arch with a
+    saliency map: scorenet, scorenet_tiny); [] = none."""
 
     def validate(self) -> None:
         for name in ("seg_arch", "cls_arch", "seg_trainer", "cls_trainer"):
@@ -228,6 +234,11 @@ class ModelConfig:
             taken = sorted(set(getattr(self, name)) & set(RESERVED_ARCH_KWARGS))
             if taken:
                 raise ConfigError(f"model.{name} must not set {taken}: the pipeline sets them itself")
+        for key in ("seg_mix", "cls_mix"):
+            for i, m in enumerate(getattr(self, key)):
+                if not isinstance(m, Mapping) or not m.get("name"):
+                    raise ConfigError(f"model.{key}[{i}] must be a mapping with a name, such as "
+                                      f"{{name: cellmix, p: 0.5}}; got {m!r}")
 
 
 @dataclass
@@ -603,7 +614,37 @@ class Config:
                 )
         if t % self.model.map_stride_px:
             raise ConfigError(f"model.map_stride_px={self.model.map_stride_px} must divide {where}={t}")
+        self.check_mixers()
         return self
+
+    def check_mixers(self) -> None:
+        """Build every ``model.seg_mix`` / ``model.cls_mix`` entry and check it suits its trainer's target
+        kind (and, for a mixer that reads a saliency map, the architecture): a bad name or option is a
+        ConfigError before any training. Imports torch: training commands only."""
+        import models
+        import torch
+
+        from pipeline.mixers import create_mixer
+        from pipeline.trainers import trainer_target_kind
+
+        for key, trainer, arch in (("seg_mix", "seg_trainer", "seg_arch"), ("cls_mix", "cls_trainer", "cls_arch")):
+            for i, entry in enumerate(getattr(self.model, key)):
+                where = f"model.{key}[{i}]"
+                mixer = create_mixer(**{"where": where, **entry})
+                kind = trainer_target_kind(getattr(self.model, trainer))
+                if kind is not None:
+                    try:
+                        mixer.check(kind)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{where}: {exc} (model.{trainer}={getattr(self.model, trainer)!r})") from None
+                if mixer.needs_saliency:
+                    with torch.random.fork_rng(devices=[]):
+                        net = models.create_model(getattr(self.model, arch), num_classes=1,
+                                                  **getattr(self.model, f"{arch}_kwargs"))
+                    try:
+                        mixer.check(mixer.kinds[0], net)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{where}: {exc} (model.{arch}={getattr(self.model, arch)!r})") from None
 
     def model_size_divisors(self) -> dict[str, int]:
         """``{"seg_arch": d, "cls_arch": d}``: the number each architecture's input side must be a
@@ -700,11 +741,17 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         return _coerce_dict(value, typ, where)
     if origin in (list, tuple):
         args = typing.get_args(typ)
-        if isinstance(value, str):
+        inner = args[0] if args else Any
+        if isinstance(value, str) and typing.get_origin(inner) is dict:  # a list of mappings: YAML
+            try:
+                value = yaml.safe_load(value) if value.strip() else []
+            except yaml.YAMLError:
+                raise ConfigError(f"{where}: expected a list of mappings such as [{{name: cellmix}}], got {value!r}") from None
+            value = [] if value is None else value
+        elif isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{where}[{i}]") if inner is not Any else v for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if typ is Any:

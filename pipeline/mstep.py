@@ -31,6 +31,7 @@ __all__ = ["train_theta1", "seg_trainer"]
 
 def seg_trainer(ctx, model, k: int, epochs: int):
     """theta1's trainer with the ``em.*`` optimisation and augmentation settings."""
+    from pipeline.mixers import create_mixer
     from pipeline.trainers import ColorJitter, create_trainer
 
     e = ctx.cfg.em
@@ -38,7 +39,8 @@ def seg_trainer(ctx, model, k: int, epochs: int):
     return create_trainer(
         ctx.cfg.model.seg_trainer, model, device=ctx.device, lr=e.lr, weight_decay=e.weight_decay, epochs=epochs,
         lr_schedule=e.lr_schedule, optimizer=e.optimizer, amp=ctx.amp, jitter=jitter if jitter.active else None,
-        seed=round_seed(e.seed, k, 11), progress=ctx.progress, desc=f"round {k} theta1",
+        seed=round_seed(e.seed, k, 11), progress=ctx.progress,
+        mixers=[create_mixer(**m) for m in ctx.cfg.model.seg_mix], desc=f"round {k} theta1",
     )
 
 

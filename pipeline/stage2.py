@@ -39,6 +39,7 @@ def balanced_mean(losses: np.ndarray, y: np.ndarray) -> float:
 
 
 def _cls_trainer(ctx, model, k: int):
+    from pipeline.mixers import create_mixer
     from pipeline.trainers import ColorJitter, create_trainer
 
     s2, e = ctx.cfg.stage2, ctx.cfg.em
@@ -47,7 +48,8 @@ def _cls_trainer(ctx, model, k: int):
         ctx.cfg.model.cls_trainer, model, device=ctx.device, lr=s2.lr, weight_decay=s2.weight_decay, epochs=s2.epochs,
         lr_schedule=e.lr_schedule, optimizer=s2.optimizer, amp=ctx.amp,
         jitter=jitter if jitter is not None and jitter.active else None,
-        seed=round_seed(e.seed, 0, 12), progress=ctx.progress, desc=f"round {k} theta2",
+        seed=round_seed(e.seed, 0, 12), progress=ctx.progress,
+        mixers=[create_mixer(**m) for m in ctx.cfg.model.cls_mix], desc=f"round {k} theta2",
     )
 
 

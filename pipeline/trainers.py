@@ -15,6 +15,12 @@ epochs over batches that a data pipeline produces. The EM loop
     through ``get_extra_state()`` / ``set_extra_state()``).
 ``trainer.compute_loss(batch, generator)``
     the only method a new trainer must write.
+``mixers=[...]`` (:mod:`pipeline.mixers`)
+    batch mixers (CellMix, ScoreMix) that ``compute_loss`` applies after colour
+    jitter through :meth:`Trainer.mix`, with the trainer's ``target_kind``
+    (``soft_bce``: ``dense``, ``topk_mean``: ``bag``); after every epoch ``fit()``
+    gives each mixer the epoch loss and keeps what it returns in
+    ``record["mix"]``; their state is part of :meth:`Trainer.state_dict`.
 
 Extension hooks (for subclasses and mixins; each calls ``super()``):
 ``on_epoch_end(record)`` may add entries to the epoch's record (it is the
@@ -32,14 +38,10 @@ Registered trainers
 ``topk_mean`` theta2: BCE of the mean of a slide's K tile probabilities
               against the slide label (``batch["tiles"]`` (B, K, T, T, 3)).
 
-Planned (next issue) and how they fit: *CellMix* subclasses
-:class:`SoftBCESegTrainer` and overrides :meth:`compute_loss` to mix tiles and
-their targets inside a batch before the forward pass (the batch carries
-``source`` so annotated and pseudo-labelled tiles can be mixed differently);
-*ScoreNet* registers a slide-level trainer next to ``topk_mean`` that takes
-its own batch layout (e.g. a slide's tiles with coordinates) from its own
-Dataset. Both are selected by name (``model.seg_trainer`` /
-``model.cls_trainer``) and checkpoint through the same state dict.
+Batch mixers (CellMix, ScoreMix) are not trainers: any trainer takes them
+through ``mixers=`` (``model.seg_mix`` / ``model.cls_mix``, see
+:mod:`pipeline.mixers`). ScoreNet is a tile model (``models.scorenet``) that
+``topk_mean`` trains unchanged.
 
 Mixed precision: on CUDA (and ``amp=True``) the forward pass runs under
 ``torch.autocast(float16)`` with a ``GradScaler``; losses are computed in
@@ -52,7 +54,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,7 @@ __all__ = [
     "register_trainer",
     "create_trainer",
     "list_trainers",
+    "trainer_target_kind",
     "autocast",
     "images_to_float",
 ]
@@ -101,6 +104,12 @@ def register_trainer(name: str):
 
 def list_trainers() -> list[str]:
     return sorted(_TRAINERS)
+
+
+def trainer_target_kind(name: str) -> str | None:
+    """The target kind of a registered trainer ('dense', 'bag', ...), None for an unknown name."""
+    cls = _TRAINERS.get(name)
+    return None if cls is None else cls.target_kind
 
 
 def create_trainer(name: str, model: torch.nn.Module, **kwargs) -> "Trainer":
@@ -196,9 +205,15 @@ class Trainer:
         Show a tqdm bar per epoch.
     desc : str
         Label for the progress bar and logs.
+    mixers : sequence of pipeline.mixers.BatchMixer
+        Batch mixers applied in order after colour jitter (a ConfigError when one cannot
+        label this trainer's ``target_kind`` exactly).
     """
 
     name = "base"
+    target_kind: str | None = None
+    """What the targets are, for batch mixers: 'dense' (pixel targets), 'bag' (one label per
+    slide of K tiles), 'label' (one label per image); None: no mixer can be used."""
 
     def __init__(
         self,
@@ -215,6 +230,7 @@ class Trainer:
         seed: int = 0,
         progress: bool = True,
         desc: str = "train",
+        mixers: Sequence = (),
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -237,11 +253,18 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.epoch = 0
         self.history: list[dict] = []
+        self.mixers = [m.setup(self.target_kind, self.epochs, self.model) for m in mixers]
 
     # -- what subclasses provide ----------------------------------------------
     def compute_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, int]:
         """(mean loss of the batch, number of items)."""
         raise NotImplementedError
+
+    def mix(self, x: torch.Tensor, y, generator: torch.Generator):
+        """Apply the batch mixers in order (after colour jitter); every draw from ``generator``."""
+        for m in self.mixers:
+            x, y = m(x, y, kind=self.target_kind, model=self.model, generator=generator)
+        return x, y
 
     # -- hooks (subclasses and mixins extend these, calling super()) ---------------
     def on_epoch_end(self, record: dict) -> None:
@@ -312,6 +335,8 @@ class Trainer:
         """Run epochs ``self.epoch .. self.epochs - 1``; after each, :meth:`on_epoch_end`, then ``checkpoint``."""
         while self.epoch < self.epochs:
             record = self.train_epoch(batches_for_epoch(self.epoch))
+            if self.mixers:
+                record["mix"] = [m.end_epoch(record["loss"]) for m in self.mixers]
             self.on_epoch_end(record)
             if checkpoint is not None:
                 checkpoint(self)
@@ -331,6 +356,7 @@ class Trainer:
             "history": list(self.history),
             "torch_rng": torch.get_rng_state(),
             "extra": self.get_extra_state(),
+            "mixers": [m.state_dict() for m in self.mixers],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -348,6 +374,12 @@ class Trainer:
         if state.get("torch_rng") is not None:
             torch.set_rng_state(state["torch_rng"])
         self.set_extra_state(state.get("extra") or {})
+        saved_mixers = state.get("mixers") or []
+        if [s.get("name") for s in saved_mixers] != [m.name for m in self.mixers]:
+            raise ValueError(f"{self.desc}: the saved state has mixers {[s.get('name') for s in saved_mixers]}, "
+                             f"this trainer has {[m.name for m in self.mixers]}")
+        for m, s in zip(self.mixers, saved_mixers):
+            m.load_state_dict(s)
 
 
 @register_trainer("soft_bce")
@@ -358,11 +390,15 @@ class SoftBCESegTrainer(Trainer):
     target marks an unlabelled pixel (outside a region-limited annotation), which gets loss weight 0.
     """
 
+    target_kind = "dense"
+
     def compute_loss(self, batch, generator):
         x = images_to_float(batch["image"], self.device)
         if self.jitter is not None:
             x = self.jitter(x, generator)
         y = batch["target"].to(self.device, non_blocking=True).float()
+        if self.mixers:
+            x, y = self.mix(x, y, generator)
         logits = self.model(x)
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
@@ -379,15 +415,22 @@ class TopKMeanSlideTrainer(Trainer):
     Batches: ``{"tiles": (B, K, T, T, 3) uint8, "mask": (B, K) bool, "label": (B,) float}``.
     """
 
+    target_kind = "bag"
+
     def compute_loss(self, batch, generator):
         tiles = batch["tiles"]
         b, k = tiles.shape[:2]
         x = images_to_float(tiles.reshape(b * k, *tiles.shape[2:]), self.device)
         if self.jitter is not None:
             x = self.jitter(x, generator)
-        logits = self.model(x).reshape(b, k)
         mask = batch["mask"].to(self.device)
         y = batch["label"].to(self.device).float()
+        if self.mixers:
+            from pipeline.mixers import BagTargets
+
+            bag, _ = self.mix(x.reshape(b, k, *x.shape[1:]), BagTargets(y, mask), generator)
+            x = bag.reshape(b * k, *x.shape[1:])
+        logits = self.model(x).reshape(b, k)
         return topk_mean_bce(logits, y, mask=mask), int(b)
 
 
