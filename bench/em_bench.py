@@ -231,7 +231,7 @@ def bench_compare(args) -> None:
             use_ann = [d / "cohort" / "annotations" / f"{sid}.geojson" for sid in
                        (d / "cohort" / "pixel_annotated.txt").read_text().split()] if name.endswith(
                 "full_slide_annotations") else ann
-            r = _one(d, mode, cfg, use_ann, args.rounds, OUT / f"em-compare-{args.cohort}" / name.replace(":", "-")
+            r = _one(d, mode, cfg, use_ann, args.rounds, OUT / f"em-compare-{args.cohort}-{args.config}" / name.replace(":", "-")
                      / f"seed{seed}", args.fresh)
             print(f"{name} seed {seed}: {r}", flush=True)
             per.append(r)
@@ -245,7 +245,7 @@ def bench_compare(args) -> None:
                      f"{_fmt([r['test_dice'] for r in per])} | {', '.join(str(r['best_round']) for r in per)} | "
                      f"{_fmt([r['minutes'] for r in per])} |")
     table = "\n".join(lines)
-    path = OUT / f"em-compare-{args.cohort}" / "comparison.md"
+    path = OUT / f"em-compare-{args.cohort}-{Path(args.config).stem}" / "comparison.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table + "\n")
     print("\n" + table + f"\n\nwritten: {path}")

@@ -518,7 +518,7 @@ def evaluate(predictions, labels_csv, out_dir, masks, split, pixel_threshold, re
               help="CSV slide_id,label[,split]: the ImageFolder class and the WebDataset .cls of each slide.")
 @_common_options
 @_handle_errors
-def export(stores, out_dir, formats, labels_csv, quiet, verbose):
+def export(stores, out_dir, formats, labels_csv, quiet, verbose, log_file):
     """Export tile stores for other tools: CLAM/TRIDENT coordinates, ImageFolder, WebDataset.
 
     STORES is a store folder (the --out of 'tile') or one <slide_id>.zarr.
@@ -538,7 +538,7 @@ def export(stores, out_dir, formats, labels_csv, quiet, verbose):
     from pipeline.batch import setup_logging
     from pipeline.export import run_export
 
-    setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose, log_file)
     res = run_export(stores, out_dir, list(formats), labels_csv=labels_csv)
     click.echo(f"exported {res.tiles} tiles of {res.slides} slides to {out_dir} ({', '.join(res.written)})", err=True)
 

@@ -154,9 +154,9 @@ class RunDir:
             ) from None
 
     def is_done(self, k: int) -> bool:
-        """A round is complete when its DONE marker and every file it promises are there."""
+        """A round is complete when its DONE marker and the files it promises (metrics, both models) are there."""
         r = self.round_dir(k)
-        return all((r / f).is_file() for f in (DONE_FILE, METRICS_FILE, SEG_CKPT, CLS_CKPT)) and (r / PROBMAPS).is_dir()
+        return all((r / f).is_file() for f in (DONE_FILE, METRICS_FILE, SEG_CKPT, CLS_CKPT))
 
     def metrics(self, k: int, required: bool = True) -> dict:
         return _read_json(self.round_dir(k) / METRICS_FILE, ... if required else {})

@@ -57,7 +57,7 @@ def table(tmp_path) -> tuple[Path, Path]:
 
 def test_slide_metrics_match_hand_computation(table, tmp_path):
     pred, labels = table
-    res = run_evaluate(pred, labels, out_dir=tmp_path / "ev")
+    res = run_evaluate(pred, labels, split="all", out_dir=tmp_path / "ev")  # every labelled slide, not only test
     assert (res["n_slides"], res["n_pos"], res["n_neg"]) == (7, 3, 4)
     assert res["auc"] == pytest.approx(10.5 / 12)
     at = res["at_threshold"]

@@ -111,7 +111,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "error: nowhere: no such file or folder", r.stderr
     r = subprocess.run([str(venv / "bin" / "wsi-pipeline"), "tile", "nowhere", "--out", "stores", "--config", "tinny"],
                        cwd=elsewhere, env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and "built-in names ['default', 'tiny']" in r.stderr, r.stderr
+    assert r.returncode == 2 and "built-in names [" in r.stderr and "'tiny'" in r.stderr, r.stderr
 
 
 def test_editable_install_reads_the_checkouts_configs_folder(tmp_path):
