@@ -57,6 +57,7 @@ from wsi.preview import draw_tissue_overlay, save_png
 from wsi.reader import iter_tiles, pick_read_path
 from wsi.slide import (
     SlideError,
+    check_readable,
     choose_level,
     file_fingerprint,
     open_slide,
@@ -175,6 +176,7 @@ def content_crc32c(path: str | Path) -> str:
 def _identify_source(path: str) -> dict:
     """The slide file's stat and sampled fingerprint, taken together; a file that changes
     meanwhile (still being copied) is an error."""
+    check_readable(path)
     before = source_stat(path)
     fingerprint = file_fingerprint(path)
     if source_stat(path) != before:
@@ -195,6 +197,7 @@ def _existing_store_is_current(job: TileJob, config_hash: str) -> tuple[bool, di
     if not record_matches(attrs, FORMAT_NAME, READABLE_VERSIONS, complete=True, config_hash=config_hash):
         return False, None, ""
     src = attrs.get("slide", {})
+    check_readable(job.path)
     now = source_stat(job.path)
     if src.get("size_bytes") != now["size_bytes"]:
         return False, None, ""
