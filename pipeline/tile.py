@@ -128,8 +128,11 @@ def describe_error(exc: BaseException, path: str) -> str:
             f"{path}: the worker process tiling it died{times} (a crash inside a native library on this "
             "file, or out of memory); check that the file opens in OpenSlide or QuPath, re-export or re-scan it"
         )
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{path}: no space left on the device while writing its store; free space or choose another --out"
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return (f"{path}: a file of its store grew beyond the file size limit ({exc.filename or 'ulimit -f'}); "
+                "raise the limit or choose another --out")
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS):
         return f"{path}: permission denied ({exc.filename}); check the output folder is writable"
     if isinstance(exc, openslide.OpenSlideError):
@@ -220,6 +223,15 @@ def _existing_store_is_current(job: TileJob, config_hash: str) -> tuple[bool, di
 # --------------------------------------------------------------------------- worker tasks
 
 
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` through a Python write: numpy's own short-write error has no errno (disk full?)."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    path.write_bytes(buf.getbuffer())
+
+
 def _plan_files(tmp: Path) -> tuple[Path, Path]:
     return tmp / ".plan-thumbnail.npy", tmp / ".plan-mask.npy"
 
@@ -295,8 +307,8 @@ def plan_slide(job: TileJob) -> dict:
             jpeg_quality=scfg.jpeg_quality, zstd_level=scfg.zstd_level, tiles_per_shard=scfg.tiles_per_shard,
         )
         thumb_file, mask_file = _plan_files(tmp)
-        np.save(thumb_file, lowres)
-        np.save(mask_file, tissue.mask)
+        _save_npy(thumb_file, lowres)
+        _save_npy(mask_file, tissue.mask)
     except BaseException:
         discard_temp(tmp)  # the driver never learns this name: clean up here
         raise
@@ -663,6 +675,8 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun, ver
         kind, sid = meta.pop(fut)
         st = states[sid]
         err = future_error(fut)
+        if isinstance(err, KeyboardInterrupt):  # Ctrl-C inside a task run in this thread: stop the run
+            raise err
         if kind == "plan":
             if err is not None:
                 fail(st, err)

@@ -934,7 +934,10 @@ class FastTileReader:
             return self.store[int(i)]
         i = int(i)
         try:
-            data = self._raw.read(i)
+            try:
+                data = self._raw.read(i)
+            except StoreError:
+                raise self.store._damaged(f"tile {i}", ValueError("its shard index does not match its checksum")) from None
             if data is None:  # a complete store has every tile: its file went missing
                 raise StoreError(describe_damage(self.store.path, [f"tile {i} is missing"], self.store._slide_id_or_none()))
             img = np.asarray(imagecodecs.jpeg8_decode(data))
