@@ -36,6 +36,7 @@ from wsi.store import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "pipeline.cli"]
+TINY = str(ROOT / "configs" / "tiny.yaml")  # this checkout's (an installed package may hold another version)
 
 
 def _env():
@@ -294,7 +295,7 @@ _KILL_IN_SWAP = textwrap.dedent("""
         s.os.replace = replace_then_die
     else:
         s._rename_exchange = exchange_then_die
-    cfg = load_config("tiny", {"tiling.tile_px": 128, "tiling.overlap_px": 32, "store.jpeg_quality": 70})
+    cfg = load_config(sys.argv[4], {"tiling.tile_px": 128, "tiling.overlap_px": 32, "store.jpeg_quality": 70})
     run_tile(sys.argv[1], sys.argv[2], cfg, workers=0, quiet=True, progress=False)
 """)
 
@@ -302,7 +303,7 @@ _KILL_IN_SWAP = textwrap.dedent("""
 @pytest.mark.parametrize("mode", ["exchange", "rename"])
 def test_a_kill_inside_the_swap_never_loses_the_store(tiled, mode):
     slide, out, store = tiled
-    r = subprocess.run([sys.executable, "-c", _KILL_IN_SWAP, str(slide), str(out), mode], env=_env(),
+    r = subprocess.run([sys.executable, "-c", _KILL_IN_SWAP, str(slide), str(out), mode, TINY], env=_env(),
                        capture_output=True, text=True)
     assert r.returncode == 9, r.stderr
     if mode == "rename":
@@ -425,7 +426,7 @@ def test_an_os_error_outside_the_slides_is_one_line_exit_2(tmp_path, synth_slide
     out = tmp_path / "o"
     out.mkdir()
     (out / "reports").write_text("a file where the reports folder goes")
-    r = _cli("tile", str(synth_slides["tissue"]), "--out", str(out), "--config", "tiny", "--quiet")
+    r = _cli("tile", str(synth_slides["tissue"]), "--out", str(out), "--config", TINY, "--quiet")
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and "reports" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporaries, no lock
@@ -436,7 +437,7 @@ def test_a_file_size_limit_fails_the_slide_cleanly(tmp_path, synth_slides):
         pytest.skip("prlimit is not installed")
     out = tmp_path / "o"
     r = subprocess.run(["prlimit", "--fsize=60000", *CLI, "tile", str(synth_slides["tissue"]), "--out", str(out),
-                        "--config", "tiny", "--set", "store.codec=zstd", "--quiet"],
+                        "--config", TINY, "--set", "store.codec=zstd", "--quiet"],
                        capture_output=True, text=True, env=_env())
     if "prlimit:" in r.stderr:
         pytest.skip(f"prlimit not permitted here: {r.stderr.strip()}")
@@ -451,7 +452,7 @@ def test_ctrl_c_on_tile_exits_130_with_a_line(tmp_path, synth_slides):
     for i in range(12):
         shutil.copy2(synth_slides["tissue"], d / f"s{i:02d}.tif")
     out = tmp_path / "o"
-    p = subprocess.Popen(CLI + ["tile", str(d), "--out", str(out), "--config", "tiny", "--workers", "0", "--quiet"],
+    p = subprocess.Popen(CLI + ["tile", str(d), "--out", str(out), "--config", TINY, "--workers", "0", "--quiet"],
                          stderr=subprocess.PIPE, text=True, env=_env())
     t0 = time.time()
     while not list(out.glob(".tmp-*")) and time.time() - t0 < 60 and p.poll() is None:
