@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ from typing import Container, Iterable, Mapping
 
 from wsi import __version__
 from wsi.atomic import atomic_write_json
-from wsi.slide import FLAT_IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, dicom_slides, slide_id_for
+from wsi.slide import FLAT_IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, dicom_slides, file_problem, slide_id_for
 from wsi.store import STORE_SUFFIX
 
 log = logging.getLogger("wsi_pipeline")
@@ -61,8 +62,12 @@ def discover_slides(source: str | Path, extensions: Iterable[str] = SLIDE_EXTENS
     """
     src = Path(source)
     exts = tuple(e.lower() for e in extensions)
-    if not src.exists():
-        raise UsageError(f"{src}: no such file or folder")
+    try:
+        os.stat(src)
+    except FileNotFoundError:
+        raise UsageError(f"{src}: no such file or folder") from None
+    except OSError as exc:
+        raise UsageError(file_problem(src, exc)) from None
     if src.is_dir():
         found = []
         for root, dirs, files in os.walk(src):
@@ -74,7 +79,12 @@ def discover_slides(source: str | Path, extensions: Iterable[str] = SLIDE_EXTENS
             raise UsageError(f"{src}: no slides found (looked recursively for {looked})")
         return sorted(found)
     if src.suffix.lower() in (".txt", ".lst", ".csv"):
-        lines = [ln.strip() for ln in src.read_text().splitlines()]
+        try:
+            lines = [ln.strip() for ln in src.read_text().splitlines()]
+        except OSError as exc:
+            raise UsageError(file_problem(src, exc).replace("a slide file", "a slide list")) from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{src}: not a text file; a slide list has one path per line") from None
         lines = [ln for ln in lines if ln and not ln.startswith("#")]
         header = [c.strip().lower() for c in lines[0].split(",")] if lines else []
         if src.suffix.lower() == ".csv" and "path" not in header and {"slide_id", "label"} <= set(header):
@@ -152,41 +162,66 @@ class RunLock:
     """An exclusive lock on an output folder, held for a run's lifetime.
 
     Uses ``flock`` on ``<folder>/.wsi-pipeline.lock``: the kernel releases it if
-    the process dies, so a crashed cron run never leaves a stale lock. A second
-    run on the same folder fails at once with :class:`UsageError`.
+    the process dies, so a crashed cron run never leaves a stale lock. The file
+    names the holder (host, pid, command); a second run on the same folder fails
+    at once with :class:`UsageError` quoting it. The file is removed when the lock
+    is released, so a folder a command refused is left as it was (a run that dies
+    leaves it, unlocked, and the next run takes it over).
     """
 
+    NAME = ".wsi-pipeline.lock"
+
     def __init__(self, folder: str | Path, command: str):
-        self.path = Path(folder) / ".wsi-pipeline.lock"
+        self.path = Path(folder) / self.NAME
         self.command = command
         self._fh = None
 
-    def __enter__(self) -> "RunLock":
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+    def _open_locked(self):
+        """Open and lock the lock file; None when another process holds it."""
+        while True:
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    fh.close()
+                    raise
+                fh.seek(0)
+                self._holder = fh.read().strip() or "another process"
                 fh.close()
-                raise
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
+                return None
+            # The holder before us may have removed the file after we opened it: lock the one at the path.
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fh
             fh.close()
+
+    def __enter__(self) -> "RunLock":
+        try:
+            fh = self._open_locked()
+        except OSError as exc:
+            raise UsageError(f"{self.path}: cannot create the run lock ({exc.strerror}); choose another folder") from None
+        if fh is None:
             raise UsageError(
-                f"{self.path.parent}: another wsi-pipeline run is using this folder ({holder}); "
+                f"{self.path.parent}: another wsi-pipeline run is using this folder ({self._holder}); "
                 "wait for it to finish or choose another --out"
-            ) from None
+            )
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} '{self.command}' since {utc_now()}\n")
+        fh.write(f"pid {os.getpid()} on host {socket.gethostname()}, '{self.command}' since {utc_now()}\n")
         fh.flush()
         self._fh = fh
         return self
 
     def __exit__(self, *exc) -> None:
         if self._fh is not None:
-            self._fh.seek(0)
-            self._fh.truncate()
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None

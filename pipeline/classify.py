@@ -281,6 +281,19 @@ def _is_current(ctx: _Ctx, sid: str, fp: str) -> bool:
     return all(f and (ctx.out / f).exists() for f in files)
 
 
+def _drop_result(out: Path, sid: str) -> None:
+    """A slide that failed now loses its earlier result: otherwise it would come back in
+    predictions.csv as a normal result once the slide leaves the input (its pictures stay
+    until it is scored again)."""
+    path = _result_path(out, sid)
+    if path.exists():
+        path.unlink()
+        from wsi.atomic import fsync_dir
+
+        fsync_dir(path.parent)
+        log.warning("%s: removed its earlier result %s, as scoring it failed now", sid, path)
+
+
 def _read_json_quiet(path: Path):
     try:
         return json.loads(path.read_text())
@@ -557,6 +570,7 @@ def run_classify(
             report.settings["tiling_report"] = str(out / "stores" / "tile-report.json")
             for o in trep.slides:
                 if o.status == "failed":
+                    _drop_result(out, o.slide_id)
                     batch.outcome(o.slide_id, o.path, "failed", f"tiling failed: {o.reason}", o.seconds)
                 else:
                     todo.append((o.slide_id, out / "stores" / f"{o.slide_id}.zarr", o.path))
@@ -590,6 +604,7 @@ def run_classify(
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one bad slide never stops the others
+                _drop_result(out, sid)
                 batch.outcome(sid, source, "failed", _describe(exc, str(store_path)), time.perf_counter() - t0)
         report.slides.sort(key=lambda s: s.slide_id)
 

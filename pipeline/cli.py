@@ -70,6 +70,14 @@ def _check_workers(ctx, param, value):
         raise _BadValue(str(exc)) from None
 
 
+def _check_assume_mpp(ctx, param, value):
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise _BadValue(f"--assume-mpp {value}: must be a number of µm/px > 0, e.g. 0.25")
+    return value
+
+
 def _workers_option(what: str):
     return click.option(
         "--workers", type=int, default=None, callback=_check_workers,
@@ -105,6 +113,24 @@ def _worker_kind_option(fn):
     )(fn)
 
 
+def describe_os_error(exc: OSError) -> str:
+    """One line naming the path and the cause of a file-system error outside a slide's own work."""
+    import errno
+
+    causes = {
+        errno.ENOSPC: "no space left on the device; free space or choose another folder",
+        errno.EDQUOT: "disk quota exceeded; free space or choose another folder",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EROFS: "read-only file system",
+        errno.EFBIG: "file too large for this file system or the process's file size limit",
+    }
+    where = exc.filename if exc.filename is not None else "a file"
+    if exc.filename2 is not None:
+        where = f"{where} -> {exc.filename2}"
+    return f"{where}: {causes.get(exc.errno, exc.strerror or str(exc))}"
+
+
 def _handle_errors(fn):
     """Turn expected errors into one clear line and exit code 2."""
 
@@ -126,6 +152,9 @@ def _handle_errors(fn):
             command = click.get_current_context().command_path
             click.echo(f"error: {command} needs PyTorch ({missing} is not installed): "
                        "pip install 'wsi-pipeline[train]'", err=True)
+            sys.exit(2)
+        except OSError as exc:  # the lock, reports, predictions.csv...: not one slide's failure (exit 1)
+            click.echo(f"error: {describe_os_error(exc)}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -164,11 +193,18 @@ def main():
 @_worker_kind_option
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Existing Dask scheduler, e.g. tcp://head:8786.")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
-@click.option("--assume-mpp", type=float, default=None, help="µm/px for slides whose metadata has none.")
+@click.option("--assume-mpp", type=float, default=None, callback=_check_assume_mpp,
+              help="µm/px for slides whose metadata has none.")
+@click.option("--verify", is_flag=True,
+              help="Before skipping a slide, check every file of its store against the crc32c recorded when it "
+                   "was written (default: presence and sizes only); a damaged store is re-tiled.")
+@click.option("--verify-content", is_flag=True,
+              help="Before skipping a slide, compare a crc32c of every byte of the slide file with the one recorded "
+                   "at tiling (default: size, mtime, ctime and inode, then a sampled fingerprint if they differ).")
 @_common_options
 @_handle_errors
 def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, codec, jpeg_quality, workers,
-         processes, scheduler, mpp_csv, assume_mpp, quiet, verbose, log_file):
+         processes, scheduler, mpp_csv, assume_mpp, verify, verify_content, quiet, verbose, log_file):
     """Cut tissue tiles from SLIDES into one Zarr store per slide.
 
     SLIDES is a folder (searched recursively for slide files), one slide, or a
@@ -186,6 +222,7 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
       wsi-pipeline tile scan.svs --out stores --mpp 1.0 --codec zstd
       wsi-pipeline tile slides/ --out stores --mpp-csv mpp.csv --assume-mpp 0.25
       wsi-pipeline tile slides/ --out stores --scheduler tcp://head:8786
+      wsi-pipeline tile slides/ --out stores --verify --verify-content
     """
     from pipeline.batch import setup_logging
     from pipeline.tile import run_tile
@@ -205,10 +242,15 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
         },
     )
     overrides = load_mpp_csv(mpp_csv) if mpp_csv else None
-    report = run_tile(
-        slides, out_dir, cfg, workers=workers, scheduler=scheduler, mpp_overrides=overrides,
-        assume_mpp=assume_mpp, quiet=quiet,
-    )
+    try:
+        report = run_tile(
+            slides, out_dir, cfg, workers=workers, scheduler=scheduler, mpp_overrides=overrides,
+            assume_mpp=assume_mpp, quiet=quiet, verify=verify, verify_content=verify_content,
+        )
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; run the same command again: stores already finished in {out_dir} are skipped",
+                   err=True)
+        sys.exit(130)
     click.echo(report.summary(), err=True)
     click.echo(f"report: {Path(out_dir) / 'tile-report.json'}", err=True)
     sys.exit(0 if report.ok else 1)
@@ -399,7 +441,8 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
 @_worker_kind_option
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Existing Dask scheduler for tiling, e.g. tcp://head:8786.")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
-@click.option("--assume-mpp", type=float, default=None, help="µm/px for slides whose metadata has none.")
+@click.option("--assume-mpp", type=float, default=None, callback=_check_assume_mpp,
+              help="µm/px for slides whose metadata has none.")
 @_common_options
 @_handle_errors
 @_needs_train_extra

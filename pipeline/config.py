@@ -63,8 +63,10 @@ class TilingConfig:
     at least four per worker (speed only)."""
 
     def validate(self) -> None:
-        if self.mpp <= 0:
+        if not self.mpp > 0:
             raise ConfigError(f"tiling.mpp must be > 0, got {self.mpp}")
+        if not 0 <= self.mpp_tolerance < 1:
+            raise ConfigError(f"tiling.mpp_tolerance must be in [0, 1) (a relative mismatch), got {self.mpp_tolerance}")
         if self.tile_px < 16:
             raise ConfigError(f"tiling.tile_px must be >= 16, got {self.tile_px}")
         if not 0 <= self.overlap_px < self.tile_px:
@@ -109,8 +111,12 @@ class TissueConfig:
     """Connected tissue regions smaller than this (um^2) are dropped."""
 
     def validate(self) -> None:
-        if self.mask_mpp <= 0:
-            raise ConfigError("tissue.mask_mpp must be > 0")
+        if not self.mask_mpp > 0:
+            raise ConfigError(f"tissue.mask_mpp must be > 0, got {self.mask_mpp}")
+        if not 0 <= self.min_threshold <= 255:
+            raise ConfigError(f"tissue.min_threshold must be in [0, 255] (channel units), got {self.min_threshold}")
+        if not 0 <= self.max_background_value <= 255:
+            raise ConfigError(f"tissue.max_background_value must be in [0, 255], got {self.max_background_value}")
         if self.channel not in ("saturation", "od"):
             raise ConfigError(f"tissue.channel must be 'saturation' or 'od', got {self.channel!r}")
         for name in ("blur_um", "close_um", "open_um", "max_hole_area_um2", "min_tissue_area_um2"):
@@ -136,6 +142,8 @@ class StoreConfig:
             raise ConfigError(f"store.codec must be 'jpeg' or 'zstd', got {self.codec!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError("store.jpeg_quality must be in [1, 100]")
+        if not -7 <= self.zstd_level <= 22:
+            raise ConfigError(f"store.zstd_level must be in [-7, 22] (zstd's levels), got {self.zstd_level}")
         if self.tiles_per_shard < 1:
             raise ConfigError("store.tiles_per_shard must be >= 1")
 
@@ -591,6 +599,7 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
+            _check_finite(section, f.name)
             if hasattr(section, "validate"):
                 section.validate()
         return self
@@ -690,6 +699,17 @@ class Config:
     def tiling_hash(self) -> str:
         """Hash of everything that changes a tile store's content."""
         return self.section_hash("tiling", "tissue", "store", exclude=("tiling.block_tiles", "tiling.task_tiles", "store.tiles_per_shard"))
+
+
+def _check_finite(section: Any, name: str) -> None:
+    """No NaN or infinity in any number of a section (nor in its lists): every comparison with
+    NaN is False, so range checks alone would let it through."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name}.{f.name} must be a finite number, got {value}")
 
 
 def _section_types() -> dict[str, type]:
@@ -825,6 +845,29 @@ def resolve_config_path(name_or_path: str | Path) -> Path | Traversable:
     )
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise _DuplicateKey(
+                    f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); keep one"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(
     path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> Config:
@@ -844,9 +887,13 @@ def load_config(
         fpath = resolve_config_path(path)
         where = str(fpath)
         try:
-            data = yaml.safe_load(fpath.read_text()) or {}
+            data = yaml.load(fpath.read_text(), Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{fpath}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{fpath}: not valid YAML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{fpath}: cannot read the config ({exc.strerror})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{fpath}: the top level must be a mapping of sections")
     sections = _sections_from(data, where)

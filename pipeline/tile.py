@@ -13,7 +13,8 @@ is readable (a Dask worker, or this process):
    canvas, or read with OpenSlide), and encode and write them;
 3. :func:`store_extras` meanwhile: the fingerprint, coordinates, mask,
    thumbnail, pictures and attributes of the store;
-4. :func:`finalize_slide` mark the store complete and rename it into place.
+4. :func:`finalize_slide` check the slide file did not change meanwhile, record
+   the store's files (size + crc32c), fsync, mark it complete and swap it into place.
 
 The driver (:func:`run_tile`) only moves small dicts around, keeps the run
 report, and makes a failed slide fail alone. Each worker thread keeps the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import logging
 import math
 import re
@@ -55,9 +57,9 @@ from wsi.preview import draw_tissue_overlay, save_png
 from wsi.reader import iter_tiles, pick_read_path
 from wsi.slide import (
     SlideError,
+    check_readable,
     choose_level,
     file_fingerprint,
-    file_stat,
     open_slide,
     read_lowres,
     slide_id_for,
@@ -65,11 +67,15 @@ from wsi.slide import (
 )
 from wsi.store import (
     FORMAT_NAME,
+    NO_RECORD,
     READABLE_VERSIONS,
     TileWriter,
     create_tile_array,
+    describe_damage,
     finalize_store,
     read_store_attrs,
+    recover_swaps,
+    verify_store,
     store_bytes,
     store_path_for,
     temp_store_path,
@@ -95,6 +101,10 @@ class TileJob:
     mpp_overrides: dict | None = None
     assume_mpp: float | None = None
     n_workers: int = 1
+    verify: bool = False
+    """Skip check: also compare every file of an existing store with its recorded crc32c."""
+    verify_content: bool = False
+    """Skip check: compare the whole slide file's content (crc32c of every byte), not its stat."""
 
 
 # --------------------------------------------------------------------------- errors
@@ -118,8 +128,11 @@ def describe_error(exc: BaseException, path: str) -> str:
             f"{path}: the worker process tiling it died{times} (a crash inside a native library on this "
             "file, or out of memory); check that the file opens in OpenSlide or QuPath, re-export or re-scan it"
         )
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{path}: no space left on the device while writing its store; free space or choose another --out"
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return (f"{path}: a file of its store grew beyond the file size limit ({exc.filename or 'ulimit -f'}); "
+                "raise the limit or choose another --out")
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS):
         return f"{path}: permission denied ({exc.filename}); check the output folder is writable"
     if isinstance(exc, openslide.OpenSlideError):
@@ -137,25 +150,86 @@ def describe_error(exc: BaseException, path: str) -> str:
     return f"{path}: {type(exc).__name__}: {exc}"
 
 
-# --------------------------------------------------------------------------- skip check
+# --------------------------------------------------------------------------- source identity and skip check
 
 
-def _existing_store_is_current(job: TileJob, config_hash: str) -> tuple[bool, dict | None]:
+def source_stat(path: str | Path) -> dict:
+    """What a stat of the slide file says about its identity: size, mtime and ctime (ns), inode.
+
+    ``cp -p``, ``rsync -t`` and ``tar x`` keep the mtime, but they change the ctime (or the
+    inode): any difference here makes the skip check compare content instead.
+    """
+    st = os.stat(path)
+    return {"size_bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "ctime_ns": int(st.st_ctime_ns),
+            "inode": int(st.st_ino)}
+
+
+def content_crc32c(path: str | Path) -> str:
+    """crc32c of every byte of the slide file (and of an MRXS slide's data folder, file by file)."""
+    from wsi.store import file_crc32c
+
+    path = Path(path)
+    parts = [file_crc32c(path)]
+    sibling = path.with_suffix("")
+    if path.suffix.lower() == ".mrxs" and sibling.is_dir():
+        parts += [f"{f.name}:{file_crc32c(f)}" for f in sorted(sibling.iterdir()) if f.is_file()]
+    return parts[0] if len(parts) == 1 else ",".join(parts)
+
+
+def _identify_source(path: str) -> dict:
+    """The slide file's stat and sampled fingerprint, taken together; a file that changes
+    meanwhile (still being copied) is an error."""
+    check_readable(path)
+    before = source_stat(path)
+    fingerprint = file_fingerprint(path)
+    if source_stat(path) != before:
+        raise SlideError(f"{path}: the file changed while it was being read (still being copied?); "
+                         "run again when it is complete")
+    return {**before, "fingerprint": fingerprint}
+
+
+def _existing_store_is_current(job: TileJob, config_hash: str) -> tuple[bool, dict | None, str]:
+    """``(current, attrs, why not)``: whether the slide's store can be kept, and when a store
+    is there but cannot, the reason to give (empty for an ordinary change of slide or settings)."""
     final = store_path_for(job.store_dir, job.slide_id)
+    if not final.exists():
+        return False, None, ""
     attrs = read_store_attrs(final)
+    if attrs is None:
+        return False, None, f"re-tiled: the existing store {final} was unreadable (its zarr.json is missing or damaged)"
     if not record_matches(attrs, FORMAT_NAME, READABLE_VERSIONS, complete=True, config_hash=config_hash):
-        return False, None
+        return False, None, ""
     src = attrs.get("slide", {})
-    size, mtime = file_stat(job.path)
-    if src.get("size_bytes") != size:
-        return False, None
-    if src.get("mtime") == mtime:
-        return True, attrs
-    # Touched or copied: trust the content, not the clock.
-    return src.get("fingerprint") == file_fingerprint(job.path), attrs
+    check_readable(job.path)
+    now = source_stat(job.path)
+    if src.get("size_bytes") != now["size_bytes"]:
+        return False, None, ""
+    if job.verify_content:
+        if src.get("content_crc32c") != content_crc32c(job.path):
+            return False, None, ("re-tiled: --verify-content found the slide's content differs from the tiled one"
+                                 if src.get("content_crc32c") else "")
+    elif any(src.get(k) != now[k] for k in ("mtime_ns", "ctime_ns", "inode")):
+        # Touched, copied or replaced: trust the content, not the clock.
+        if src.get("fingerprint") != file_fingerprint(job.path):
+            return False, None, ""
+    problems = verify_store(final, attrs, checksums=job.verify)
+    if problems == [NO_RECORD]:
+        return False, None, f"re-tiled: the existing store {final} has no record of its files' sizes and checksums"
+    if problems:
+        return False, None, "re-tiled: " + describe_damage(final, problems, job.slide_id).split("; ")[0]
+    return True, attrs, ""
 
 
 # --------------------------------------------------------------------------- worker tasks
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` through a Python write: numpy's own short-write error has no errno (disk full?)."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    path.write_bytes(buf.getbuffer())
 
 
 def _plan_files(tmp: Path) -> tuple[Path, Path]:
@@ -168,11 +242,15 @@ def plan_slide(job: TileJob) -> dict:
     cfg = job.config
     tcfg, mcfg, scfg = cfg.tiling, cfg.tissue, cfg.store
     config_hash = cfg.tiling_hash()
-    current, attrs = _existing_store_is_current(job, config_hash)
+    current, attrs, retile_reason = _existing_store_is_current(job, config_hash)
     if current:
-        return {"status": "skipped", "n_tiles": attrs.get("n_tiles", 0), "reason": "unchanged slide and tiling config"}
+        checked = "checksums verified" if job.verify else "store files present"
+        return {"status": "skipped", "n_tiles": attrs.get("n_tiles", 0),
+                "reason": f"unchanged slide and tiling config; {checked}"}
+    if retile_reason:
+        log.warning("%s: %s", job.slide_id, retile_reason)
 
-    size, mtime = file_stat(job.path)
+    source = _identify_source(job.path)
     slide = open_slide(job.path)
     try:
         info = slide_info(slide, job.path, mpp_overrides=job.mpp_overrides, assume_mpp=job.assume_mpp)
@@ -194,7 +272,7 @@ def plan_slide(job: TileJob) -> dict:
         read_path, fallback_reason = pick_read_path(job.path, level_dims)
 
     attrs = {
-        "slide": {**info.to_dict(), "size_bytes": size, "mtime": mtime},
+        "slide": {**info.to_dict(), **source, "mtime": source["mtime_ns"] / 1e9},
         "tiling": {
             "target_mpp": tcfg.mpp,
             "effective_mpp": choice.effective_mpp,
@@ -229,8 +307,8 @@ def plan_slide(job: TileJob) -> dict:
             jpeg_quality=scfg.jpeg_quality, zstd_level=scfg.zstd_level, tiles_per_shard=scfg.tiles_per_shard,
         )
         thumb_file, mask_file = _plan_files(tmp)
-        np.save(thumb_file, lowres)
-        np.save(mask_file, tissue.mask)
+        _save_npy(thumb_file, lowres)
+        _save_npy(mask_file, tissue.mask)
     except BaseException:
         discard_temp(tmp)  # the driver never learns this name: clean up here
         raise
@@ -247,6 +325,8 @@ def plan_slide(job: TileJob) -> dict:
     ]
     return {
         "status": "planned",
+        "retile_reason": retile_reason,
+        "source_stat": {k: source[k] for k in ("size_bytes", "mtime_ns", "ctime_ns", "inode")},
         "tmp": str(tmp),
         "bands": bands,
         "n_tiles": int(len(coords)),
@@ -274,7 +354,7 @@ def store_extras(job: TileJob, plan: dict) -> dict:
     lowres, mask = np.load(thumb_file), np.load(mask_file)
     coords = np.asarray(plan["coords"], np.int64).reshape(-1, 2)
     attrs = dict(plan["attrs"])
-    attrs["slide"] = {**attrs["slide"], "fingerprint": file_fingerprint(job.path)}
+    attrs["slide"] = {**attrs["slide"], "content_crc32c": content_crc32c(job.path)}
     write_slide_arrays(
         tmp,
         coords=coords,
@@ -323,7 +403,7 @@ def tile_band(job: TileJob, plan: dict, band: dict) -> dict:
     idx = np.asarray(band["indices"], np.int64)
     with TileWriter(tmp) as writer:
         nbytes = _write_band(job, plan, band, idx, writer)
-    return {"n": int(len(idx)), "bytes": nbytes, "seconds": time.perf_counter() - t0}
+    return {"n": int(len(idx)), "bytes": nbytes, "seconds": time.perf_counter() - t0, "files": writer.files}
 
 
 def _write_band(job: TileJob, plan: dict, band: dict, idx: np.ndarray, writer: TileWriter) -> int:
@@ -344,12 +424,18 @@ def _write_band(job: TileJob, plan: dict, band: dict, idx: np.ndarray, writer: T
     return nbytes
 
 
-_PLAN_CORE = ("status", "tmp", "n_tiles", "choice", "read_path", "level_dimensions", "mpp", "mpp_source", "seconds")
+_PLAN_CORE = ("status", "tmp", "n_tiles", "choice", "read_path", "level_dimensions", "mpp", "mpp_source", "seconds",
+              "source_stat")
 
 
-def finalize_slide(job: TileJob, plan: dict, stats: dict) -> dict:
+def finalize_slide(job: TileJob, plan: dict, stats: dict, files: dict | None = None) -> dict:
+    """Check the slide file is still the one planned, then finish the store (see :func:`wsi.store.finalize_store`);
+    ``files`` are the writers' ``{path: [size, crc32c]}``."""
     tmp = Path(plan["tmp"])
     final = store_path_for(job.store_dir, job.slide_id)
+    if source_stat(job.path) != plan["source_stat"]:
+        raise SlideError(f"{job.path}: the file changed while it was being tiled (size, mtime, ctime or inode); "
+                         "its store was not kept: run again once the file is complete")
     nbytes = store_bytes(tmp)
     n = plan["n_tiles"]
     finalize_store(
@@ -361,6 +447,7 @@ def finalize_slide(job: TileJob, plan: dict, stats: dict) -> dict:
             "bytes_per_tile": (nbytes / n) if n else 0.0,
             "finished_utc": utc_now(),
         },
+        files,
     )
     return {"store": str(final), "bytes": nbytes}
 
@@ -373,8 +460,11 @@ _TEMP_NAME = re.compile(r"^\.tmp-(?P<slide_id>.+)-\d+-[0-9a-f]+\.zarr$")
 
 
 def clean_stale_temps(store_dir: Path) -> list[str]:
-    """Remove temporaries left by runs that ended without finishing (call only while
-    holding the run lock); returns the ids of the slides they were building."""
+    """Put back stores a run killed inside their swap left without their name, then remove
+    temporaries left by runs that ended without finishing (call only while holding the run
+    lock); returns the ids of the slides they were building."""
+    for sid in recover_swaps(store_dir):
+        log.warning("%s: put its store back in place (a run stopped while swapping it)", sid)
     ids = {m.group("slide_id") for p in clean_temporaries(store_dir) if (m := _TEMP_NAME.match(p.name))}
     return sorted(ids)
 
@@ -421,6 +511,15 @@ def _update_suspects(suspects: dict[str, str], report: RunReport) -> dict[str, s
 # --------------------------------------------------------------------------- driver
 
 
+def check_mpp_options(assume_mpp: float | None, mpp_overrides: dict | None) -> None:
+    """``--assume-mpp`` and ``--mpp-csv`` values must be finite µm/px > 0 (0 is not 'unset')."""
+    if assume_mpp is not None and not (math.isfinite(assume_mpp) and assume_mpp > 0):
+        raise UsageError(f"--assume-mpp {assume_mpp}: must be a number of µm/px > 0, e.g. 0.25")
+    for sid, mpp in (mpp_overrides or {}).items():
+        if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
+            raise UsageError(f"--mpp-csv: slide {sid!r} has mpp {mpp}; it must be a number of µm/px > 0")
+
+
 @dataclass
 class _SlideState:
     job: TileJob
@@ -433,6 +532,8 @@ class _SlideState:
     extras_seconds: float = 0.0
     finalizing: bool = False
     worker_died: bool = False
+    retile_reason: str = ""
+    files: dict | None = None
 
 
 def run_tile(
@@ -447,6 +548,8 @@ def run_tile(
     assume_mpp: float | None = None,
     quiet: bool = False,
     progress: bool = True,
+    verify: bool = False,
+    verify_content: bool = False,
 ) -> RunReport:
     """Tile every slide in ``slides`` into ``out_dir``; returns the run report (also written to disk).
 
@@ -464,8 +567,15 @@ def run_tile(
         process (default ``config.runtime.processes``; see :func:`pipeline.executor.make_executor`).
     scheduler : str, optional
         An existing Dask scheduler's address (takes precedence over ``workers``).
+    verify : bool
+        Before skipping a slide, compare every file of its store with the crc32c recorded when
+        it was written (default: their presence and sizes only).
+    verify_content : bool
+        Before skipping a slide, compare a crc32c of every byte of the slide file with the one
+        recorded at tiling (default: its stat, and the sampled fingerprint when the stat differs).
     """
     t_run = time.perf_counter()
+    check_mpp_options(assume_mpp, mpp_overrides)
     paths = [Path(p) for p in slides] if isinstance(slides, (list, tuple)) else discover_slides(slides)
     if not paths:
         raise UsageError("no slides given")
@@ -510,7 +620,7 @@ def run_tile(
             report.settings["executor_start_s"] = round(time.perf_counter() - t_ex, 3)
             report.settings["executor"] = ex.description
             log.info("tiling %d slides into %s (%s)", len(usable), out, ex.description)
-            _drive(ex, usable, out, config, mpp_overrides, assume_mpp, run)
+            _drive(ex, usable, out, config, mpp_overrides, assume_mpp, run, (bool(verify), bool(verify_content)))
             t_stop = time.perf_counter()
         report.settings["executor_stop_s"] = round(time.perf_counter() - t_stop, 3)
         save_suspects(out, _update_suspects(suspects, report))
@@ -522,14 +632,14 @@ def run_tile(
 _PRIORITY = {"final": 3, "extras": 2, "band": 1, "plan": 0}
 
 
-def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun) -> None:
+def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun, verify=(False, False)) -> None:
     states: dict[str, _SlideState] = {}
     meta: dict = {}
     run.start(len(paths), leave=True, mininterval=0.5)
     tiles_total = 0
     t_start = time.perf_counter()
     for p in paths:
-        job = TileJob(str(p), slide_id_for(p), str(out), config, mpp_overrides, assume_mpp, ex.n_workers)
+        job = TileJob(str(p), slide_id_for(p), str(out), config, mpp_overrides, assume_mpp, ex.n_workers, *verify)
         states[job.slide_id] = _SlideState(job, time.perf_counter())
         meta[ex.submit(plan_slide, job, priority=_PRIORITY["plan"])] = ("plan", job.slide_id)
 
@@ -558,12 +668,15 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun) -> 
             st.finalizing = True
             st.outstanding = 1
             stats = {"plan_s": st.plan["seconds"], "bands_s": st.read_seconds, "extras_s": st.extras_seconds}
-            meta[ex.submit(finalize_slide, st.job, st.plan, stats, priority=_PRIORITY["final"])] = ("final", st.job.slide_id)
+            meta[ex.submit(finalize_slide, st.job, st.plan, stats, st.files, priority=_PRIORITY["final"])] = (
+                "final", st.job.slide_id)
 
     for fut in ex.completed():
         kind, sid = meta.pop(fut)
         st = states[sid]
         err = future_error(fut)
+        if isinstance(err, KeyboardInterrupt):  # Ctrl-C inside a task run in this thread: stop the run
+            raise err
         if kind == "plan":
             if err is not None:
                 fail(st, err)
@@ -575,6 +688,8 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun) -> 
                 continue
             # Band tasks get only what they need; the coordinates travel once, to store_extras.
             st.plan = {k: plan[k] for k in _PLAN_CORE}
+            st.retile_reason = plan.get("retile_reason", "")
+            st.files = {}
             st.outstanding = len(plan["bands"]) + 1
             # The extras go first: while one worker writes them the others start on the bands,
             # which balances the workers better than leaving them for the end.
@@ -597,6 +712,7 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun) -> 
                 fail(st, err)
                 continue
             res = fut.result()
+            st.files.update(res.get("files") or {})
             st.tiles_done += res["n"]
             st.read_seconds += res["seconds"]
             tiles_total += res["n"]
@@ -617,7 +733,7 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun) -> 
             finish(
                 st,
                 "done",
-                "" if n else "no tissue found",
+                "; ".join(r for r in (st.retile_reason, "" if n else "no tissue found") if r),
                 n_tiles=n,
                 store=res["store"],
                 tile_bytes=res["bytes"],

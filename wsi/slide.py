@@ -23,6 +23,7 @@ Inputs besides OpenSlide's own formats:
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import math
 import os
@@ -67,6 +68,28 @@ def slide_id_for(path: str | Path) -> str:
     return Path(name).stem
 
 
+def file_problem(path: str | Path, exc: OSError) -> str:
+    """One line for a slide file that cannot be opened: missing, unreadable, a link loop..."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: file not found (a missing file, or a symbolic link to one); check the path or the list file"
+    if isinstance(exc, PermissionError):
+        return f"{path}: permission denied; make the file readable by this user"
+    if exc.errno == errno.ELOOP:
+        return f"{path}: a loop of symbolic links (the link leads back to itself); fix or remove the link"
+    if isinstance(exc, IsADirectoryError):
+        return f"{path}: a folder, not a slide file"
+    return f"{path}: cannot be read ({exc.strerror or exc})"
+
+
+def check_readable(path: str | Path) -> None:
+    """Raise :class:`SlideError` with :func:`file_problem`'s line unless ``path`` opens for reading."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise SlideError(file_problem(path, exc)) from None
+
+
 def open_slide(path: str | Path) -> openslide.AbstractSlide:
     """Open a slide, turning errors into one clear :class:`SlideError`.
 
@@ -75,8 +98,8 @@ def open_slide(path: str | Path) -> openslide.AbstractSlide:
     opened through one of its instance files.
     """
     path = Path(path)
-    if not path.exists():
-        raise SlideError(f"{path}: file not found")
+    if not path.is_dir():
+        check_readable(path)
     target = path
     if path.is_dir():
         files = dicom_files(path)
@@ -234,8 +257,8 @@ def load_mpp_csv(path: str | Path) -> dict[str, float]:
                     mpp = float(row["mpp"])
                 except (TypeError, ValueError):
                     raise SlideError(f"{path}, line {n}: mpp {row['mpp']!r} is not a number") from None
-                if not mpp > 0:
-                    raise SlideError(f"{path}, line {n}: mpp must be > 0, got {mpp}")
+                if not (math.isfinite(mpp) and mpp > 0):
+                    raise SlideError(f"{path}, line {n}: mpp must be a number > 0, got {row['mpp']!r}")
                 out[row["slide_id"].strip()] = mpp
     except OSError as exc:
         raise SlideError(f"{path}: cannot read the mpp override file ({exc.strerror})") from None

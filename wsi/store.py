@@ -18,7 +18,12 @@ Group attributes record the source file (path, size, mtime, fingerprint), the
 resolution (mpp, level, downsample), the tiling and mask parameters, the codec,
 the config hash, the software version and timings. A store is built under a
 temporary name and renamed when complete (``attrs['complete'] is True``);
-:class:`TileStore` refuses anything else. :class:`FastTileReader` reads single
+:class:`TileStore` refuses anything else. At completion every file of the store
+(but the root ``zarr.json``, which holds the list) is recorded with its size and
+crc32c checksum (``attrs['integrity']``), after the files and folders were
+fsynced; opening a store checks that every recorded file is there with its size
+(:func:`verify_store`; ``checksums=True`` reads them all), so a deleted or
+truncated shard is an error naming the store, never tiles of a fill value. :class:`FastTileReader` reads single
 tiles of a JPEG store straight from its files (the same pixels as ``TileStore[i]``,
 without Zarr's per-call cost), for random access from training loaders.
 
@@ -31,10 +36,14 @@ lets stock zarr-python read a store. Every array has ``dimension_names``
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +57,7 @@ from zarr.storage import LocalStore
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from wsi.atomic import fsync_dir
 from wsi.codecs import CODEC_NAME, JpegCodec
 
 FORMAT_NAME = "wsi-pipeline.tile-store"
@@ -59,7 +69,14 @@ STORE_SUFFIX = ".zarr"
 
 
 class StoreError(Exception):
-    """A tile store is missing, incomplete or from an incompatible version."""
+    """A tile store is missing, incomplete, damaged or from an incompatible version."""
+
+
+#: What a damaged store's error tells the user to do.
+RETILE_HINT = (
+    "re-tile the slide: run 'wsi-pipeline tile' (or 'classify' on the slides) again, "
+    "which replaces a damaged store"
+)
 
 
 #: Axis names of every array of a store (zarr v3 ``dimension_names``: xarray opens the group
@@ -292,6 +309,9 @@ class TileWriter:
         self._encode = _chunk_encoder(layout[1]) if layout else None
         self._pending: dict[int, dict[int, bytes]] = {}
         self.bytes_written = 0
+        #: ``{path in the store: [size, crc32c hex]}`` of every file written by hand (for the
+        #: store's integrity record; :func:`finalize_store` reads only the files missing here).
+        self.files: dict[str, list] = {}
         self._made: set[Path] = set()
 
     def write(self, indices: np.ndarray, tiles: np.ndarray) -> None:
@@ -331,17 +351,20 @@ class TileWriter:
         nbytes = sum(len(p) for p in parts)
         if self._local_root is not None:
             # The store is a temporary directory renamed into place only when complete,
-            # so plain file writes are safe; zarr's LocalStore would fsync-rename each chunk.
+            # so plain file writes are safe (no temporary name per file).
             path = self._local_root / key
             if path.parent not in self._made:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._made.add(path.parent)
-            # The parts go to the kernel as they are (no joined copy of a 2 MB shard).
+            # The parts go to the kernel as they are (no joined copy of a 2 MB shard); one
+            # fsync per file, so the store renamed into place later survives a power cut.
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             try:
                 _write_all(fd, parts, nbytes)
+                os.fsync(fd)
             finally:
                 os.close(fd)
+            self.files[f"{self._prefix}/{key}"] = [nbytes, _crc_hex(parts)]
         else:
             proto = default_buffer_prototype()
             sync(self._store.set(f"{self._prefix}/{key}", proto.buffer.from_bytes(b"".join(parts))))
@@ -472,7 +495,7 @@ class RawChunks:
                 return None
             body, crc = raw[:-4], raw[-4:]
             if len(raw) != size or int(google_crc32c.value(body)).to_bytes(4, "little") != crc:
-                raise StoreError(f"{path}: shard index checksum mismatch; the store is damaged, re-tile the slide")
+                raise StoreError(f"{path}: shard index checksum mismatch; the store is damaged: {RETILE_HINT}")
             self._index[shard] = np.frombuffer(body, "<u8").reshape(self.per_shard, 2)
         return self._index[shard]
 
@@ -510,34 +533,254 @@ def picture_paths(store_path: str | Path) -> dict[str, Path]:
     return {name: store_path.with_name(f"{stem}.{name}") for name in PICTURE_NAMES}
 
 
-def finalize_store(tmp_path: str | Path, final_path: str | Path, attrs: dict) -> None:
-    """Mark a store complete and move it into place atomically.
+def finalize_store(tmp_path: str | Path, final_path: str | Path, attrs: dict, files: dict | None = None) -> None:
+    """Record the store's files, mark it complete, make it durable and move it into place.
 
-    An existing store at ``final_path`` (an outdated one) is moved aside first
-    and deleted only after the new one is in place. Pictures written into the
-    temporary store (:data:`PICTURE_NAMES`) move beside it first
-    (:func:`picture_paths`).
+    ``files`` (``{path in the store: [size, crc32c hex]}``, e.g. :attr:`TileWriter.files`
+    gathered from every writer) saves reading back what the writers already checksummed and
+    fsynced; every other file is read, checksummed and fsynced here. Every tile chunk (or
+    shard) file must exist: a store with tiles never written is refused. An existing store at
+    ``final_path`` (an outdated one) is replaced by :func:`replace_dir`. Pictures written into
+    the temporary store (:data:`PICTURE_NAMES`) move beside it first (:func:`picture_paths`).
     """
     tmp_path, final_path = Path(tmp_path), Path(final_path)
     g = zarr.open_group(str(tmp_path), mode="r+")
-    g.attrs.update({**attrs, "complete": True})
-    for name, dest in picture_paths(final_path).items():
+    for name, dest in picture_paths(final_path).items():  # beside the store: stock zarr warns about extras
         if (tmp_path / name).is_file():
             os.replace(tmp_path / name, dest)
+    missing = _missing_tile_files(tmp_path, g["tiles"].metadata)
+    if missing:
+        raise StoreError(
+            f"{tmp_path}: {len(missing)} tile file(s) never written ({missing[0]}, ...); the store cannot be completed"
+        )
+    manifest = store_manifest(tmp_path, files)
+    g.attrs.update({**attrs, "integrity": {"checksum": "crc32c", "files": manifest}, "complete": True})
+    _fsync_file(tmp_path / "zarr.json")
+    for folder in sorted({(tmp_path / rel).parent for rel in manifest} | {tmp_path}, reverse=True):
+        fsync_dir(folder)
     replace_dir(tmp_path, final_path)
 
 
+def _crc_hex(parts) -> str:
+    import google_crc32c
+
+    crc = 0
+    for part in parts:
+        crc = google_crc32c.extend(crc, part if isinstance(part, bytes) else bytes(part))
+    return f"{crc:08x}"
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_crc32c(path: str | Path, *, fsync: bool = False) -> str:
+    """crc32c of a file's content as 8 hex digits (read in 4 MiB pieces); ``fsync`` flushes it too."""
+    import google_crc32c
+
+    crc = 0
+    with open(path, "rb") as fh:
+        while piece := fh.read(4 << 20):
+            crc = google_crc32c.extend(crc, piece)
+        if fsync:
+            os.fsync(fh.fileno())
+    return f"{crc:08x}"
+
+
+def _store_files(path: Path) -> dict[str, int]:
+    """``{path in the store: size}`` of every file of a store but the root ``zarr.json``."""
+    out = {}
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in names:
+            full = Path(root) / name
+            rel = full.relative_to(path).as_posix()
+            if rel != "zarr.json":
+                out[rel] = full.stat().st_size
+    return out
+
+
+def store_manifest(path: str | Path, known: dict | None = None) -> dict[str, list]:
+    """``{path in the store: [size, crc32c hex]}`` for every file of the store but the root
+    ``zarr.json``; files in ``known`` with the same size are taken from there (their writer
+    checksummed and fsynced them), the others are read and fsynced."""
+    path = Path(path)
+    known = known or {}
+    out = {}
+    for rel, size in sorted(_store_files(path).items()):
+        k = known.get(rel)
+        if k is not None and int(k[0]) == size:
+            out[rel] = [size, str(k[1])]
+        else:
+            out[rel] = [size, file_crc32c(path / rel, fsync=True)]
+    return out
+
+
+def _missing_tile_files(path: Path, meta) -> list[str]:
+    """Chunk (or shard) files of the ``tiles`` array that do not exist (tiles are always written)."""
+    layout = _tile_layout(meta)
+    per_file = layout[0] if layout else int(meta.chunk_grid.chunk_shape[0])
+    n_files = -(-int(meta.shape[0]) // per_file)
+    root = path / "tiles"
+    try:
+        have = set(os.listdir(root))
+    except FileNotFoundError:
+        have = set()
+    keys = (meta.encode_chunk_key((j, 0, 0, 0)) for j in range(n_files))
+    return [f"tiles/{k}" for k in keys if k not in have]
+
+
+def verify_store(path: str | Path, attrs: dict | None = None, *, checksums: bool = False) -> list[str]:
+    """What is wrong with a complete store's files: empty when every file recorded at completion
+    is there with its size (and, with ``checksums``, its crc32c). Each problem is a short phrase
+    (``"tiles/c.3.0.0.0 is missing"``). A store made before stores recorded their files gets
+    ``"it has no record of its files ..."`` and only the presence of its tile files is checked."""
+    path = Path(path)
+    if attrs is None:
+        attrs = read_store_attrs(path) or {}
+    record = (attrs.get("integrity") or {}).get("files")
+    if not isinstance(record, dict):
+        try:
+            meta = zarr.open_array(str(path / "tiles"), mode="r").metadata
+        except Exception as exc:
+            return [f"its tiles array cannot be opened ({type(exc).__name__})"]
+        missing = _missing_tile_files(path, meta)
+        return [f"{m} is missing" for m in missing[:3]] + [NO_RECORD]
+    problems = []
+    sizes: dict[str, dict[str, int]] = {}
+    for rel, (size, crc) in record.items():
+        folder, _, name = rel.rpartition("/")
+        if folder not in sizes:
+            try:
+                with os.scandir(path / folder) as it:
+                    sizes[folder] = {e.name: e.stat().st_size for e in it if e.is_file()}
+            except OSError:
+                sizes[folder] = {}
+        have = sizes[folder].get(name)
+        if have is None:
+            problems.append(f"{rel} is missing")
+        elif have != int(size):
+            problems.append(f"{rel} is {have} bytes, {int(size)} when it was written")
+        elif checksums and file_crc32c(path / rel) != crc:
+            problems.append(f"{rel} does not match its checksum")
+    return problems
+
+
+#: :func:`verify_store`'s problem for a store made before stores recorded their files.
+NO_RECORD = "it has no record of its files' sizes and checksums (made by an older version)"
+
+
+def describe_damage(path: str | Path, problems: list[str], slide_id: str | None = None) -> str:
+    """One line naming a damaged store, its slide, what is wrong and the fix."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    slide = f" of slide {slide_id}" if slide_id else ""
+    return f"{path}: the tile store{slide} is damaged: {problems[0]}{more}; {RETILE_HINT}"
+
+
+# --------------------------------------------------------------------------- swapping stores
+
+_RENAME_EXCHANGE = 2
+_renameat2 = None
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    platform or file system cannot, and the caller falls back to two renames."""
+    global _renameat2
+    if not sys.platform.startswith("linux"):
+        return False
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+        except (OSError, AttributeError):  # glibc < 2.28, musl ...
+            _renameat2 = False
+            return False
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        _renameat2 = fn
+    if _renameat2 is False:
+        return False
+    at_fdcwd = -100
+    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _old_name(final_path: Path) -> Path:
+    return final_path.with_name(f".old-{final_path.name}-{uuid.uuid4().hex[:8]}")
+
+
 def replace_dir(tmp_path: str | Path, final_path: str | Path) -> None:
-    """Move a finished directory into place; an existing one is moved aside first and
-    deleted only after the new one is in place (readers never see a half-written tree)."""
+    """Move a finished directory into place without a moment with neither copy.
+
+    Where the platform can, the new and the existing directory are exchanged atomically
+    and the old one (now under the temporary name) is renamed ``.old-*`` and deleted;
+    elsewhere the existing one is renamed ``.old-*`` first. Either way the old copy is
+    deleted only after the new one is in place and the folder is fsynced, and a run
+    killed in between leaves what :func:`recover_swaps` puts right.
+    """
     tmp_path, final_path = Path(tmp_path), Path(final_path)
+    parent = final_path.parent
     old = None
     if final_path.exists():
-        old = final_path.with_name(f".old-{final_path.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(final_path, old)
-    os.replace(tmp_path, final_path)
+        if _rename_exchange(tmp_path, final_path):
+            fsync_dir(parent)
+            old = _old_name(final_path)
+            os.replace(tmp_path, old)
+        else:
+            old = _old_name(final_path)
+            os.replace(final_path, old)
+            os.replace(tmp_path, final_path)
+    else:
+        os.replace(tmp_path, final_path)
+    fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_OLD_STORE = re.compile(rf"^\.old-(?P<name>.+{re.escape(STORE_SUFFIX)})-[0-9a-f]{{8}}$")
+_TMP_STORE = re.compile(rf"^\.tmp-(?P<slide_id>.+)-\d+-[0-9a-f]+{re.escape(STORE_SUFFIX)}$")
+
+
+def recover_swaps(store_dir: str | Path) -> list[str]:
+    """Put back the stores a run killed inside a swap left without their final name.
+
+    For every ``<slide_id>.zarr`` that is missing while a complete, undamaged copy
+    of it is still there under a temporary name, that copy is renamed into place: a
+    finished new store (``.tmp-*``) first, else the old one (``.old-*``). Call only
+    while holding the folder's run lock, before its temporaries are removed; returns
+    the slide ids put back.
+    """
+    d = Path(store_dir)
+    candidates: dict[str, list[tuple[int, Path]]] = {}
+    for p in d.glob(".*"):
+        m_old, m_tmp = _OLD_STORE.match(p.name), _TMP_STORE.match(p.name)
+        if m_tmp:
+            candidates.setdefault(f"{m_tmp.group('slide_id')}{STORE_SUFFIX}", []).append((0, p))
+        elif m_old:
+            candidates.setdefault(m_old.group("name"), []).append((1, p))
+    restored = []
+    for name, paths in sorted(candidates.items()):
+        final = d / name
+        if final.exists():
+            continue
+        for _, p in sorted(paths, key=lambda t: (t[0], -t[1].stat().st_mtime)):
+            attrs = read_store_attrs(p)
+            if attrs and attrs.get("format") == FORMAT_NAME and attrs.get("complete") and not [
+                x for x in verify_store(p, attrs) if x != NO_RECORD
+            ]:
+                os.replace(p, final)
+                fsync_dir(d)
+                restored.append(name[: -len(STORE_SUFFIX)])
+                break
+    return restored
 
 
 def store_bytes(path: str | Path, sub: str = "tiles") -> int:
@@ -591,10 +834,28 @@ class TileStore:
         if not attrs.get("complete"):
             raise StoreError(f"{self.path}: the store is incomplete (its tiling did not finish); re-run 'wsi-pipeline tile'")
         self.attrs = attrs
-        self._tiles = self._group["tiles"]
-        self.coords = np.asarray(self._group["coords"][:], np.int64).reshape(-1, 2)
-        self.grid_colrow = np.asarray(self._group["grid_colrow"][:], np.int64).reshape(-1, 2)
-        self.tissue_fraction = np.asarray(self._group["tissue_fraction"][:], np.float32)
+        # A missing or truncated file would read as tiles (or coordinates) of the fill value.
+        problems = [x for x in verify_store(self.path, attrs) if x != NO_RECORD]
+        if problems:
+            raise StoreError(describe_damage(self.path, problems, self._slide_id_or_none()))
+        try:
+            self._tiles = self._group["tiles"]
+            self.coords = np.asarray(self._group["coords"][:], np.int64).reshape(-1, 2)
+            self.grid_colrow = np.asarray(self._group["grid_colrow"][:], np.int64).reshape(-1, 2)
+            self.tissue_fraction = np.asarray(self._group["tissue_fraction"][:], np.float32)
+        except Exception as exc:
+            raise self._damaged("its per-tile arrays", exc) from None
+
+    def _slide_id_or_none(self) -> str | None:
+        return (self.attrs.get("slide") or {}).get("slide_id")
+
+    def _damaged(self, what: str, exc: BaseException) -> StoreError:
+        """One line for data that cannot be read or decoded: the store, its slide, what, why, the fix."""
+        if isinstance(exc, StoreError):
+            return exc
+        why = (str(exc).strip().splitlines() or [""])[0][:200]
+        return StoreError(describe_damage(self.path, [f"{what} could not be read ({type(exc).__name__}: {why})"],
+                                          self._slide_id_or_none()))
 
     # -- facts ---------------------------------------------------------------
     @property
@@ -642,10 +903,16 @@ class TileStore:
                 i += len(self)
             if not 0 <= i < len(self):
                 raise IndexError(f"tile {index} out of range for {len(self)} tiles")
-            return np.asarray(self._tiles[i])
+            return self._get(i, f"tile {i}")
         if isinstance(index, slice):
-            return np.asarray(self._tiles[index])
+            return self._get(index, f"tiles {index.start}:{index.stop}")
         return self.read(index)
+
+    def _get(self, selection, what: str) -> np.ndarray:
+        try:
+            return np.asarray(self._tiles[selection])
+        except Exception as exc:
+            raise self._damaged(what, exc) from None
 
     def read(self, indices) -> np.ndarray:
         """Tiles at ``indices`` (any order, repeats allowed) as (n, T, T, 3) uint8."""
@@ -660,7 +927,7 @@ class TileStore:
         # per chunk), while a slice reads each shard once.
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         runs = np.split(uniq, breaks)
-        parts = [np.asarray(self._tiles[int(r[0]) : int(r[-1]) + 1]) for r in runs]
+        parts = [self._get(slice(int(r[0]), int(r[-1]) + 1), f"tiles {int(r[0])}..{int(r[-1])}") for r in runs]
         data = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return data[inverse]
 
@@ -706,7 +973,6 @@ class FastTileReader:
             and is_jpeg_codec(self._raw.codecs[0])
             and tuple(meta.shape[1:]) == (self.T, self.T, 3)
         )
-        self._fill = int(meta.fill_value) if meta.fill_value is not None else 0
 
     def __len__(self) -> int:
         return len(self.store)
@@ -714,11 +980,20 @@ class FastTileReader:
     def __getitem__(self, i: int) -> np.ndarray:
         if not self.fast:
             return self.store[int(i)]
-        data = self._raw.read(int(i))
-        if data is None:  # never written: Zarr's fill value
-            return np.full((self.T, self.T, 3), self._fill, np.uint8)
-        img = np.asarray(imagecodecs.jpeg8_decode(data))
-        return img.reshape(self.T, self.T, 3)
+        i = int(i)
+        try:
+            try:
+                data = self._raw.read(i)
+            except StoreError:
+                raise self.store._damaged(f"tile {i}", ValueError("its shard index does not match its checksum")) from None
+            if data is None:  # a complete store has every tile: its file went missing
+                raise StoreError(describe_damage(self.store.path, [f"tile {i} is missing"], self.store._slide_id_or_none()))
+            img = np.asarray(imagecodecs.jpeg8_decode(data))
+            return img.reshape(self.T, self.T, 3)
+        except (IndexError, StoreError):
+            raise
+        except Exception as exc:  # undecodable bytes, a truncated file
+            raise self.store._damaged(f"tile {i}", exc) from None
 
 
 def list_stores(store_dir: str | Path) -> list[Path]:
