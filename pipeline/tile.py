@@ -160,15 +160,28 @@ def source_stat(path: str | Path) -> dict:
     inode): any difference here makes the skip check compare content instead.
     """
     st = os.stat(path)
+    if Path(path).is_dir():  # a DICOM scan: its instance files together
+        files = [os.stat(f) for f in sorted(Path(path).iterdir()) if f.is_file()]
+        return {"size_bytes": sum(int(f.st_size) for f in files), "files": len(files),
+                "mtime_ns": max([int(f.st_mtime_ns) for f in files], default=0),
+                "ctime_ns": max([int(f.st_ctime_ns) for f in files], default=0), "inode": int(st.st_ino)}
     return {"size_bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "ctime_ns": int(st.st_ctime_ns),
             "inode": int(st.st_ino)}
 
 
+def source_stat_of(identity: dict) -> dict:
+    """The :func:`source_stat` part of a recorded source identity (which also holds the fingerprint)."""
+    return {k: v for k, v in identity.items() if k in ("size_bytes", "files", "mtime_ns", "ctime_ns", "inode")}
+
+
 def content_crc32c(path: str | Path) -> str:
-    """crc32c of every byte of the slide file (and of an MRXS slide's data folder, file by file)."""
+    """crc32c of every byte of the slide file (and of an MRXS slide's data folder, or a DICOM scan's
+    folder, file by file)."""
     from wsi.store import file_crc32c
 
     path = Path(path)
+    if path.is_dir():  # a DICOM scan: every instance file
+        return ",".join(f"{f.name}:{file_crc32c(f)}" for f in sorted(path.iterdir()) if f.is_file())
     parts = [file_crc32c(path)]
     sibling = path.with_suffix("")
     if path.suffix.lower() == ".mrxs" and sibling.is_dir():
@@ -326,7 +339,7 @@ def plan_slide(job: TileJob) -> dict:
     return {
         "status": "planned",
         "retile_reason": retile_reason,
-        "source_stat": {k: source[k] for k in ("size_bytes", "mtime_ns", "ctime_ns", "inode")},
+        "source_stat": source_stat_of(source),
         "tmp": str(tmp),
         "bands": bands,
         "n_tiles": int(len(coords)),

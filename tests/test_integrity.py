@@ -389,7 +389,8 @@ def test_duplicate_yaml_keys_are_an_error(tmp_path):
 
 def test_missing_list_entries_and_symlink_loops_get_one_line(tmp_path, synth_slides):
     (tmp_path / "loop.svs").symlink_to(tmp_path / "loop.svs")
-    (tmp_path / "list.txt").write_text("missing.svs\nloop.svs\n")
+    (tmp_path / "list.txt").write_text(f"missing.svs\nloop.svs\n{synth_slides['blank']}\n")  # one real slide:
+    # a list where none exists is a whole-batch mistake (one message, exit 2), tested in test_qupath_and_logs
     rep = _run(tmp_path / "list.txt", tmp_path / "out")
     o = {s.slide_id: s.reason for s in rep.slides}
     assert o["missing"].endswith("file not found (a missing file, or a symbolic link to one); check the path or the list file")

@@ -82,10 +82,14 @@ def file_problem(path: str | Path, exc: OSError) -> str:
 
 
 def check_readable(path: str | Path) -> None:
-    """Raise :class:`SlideError` with :func:`file_problem`'s line unless ``path`` opens for reading."""
+    """Raise :class:`SlideError` with :func:`file_problem`'s line unless ``path`` opens for reading
+    (a folder, i.e. a DICOM scan, must list)."""
     try:
-        with open(path, "rb"):
-            pass
+        if Path(path).is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
     except OSError as exc:
         raise SlideError(file_problem(path, exc)) from None
 
@@ -98,8 +102,7 @@ def open_slide(path: str | Path) -> openslide.AbstractSlide:
     opened through one of its instance files.
     """
     path = Path(path)
-    if not path.is_dir():
-        check_readable(path)
+    check_readable(path)
     target = path
     if path.is_dir():
         files = dicom_files(path)
