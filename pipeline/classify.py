@@ -48,6 +48,7 @@ temporary name and renamed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -70,7 +71,7 @@ from pipeline.config import Config
 from pipeline.run import RunDir
 from wsi import __version__
 from wsi.atomic import atomic_path, atomic_write_json, atomic_write_text
-from wsi.store import replace_dir, store_fingerprint
+from wsi.store import replace_dir, store_fingerprint, stores_lock
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -584,29 +585,14 @@ def run_classify(
         log.info("scoring %d slide(s) with round %d of %s on %s (threshold %.4f: %s)",
                  len(todo), rm.round, run_dir, rm.device, thr, thr_source)
         batch.start(len(todo))
-        for sid, store_path, source in todo:
-            t0 = time.perf_counter()
-            try:
-                from wsi.store import TileStore
-
-                st = TileStore(store_path)
-                if _is_current(ctx, sid, store_fingerprint(st)):
-                    res = _read_json_quiet(_result_path(out, sid))
-                    batch.outcome(sid, source, "skipped", "already scored with this run, round and store",
-                                  time.perf_counter() - t0, probability=res.get("probability"))
-                    continue
-                res = _score_one(ctx, sid, store_path, source)
-                secs = time.perf_counter() - t0
-                batch.outcome(sid, source, "done", "" if res["n_tiles"] else "no tissue tiles", secs,
-                              probability=res["probability"], n_tiles=res["n_tiles"])
-                log.info("scored %s: probability %s (%d tiles, %.1f s)", sid,
-                         "n/a" if res["probability"] is None else f"{res['probability']:.4f}", res["n_tiles"], secs)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # one bad slide never stops the others
-                _drop_result(out, sid)
-                batch.outcome(sid, source, "failed", _describe(exc, str(store_path)), time.perf_counter() - t0)
+        # a cron 'tile' into the same store folder waits for this read instead of swapping stores under it
+        reading = contextlib.ExitStack()
+        for folder in sorted({Path(sp).parent for _, sp, _ in todo}):
+            reading.enter_context(stores_lock(folder, exclusive=False))
+        with reading:
+            _score_all(ctx, batch, todo)
         report.slides.sort(key=lambda s: s.slide_id)
+
 
         provenance = _provenance(run, meta, rm, thr, thr_source, round_)
         results, others = collect_results(out, run_fp)
@@ -635,6 +621,34 @@ def _read_labels(path: str | Path) -> dict[str, int]:
     from pipeline.labels import read_labels_csv
 
     return {sid: int(y) for sid, y, _ in read_labels_csv(path)}
+
+
+
+def _score_all(ctx: _Ctx, batch, todo: list[tuple[str, Path, str]]) -> None:
+    """Score each store in turn; one bad slide never stops the others."""
+    out = ctx.out
+    for sid, store_path, source in todo:
+        t0 = time.perf_counter()
+        try:
+            from wsi.store import TileStore
+
+            st = TileStore(store_path)
+            if _is_current(ctx, sid, store_fingerprint(st)):
+                res = _read_json_quiet(_result_path(out, sid))
+                batch.outcome(sid, source, "skipped", "already scored with this run, round and store",
+                              time.perf_counter() - t0, probability=res.get("probability"))
+                continue
+            res = _score_one(ctx, sid, store_path, source)
+            secs = time.perf_counter() - t0
+            batch.outcome(sid, source, "done", "" if res["n_tiles"] else "no tissue tiles", secs,
+                          probability=res["probability"], n_tiles=res["n_tiles"])
+            log.info("scored %s: probability %s (%d tiles, %.1f s)", sid,
+                     "n/a" if res["probability"] is None else f"{res['probability']:.4f}", res["n_tiles"], secs)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one bad slide never stops the others
+            _drop_result(out, sid)
+            batch.outcome(sid, source, "failed", _describe(exc, str(store_path)), time.perf_counter() - t0)
 
 
 def collect_results(out: Path, run_fp: str) -> tuple[list[dict], list[str]]:

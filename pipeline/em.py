@@ -62,6 +62,7 @@ from pipeline.labels import Cohort, SlideEntry, load_cohort
 from pipeline.run import RunDir, load_weights, new_model, run_identity
 from wsi import __version__
 from wsi.atomic import atomic_write_json
+from wsi.store import stores_lock
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -247,7 +248,7 @@ def run_em(
     ctx = RoundContext(cfg, cohort, run, ann, resolve_device(cfg.runtime.device), progress, hooks or EMHooks(),
                        train=train, val=val)
     ensure_writable_dir(run.path, "run directory")
-    with RunLock(run.path, "em-round"):
+    with RunLock(run.path, "em-round"), stores_lock(cohort.stores_dir, exclusive=False):
         return _run_rounds(ctx, rounds, force)
 
 

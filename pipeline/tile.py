@@ -78,6 +78,7 @@ from wsi.store import (
     verify_store,
     store_bytes,
     store_path_for,
+    stores_lock,
     temp_store_path,
     write_slide_arrays,
 )
@@ -451,17 +452,12 @@ def finalize_slide(job: TileJob, plan: dict, stats: dict, files: dict | None = N
                          "its store was not kept: run again once the file is complete")
     nbytes = store_bytes(tmp)
     n = plan["n_tiles"]
-    finalize_store(
-        tmp,
-        final,
-        {
-            "timings": {k: round(float(v), 3) for k, v in stats.items()},
-            "tile_bytes": nbytes,
-            "bytes_per_tile": (nbytes / n) if n else 0.0,
-            "finished_utc": utc_now(),
-        },
-        files,
-    )
+    extra = {"timings": {k: round(float(v), 3) for k, v in stats.items()}, "tile_bytes": nbytes,
+             "bytes_per_tile": (nbytes / n) if n else 0.0, "finished_utc": utc_now()}
+    with stores_lock(job.store_dir, exclusive=True, on_wait=lambda: log.warning(
+            "%s: waiting for the runs reading %s (em-round, classify) before replacing its store",
+            job.slide_id, job.store_dir)):
+        finalize_store(tmp, final, extra, files)
     return {"store": str(final), "bytes": nbytes}
 
 

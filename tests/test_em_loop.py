@@ -266,3 +266,29 @@ def test_force_moves_rounds_aside_and_a_round_needs_all_its_files(em_run, tmp_pa
     assert len(trash) == 1 and sorted(p.name for p in trash[0].iterdir()) == ["round_0", "round_1"]
     run.empty_trash()
     assert not list(run.path.glob(".trash-*"))
+
+
+def test_tile_waits_for_a_reader_of_the_stores_folder(tmp_path, synth_slides):
+    """A run reading STORES (shared lock) makes a cron 'tile' into STORES wait before it swaps a store in."""
+    import subprocess
+    import sys
+
+    from wsi.store import stores_lock
+
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    cmd = [sys.executable, "-m", "pipeline.cli", "tile", str(synth_slides["tissue"]), "--out", str(stores),
+           "--config", "tiny", "--workers", "0"]
+    with stores_lock(stores, exclusive=False) as held:
+        assert held
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        waited = []
+        for line in proc.stderr:
+            if "waiting for the runs reading" in line:
+                waited.append(line)
+                break
+        assert waited, "tile did not wait for the reader"
+        assert not (stores / "tissue.zarr").exists()  # nothing swapped in while the reader holds the folder
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert [p.name for p in stores.glob("*.zarr")] == ["tissue.zarr"]

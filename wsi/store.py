@@ -45,6 +45,7 @@ import re
 import shutil
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -1019,3 +1020,46 @@ def store_fingerprint(store) -> str:
         "n_tiles": len(store),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+#: The stores folder's reader/writer lock file (``flock``; the kernel drops it when a process dies).
+STORES_LOCK = ".wsi-pipeline.stores-lock"
+
+
+@contextmanager
+def stores_lock(store_dir: str | Path, *, exclusive: bool, on_wait=None) -> Iterator[bool]:
+    """Readers of a stores folder (``em-round``, ``classify`` on stores) hold this shared for as long as
+    they read; ``tile`` holds it exclusively only around each store swap. So a cron ``tile`` that would
+    replace a store under a training run waits for the run instead of changing its data midway.
+
+    Blocks until the lock is granted (``on_wait()`` is called once first when it has to wait). Yields
+    whether a lock is held: a folder this process cannot write to (read-only shares: no writer there
+    either) or a file system without ``flock`` gets none.
+    """
+    import fcntl
+
+    path = Path(store_dir) / STORES_LOCK
+    try:
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield False
+        return
+    op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, op)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
