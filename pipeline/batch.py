@@ -146,15 +146,15 @@ def check_unique_ids(paths: list[Path]) -> tuple[list[Path], dict[Path, str]]:
 # --------------------------------------------------------------------------- output folder
 
 
-def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
-    """Create ``path`` if needed and prove it is writable, or raise :class:`UsageError`."""
+def ensure_writable_dir(path: str | Path, what: str = "output folder", option: str = "--out") -> Path:
+    """Create ``path`` if needed and prove it is writable, or raise :class:`UsageError` naming ``option``."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise UsageError(f"{path}: cannot write to this {what} ({exc.strerror}); choose another --out") from None
+        raise UsageError(f"{path}: cannot write to this {what} ({exc.strerror}); choose another {option}") from None
     return path
 
 

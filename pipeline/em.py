@@ -247,7 +247,7 @@ def run_em(
     run = RunDir(run_dir)
     ctx = RoundContext(cfg, cohort, run, ann, resolve_device(cfg.runtime.device), progress, hooks or EMHooks(),
                        train=train, val=val)
-    ensure_writable_dir(run.path, "run directory")
+    ensure_writable_dir(run.path, "run directory", "--run")
     with RunLock(run.path, "em-round"), stores_lock(cohort.stores_dir, exclusive=False):
         return _run_rounds(ctx, rounds, force)
 

@@ -633,7 +633,7 @@ def run_train_patches(data: str | Path, run_dir: str | Path, cfg: Config, *, lab
                           f"{models.list_models()}")
     divisor = models.get_size_divisor(cfg.model.cls_arch, **cfg.model.cls_arch_kwargs)
     side = check_sizes(ps, cfg.patches.image_px, divisor, cfg.model.cls_arch)
-    run = PatchRun(ensure_writable_dir(run_dir, "run directory"))
+    run = PatchRun(ensure_writable_dir(run_dir, "run directory", "--run"))
     if cfg.runtime.torch_threads:
         torch.set_num_threads(cfg.runtime.torch_threads)
     with RunLock(run.path, "train-patches"):
