@@ -152,13 +152,13 @@ ABLATIONS = {
 }
 
 
-def _realistic_cohort(n_pos: int, n_neg: int, annotate: int, seed: int, config: str) -> Path:
-    """Generate (once) a realistic cohort and tile it with ``config``'s tiling settings."""
+def _realistic_cohort(n_pos: int, n_neg: int, annotate: int, seed: int, config: str, overrides=None) -> Path:
+    """Generate (once) a realistic cohort and tile it with ``config``'s tiling settings (and ``--set``)."""
     from pipeline.config import load_config
     from pipeline.tile import run_tile
     from wsi.synth import make_cohort as synth
 
-    cfg = load_config(config)
+    cfg = load_config(config, overrides)
     d = OUT / f"realistic-p{n_pos}-n{n_neg}-a{annotate}-seed{seed}-{cfg.tiling_hash()}"
     if (d / "READY").is_file():
         return d
@@ -216,7 +216,8 @@ def bench_compare(args) -> None:
 
     setup_logging(quiet=not args.verbose)
     if args.cohort == "realistic":
-        d = _realistic_cohort(args.positives, args.negatives, args.annotate, args.seed, args.config)
+        d = _realistic_cohort(args.positives, args.negatives, args.annotate, args.seed, args.config,
+                              parse_set_options(args.set))
         ann = [d / "cohort" / "region_annotations"]
     else:
         d = make_cohort(OUT, args.positives, args.negatives, 1024, 2.0, args.seed, args.annotate, split=(0.5, 0.25, 0.25))
@@ -231,7 +232,8 @@ def bench_compare(args) -> None:
             use_ann = [d / "cohort" / "annotations" / f"{sid}.geojson" for sid in
                        (d / "cohort" / "pixel_annotated.txt").read_text().split()] if name.endswith(
                 "full_slide_annotations") else ann
-            r = _one(d, mode, cfg, use_ann, args.rounds, OUT / f"em-compare-{args.cohort}-{args.config}" / name.replace(":", "-")
+            tag = "-".join([args.config, *[x.replace("=", "") for x in args.set]])
+            r = _one(d, mode, cfg, use_ann, args.rounds, OUT / f"em-compare-{args.cohort}-{tag}" / name.replace(":", "-")
                      / f"seed{seed}", args.fresh)
             print(f"{name} seed {seed}: {r}", flush=True)
             per.append(r)
