@@ -272,9 +272,9 @@ class EMConfig:
     """Cap on each positive slide's pseudo-positive tiles: a count (>= 1) or a share of its tiles (< 1),
     the highest-scoring kept; None = no cap (the paper)."""
     hard_negative_top_up: bool = True
-    """When fewer negative-slide tiles pass T than an epoch's hard-negative share needs, add the
+    """When fewer negative-slide tiles pass T than one batch's hard-negative share, add the
     highest-scoring negative-slide tiles below T (all truly negative), so hard negatives keep their
-    share of every batch instead of repeating a few or handing their share to the other sources."""
+    share of every batch instead of repeating within it or handing their share to the other sources."""
     val_fraction: float = 0.0
     """Without a 'val' split in labels.csv: the share of training patients (labels.csv 'patient_id', else
     each slide its own patient) moved to a validation split, per class, seeded by em.seed; 0 = none.

@@ -15,7 +15,6 @@ the finished model goes to ``round_k/seg.pt``.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 
 import numpy as np
@@ -118,16 +117,13 @@ def _sampler(ctx, k: int, sizes: tuple[int, int, int]):
     return sampler
 
 
-def _hard_negatives_per_epoch(e, n_annotated: int) -> int:
-    """Hard-negative tiles one M-step epoch draws (its share of every batch times the batches), so the
-    E-step can top the pool up to that many distinct tiles."""
+def _hard_negatives_per_batch(e) -> int:
+    """Hard-negative tiles one M-step batch holds (its 7/10 share): the E-step tops the pool up to at least
+    this many distinct tiles, so the share is never handed to the other sources nor filled by repeats
+    within a batch."""
     from pipeline.sampling import ratio_counts
 
-    counts = ratio_counts(e.batch_size, e.ratio)
-    n_batches = math.ceil(n_annotated / counts[0]) if counts[0] else 1
-    if e.batches_per_epoch is not None:
-        n_batches = min(n_batches, e.batches_per_epoch) if n_annotated else e.batches_per_epoch
-    return counts[2] * max(1, n_batches)
+    return ratio_counts(e.batch_size, e.ratio)[2]
 
 
 def _mixed_epochs(ctx, k: int, trainer):
@@ -141,7 +137,7 @@ def _mixed_epochs(ctx, k: int, trainer):
     est = EStep(empty, empty, PseudoTargets.from_config(e), None)
     if k > 0 and ctx.mode == "mixed":
         est = e_step(ctx.run.probmaps(k - 1), ctx.train, list(ctx.annotations), e,
-                     min_hard_negatives=_hard_negatives_per_epoch(e, len(ann_items)))
+                     min_hard_negatives=_hard_negatives_per_batch(e))
     sizes = (len(ann_items), len(est.pseudo_positive), len(est.hard_negative))
     sampler = _sampler(ctx, k, sizes)
     for n in sampler.notes:

@@ -31,6 +31,7 @@ import logging
 import math
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -442,6 +443,11 @@ _PLAN_CORE = ("status", "tmp", "n_tiles", "choice", "read_path", "level_dimensio
               "source_stat")
 
 
+#: Store swaps of this process's worker threads, one at a time: flock locks belong to open files, so
+#: two threads of one process would otherwise wait on each other's folder lock.
+_SWAPS = threading.Lock()
+
+
 def finalize_slide(job: TileJob, plan: dict, stats: dict, files: dict | None = None) -> dict:
     """Check the slide file is still the one planned, then finish the store (see :func:`wsi.store.finalize_store`);
     ``files`` are the writers' ``{path: [size, crc32c]}``."""
@@ -454,9 +460,9 @@ def finalize_slide(job: TileJob, plan: dict, stats: dict, files: dict | None = N
     n = plan["n_tiles"]
     extra = {"timings": {k: round(float(v), 3) for k, v in stats.items()}, "tile_bytes": nbytes,
              "bytes_per_tile": (nbytes / n) if n else 0.0, "finished_utc": utc_now()}
-    with stores_lock(job.store_dir, exclusive=True, on_wait=lambda: log.warning(
-            "%s: waiting for the runs reading %s (em-round, classify) before replacing its store",
-            job.slide_id, job.store_dir)):
+    with _SWAPS, stores_lock(job.store_dir, exclusive=True, on_wait=lambda: log.warning(
+            "%s: waiting for the lock on %s before swapping its store in (held by a run reading the stores, "
+            "e.g. em-round or classify, or by another tiling process)", job.slide_id, job.store_dir)):
         finalize_store(tmp, final, extra, files)
     return {"store": str(final), "bytes": nbytes}
 

@@ -128,10 +128,10 @@ def test_two_rounds_end_to_end(em_run, em_cohort):
     assert e["positive_slides"]["slides"] == 3 and e["negative_slides"]["slides"] == 5  # annotated slides excluded
     for cls in ("positive_slides", "negative_slides"):
         assert e[cls]["kept"] + e[cls]["removed"] == e[cls]["tiles"]
-    # hard negatives: the tiles at or above T, topped up to one epoch's share (8 batches x 14) from below T
+    # hard negatives: the tiles at or above T, topped up to one batch's share (14) from below T
     pools = e["hard_negative_pools"]
     assert pools["above_T"] == e["negative_slides"]["kept"]
-    assert e["hard_negative_tiles"] == pools["above_T"] + pools["top_up_below_T"] == max(8 * 14, pools["above_T"])
+    assert e["hard_negative_tiles"] == pools["above_T"] + pools["top_up_below_T"] == max(14, pools["above_T"])
     assert e["pseudo_positive_tiles"] == e["positive_slides"]["kept"] > 0
     assert 0 < e["pseudo_positive_pixel_fraction"] <= 1
     # theta1 finds lesion tiles: pseudo-positives are kept far more often on positive slides

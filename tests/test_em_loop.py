@@ -284,7 +284,7 @@ def test_tile_waits_for_a_reader_of_the_stores_folder(tmp_path, synth_slides):
         proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         waited = []
         for line in proc.stderr:
-            if "waiting for the runs reading" in line:
+            if "waiting for the lock on" in line:
                 waited.append(line)
                 break
         assert waited, "tile did not wait for the reader"
