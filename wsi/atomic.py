@@ -31,6 +31,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "fsync_dir",
+    "fsync_file",
     "temp_sibling",
 ]
 
@@ -59,7 +60,8 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: str | Path) -> None:
+    """Flush one file's content to disk."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -81,7 +83,7 @@ def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         if durable:
-            _fsync_file(tmp)
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -58,7 +58,7 @@ from zarr.storage import LocalStore
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from wsi.atomic import fsync_dir
+from wsi.atomic import fsync_dir, fsync_file
 from wsi.codecs import CODEC_NAME, JpegCodec
 
 FORMAT_NAME = "wsi-pipeline.tile-store"
@@ -556,7 +556,7 @@ def finalize_store(tmp_path: str | Path, final_path: str | Path, attrs: dict, fi
         )
     manifest = store_manifest(tmp_path, files)
     g.attrs.update({**attrs, "integrity": {"checksum": "crc32c", "files": manifest}, "complete": True})
-    _fsync_file(tmp_path / "zarr.json")
+    fsync_file(tmp_path / "zarr.json")
     for folder in sorted({(tmp_path / rel).parent for rel in manifest} | {tmp_path}, reverse=True):
         fsync_dir(folder)
     replace_dir(tmp_path, final_path)
@@ -569,14 +569,6 @@ def _crc_hex(parts) -> str:
     for part in parts:
         crc = google_crc32c.extend(crc, part if isinstance(part, bytes) else bytes(part))
     return f"{crc:08x}"
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_crc32c(path: str | Path, *, fsync: bool = False) -> str:
