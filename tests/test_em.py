@@ -141,12 +141,7 @@ def test_two_rounds_end_to_end(em_run, em_cohort):
 def test_held_out_slides_are_classified_above_chance(em_run):
     meta = json.loads((em_run / "run.json").read_text())
     m = json.loads((em_run / f"round_{meta['best_round']}" / "metrics.json").read_text())
-    # The tiny preset's single M-step (2 epochs of 8 batches) is noisy: its EM round reached val AUC
-    # 0.68 / 1.0 / 1.0 over em.seed 0-2 where round 0 reached 0.96 / 0.88 / 0.76. The run must have
-    # learned (some round at MIN_VAL_AUC), and the round a user gets must be above chance.
-    rounds = [json.loads((em_run / f"round_{k}" / "metrics.json").read_text())["val"]["auc"] for k in (0, 1)]
-    assert max(rounds) >= MIN_VAL_AUC, rounds
-    assert m["val"]["auc"] >= 0.6, m["val"]
+    assert m["val"]["auc"] >= MIN_VAL_AUC, m["val"]
     probs = m["val"]["slides"]
     assert len(probs) == 10 and all(0 <= p["probability"] <= 1 for p in probs.values())
 
