@@ -223,6 +223,7 @@ def bench_compare(args) -> None:
         d = make_cohort(OUT, args.positives, args.negatives, 1024, 2.0, args.seed, args.annotate, split=(0.5, 0.25, 0.25))
         ann = [d / "cohort" / "annotations" / f"{sid}.geojson"
                for sid in (d / "cohort" / "pixel_annotated.txt").read_text().split()]
+    tag = "-".join([Path(args.config).stem, *[x.replace("=", "") for x in args.set]])
     variants = [(m, m, {}) for m in args.modes] + [(f"mixed:{a}", "mixed", ABLATIONS[a]) for a in args.ablate]
     rows = []
     for name, mode, extra in variants:
@@ -232,7 +233,6 @@ def bench_compare(args) -> None:
             use_ann = [d / "cohort" / "annotations" / f"{sid}.geojson" for sid in
                        (d / "cohort" / "pixel_annotated.txt").read_text().split()] if name.endswith(
                 "full_slide_annotations") else ann
-            tag = "-".join([args.config, *[x.replace("=", "") for x in args.set]])
             r = _one(d, mode, cfg, use_ann, args.rounds, OUT / f"em-compare-{args.cohort}-{tag}" / name.replace(":", "-")
                      / f"seed{seed}", args.fresh)
             print(f"{name} seed {seed}: {r}", flush=True)
@@ -247,7 +247,7 @@ def bench_compare(args) -> None:
                      f"{_fmt([r['test_dice'] for r in per])} | {', '.join(str(r['best_round']) for r in per)} | "
                      f"{_fmt([r['minutes'] for r in per])} |")
     table = "\n".join(lines)
-    path = OUT / f"em-compare-{args.cohort}-{Path(args.config).stem}" / "comparison.md"
+    path = OUT / f"em-compare-{args.cohort}-{tag}" / "comparison.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table + "\n")
     print("\n" + table + f"\n\nwritten: {path}")

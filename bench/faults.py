@@ -339,6 +339,69 @@ def s_ctrl_c(env):
     return [("exit 130 with one line", p.returncode == 130 and "interrupted" in err and "Traceback" not in err)]
 
 
+# --------------------------------------------------------------------------- EM runs (issue #11 items 2 and 4)
+
+
+def _em_env(env) -> dict:
+    """A small cohort, tiled, and one finished image-mode round (made once, copied per scenario)."""
+    if getattr(env, "em", None):
+        return env.em
+    from wsi.synth import make_cohort
+
+    root = env.root / "em"
+    make_cohort(root / "cohort", n_positive=3, n_negative=3, width_px=1024, height_px=1024, mpp=2.0, seed=3,
+                split=(1.0, 0.0, 0.0))
+    r = cli("tile", root / "cohort", "--out", root / "stores", "--config", "tiny", "--workers", "0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    base = ["em-round", "--stores", root / "stores", "--labels", root / "cohort" / "labels.csv", "--mode", "image",
+            "--config", "tiny", "--set", "em.epochs_init=1", "--set", "em.epochs=1", "--set", "stage2.epochs=1",
+            "--quiet"]
+    r = cli(*base, "--run", root / "run", "--rounds", "1", timeout=900)
+    assert r.returncode == 0, r.stderr
+    env.em = {"root": root, "base": base}
+    return env.em
+
+
+def _em_copy(env) -> tuple[list, Path, Path]:
+    em = _em_env(env)
+    env.n += 1
+    case = env.root / f"em-case{env.n:02d}"
+    shutil.copytree(em["root"] / "run", case / "run")
+    shutil.copytree(em["root"] / "stores", case / "stores")
+    base = [case / "stores" if a == em["root"] / "stores" else a for a in em["base"]]
+    return base, case / "run", case / "stores"
+
+
+def s_em_store_replaced_between_rounds(env):
+    import zarr
+
+    base, run, stores = _em_copy(env)
+    sid = sorted(p.name for p in stores.glob("*.zarr"))[0]
+    zarr.open_group(str(stores / sid), mode="r+").attrs.update({"created_utc": "2030-01-01T00:00:00Z"})  # as a re-tile
+    r = cli(*base, "--run", run, "--rounds", "2", timeout=900)
+    return [("refused in one line naming the store", r.returncode == 2 and one_line_error(r) and sid in r.stderr),
+            ("no round 1 was trained on the changed data", not (run / "round_1").exists())]
+
+
+def s_em_killed_between_run_json_and_best(env):
+    base, run, _ = _em_copy(env)
+    (run / "best").write_text('{"round": 7}\n')  # what a kill between the two writes could leave, or worse
+    r = cli(*base, "--run", run, "--rounds", "1", timeout=900)
+    best = json.loads((run / "best").read_text())["round"]
+    return [("re-run exits 0", r.returncode == 0),
+            ("best re-synced from run.json", best == json.loads((run / "run.json").read_text())["best_round"] == 0)]
+
+
+def s_em_interrupted_force(env):
+    base, run, _ = _em_copy(env)
+    trash = run / ".trash-deadbeef"  # a --force killed after moving the old round aside
+    trash.mkdir()
+    os.replace(run / "round_0", trash / "round_0")
+    r = cli(*base, "--run", run, "--rounds", "1", timeout=900)
+    return [("re-run trains the round again", r.returncode == 0 and (run / "round_0" / "DONE").is_file()),
+            ("the moved-aside round is deleted once the new one is done", not trash.exists())]
+
+
 SCENARIOS = {name[2:]: fn for name, fn in globals().items() if name.startswith("s_")}
 
 
