@@ -13,7 +13,9 @@ def test_demo_end_to_end(tmp_path):
     r = CliRunner().invoke(main, ["demo", str(tmp_path / "d"), "--quiet", "--workers", "0"])
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "d" / "demo-summary.json").read_text())
-    assert s["val"]["auc"] >= 0.75
+    # the held-out test slides (4): the validation split (3 + 3 slides) only thresholds and ranks rounds,
+    # and since round 0 may no longer win a mixed run it is the EM round's val AUC, 6/9 here
+    assert s["test"]["auc"] >= 0.75, s["test"]
     assert (tmp_path / "d" / "classified" / "report.html").stat().st_size > 10_000
     assert "report:" in r.output and "AUC" in r.output
     # idempotent: a second run reuses the cohort, stores, rounds and scores
