@@ -473,6 +473,7 @@ def _build_model(cfg: Config, n_classes: int):
 
 
 def _trainer(cfg: Config, model, device, progress: bool):
+    from pipeline.mixers import create_mixer
     from pipeline.trainers import ColorJitter, create_trainer, list_trainers
 
     p, e = cfg.patches, cfg.em
@@ -483,7 +484,7 @@ def _trainer(cfg: Config, model, device, progress: bool):
         p.trainer, model, device=device, lr=p.lr, weight_decay=p.weight_decay, epochs=p.epochs,
         lr_schedule=p.lr_schedule, optimizer=p.optimizer, amp=cfg.runtime.amp,
         jitter=jitter if jitter is not None and jitter.active else None, seed=p.seed, progress=progress,
-        desc="train-patches",
+        mixers=[create_mixer(**m) for m in cfg.model.cls_mix], desc="train-patches",
     )
 
 

@@ -452,6 +452,8 @@ class SoftCETrainer(Trainer):
         if self.jitter is not None:
             x = self.jitter(x, generator)
         y = batch["target"].to(self.device, non_blocking=True).float()
+        if self.mixers:
+            x, y = self.mix(x, y, generator)
         logits = self.model(x)
         if logits.dim() != 2 or logits.shape != y.shape:
             raise ValueError(f"{self.desc}: the model gives logits of shape {tuple(logits.shape)} for targets of shape "

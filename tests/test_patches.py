@@ -150,3 +150,18 @@ def test_bad_layout_one_line_exit_2(patch_set, tmp_path, breakage, needle):
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert needle in lines[0] and lines[0].startswith("error: ")
+
+
+def test_batch_mixers_apply_to_patch_training(patch_set, tmp_path):
+    """model.cls_mix reaches train-patches: CellMix reports its curriculum every epoch and changes training;
+    at p: 0 it changes nothing, bit for bit."""
+    from pipeline.patches import run_train_patches
+
+    plain = run_train_patches(patch_set, tmp_path / "plain", load_config(TINY, {"patches.epochs": 2}), progress=False)
+    mixed = run_train_patches(patch_set, tmp_path / "mixed", load_config(TINY, {
+        "patches.epochs": 2, "model.cls_mix": "[{name: cellmix, p: 1.0}]"}), progress=False)
+    off = run_train_patches(patch_set, tmp_path / "off", load_config(TINY, {
+        "patches.epochs": 2, "model.cls_mix": "[{name: cellmix, p: 0.0}]"}), progress=False)
+    assert all("cellmix" in str(h.get("mix")) for h in mixed["history"])
+    assert [h["loss"] for h in mixed["history"]] != [h["loss"] for h in plain["history"]]
+    assert [h["loss"] for h in off["history"]] == [h["loss"] for h in plain["history"]]
