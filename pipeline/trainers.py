@@ -260,6 +260,17 @@ class Trainer:
         """(mean loss of the batch, number of items)."""
         raise NotImplementedError
 
+    def image_batch(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, targets)`` of a one-image-per-item batch on the device: floats in [0, 1], colour
+        jitter, then the batch mixers (every draw from ``generator``)."""
+        x = images_to_float(batch["image"], self.device)
+        if self.jitter is not None:
+            x = self.jitter(x, generator)
+        y = batch["target"].to(self.device, non_blocking=True).float()
+        if self.mixers:
+            x, y = self.mix(x, y, generator)
+        return x, y
+
     def mix(self, x: torch.Tensor, y, generator: torch.Generator):
         """Apply the batch mixers in order (after colour jitter); every draw from ``generator``."""
         for m in self.mixers:
@@ -393,12 +404,7 @@ class SoftBCESegTrainer(Trainer):
     target_kind = "dense"
 
     def compute_loss(self, batch, generator):
-        x = images_to_float(batch["image"], self.device)
-        if self.jitter is not None:
-            x = self.jitter(x, generator)
-        y = batch["target"].to(self.device, non_blocking=True).float()
-        if self.mixers:
-            x, y = self.mix(x, y, generator)
+        x, y = self.image_batch(batch, generator)
         logits = self.model(x)
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
@@ -448,12 +454,7 @@ class SoftCETrainer(Trainer):
     target_kind = "label"
 
     def compute_loss(self, batch, generator):
-        x = images_to_float(batch["image"], self.device)
-        if self.jitter is not None:
-            x = self.jitter(x, generator)
-        y = batch["target"].to(self.device, non_blocking=True).float()
-        if self.mixers:
-            x, y = self.mix(x, y, generator)
+        x, y = self.image_batch(batch, generator)
         logits = self.model(x)
         if logits.dim() != 2 or logits.shape != y.shape:
             raise ValueError(f"{self.desc}: the model gives logits of shape {tuple(logits.shape)} for targets of shape "
