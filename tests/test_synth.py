@@ -490,13 +490,15 @@ def test_realistic_test_split_lesions_are_of_another_kind(realistic):
                 for k, v in b["params"].items():
                     got[side].setdefault(k, []).append(v)
     assert got["train"] and got["test"]
-    for k in got["train"]:  # every nuclear parameter: disjoint ranges
-        tr, te = got["train"][k], got["test"][k]
-        assert max(tr) < min(te) or max(te) < min(tr), k
-    ranges = synth.BLOB_PARAM_RANGES
-    for k, (lo, hi) in ranges["lesion_train"].items():
-        lo2, hi2 = ranges["lesion_test"][k]
-        assert hi < lo2 or hi2 < lo, k
+    ranges, bands = synth.BLOB_PARAM_RANGES["lesion"], synth.LESION_KIND_BANDS
+    for side, group in (("train", "lesion_train"), ("test", "lesion_test")):
+        for k, values in got[side].items():  # every parameter lies in one of its group's bands
+            a, b = ranges[k]
+            for v in values:
+                u = (v - a) / (b - a)
+                assert any(lo - 1e-3 <= u <= hi + 1e-3 for lo, hi in bands[group]), (side, k, u)
+    for lo, hi in bands["lesion_test"]:  # ... and no test band meets a training band
+        assert all(hi < lo2 or hi2 < lo for lo2, hi2 in bands["lesion_train"])
 
 
 def test_realistic_cohort_is_deterministic_and_records_its_texture(tmp_path, shared_slides):

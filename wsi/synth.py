@@ -51,6 +51,7 @@ import tifffile
 
 __all__ = [
     "BLOB_PARAM_RANGES",
+    "LESION_KIND_BANDS",
     "DEFAULT_TEXTURE_SOURCE",
     "DIFFICULTIES",
     "SlideSpec",
@@ -1621,10 +1622,11 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
     sizes; confounders (pen, folds, blur patches, regional stain shifts,
     debris), per-slide stain (H&E ratio and vectors), brightness and focus are
     drawn per (positive, negative) pair of a split, so both classes get them
-    at the same rates; test-split lesions use nuclear parameter ranges
-    (:data:`BLOB_PARAM_RANGES`) disjoint from the other splits' (and, with a
-    real texture source, background texture from the other half of the
-    source image).  Normal tissue comes from ``texture_source`` (a real H&E
+    at the same rates; test-split lesions are of a kind no training lesion
+    has: their nuclear parameters lie in the gap between the two kinds the
+    other splits draw (:data:`LESION_KIND_BANDS`), and, with a real texture
+    source, their background texture comes from the other half of the
+    source image.  Normal tissue comes from ``texture_source`` (a real H&E
     slide read with OpenSlide, quilted into the tissue outline) or is
     procedural; ``cohort.json`` records which.
 
@@ -1720,6 +1722,7 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
         slides = list(_ordered_map(_realistic_slide, jobs, nw, ahead=nw))
         extra["region_annotations_dir"] = str(out / "region_annotations")
         extra["blob_param_ranges"] = {g: {k: list(v) for k, v in r.items()} for g, r in BLOB_PARAM_RANGES.items()}
+        extra["lesion_kind_bands"] = {g: [list(b) for b in bands] for g, bands in LESION_KIND_BANDS.items()}
     for i in range(n if difficulty == "easy" else 0):
         sid = f"slide_{i:03d}"
         slide_seed = int(_hash(_subkey(seed, "cohort"), i))
@@ -1778,18 +1781,26 @@ DEFAULT_TEXTURE_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "slide
 #: nuclei per 1000 um^2; ``pleomorphism``: log-sd of nuclear size; ``elongation``: mean minor /
 #: major axis; ``chromatin``: coarse, marginated chromatin (0 = smooth and solid); ``nucleoli``:
 #: share of nuclei with a visible nucleolus; ``darkness``: nuclear haematoxylin optical density.
-#: ``lesion_train`` is used for the lesions of every split but the last (test), which uses
-#: ``lesion_test``: every range of the two is disjoint, so test lesions are not memorised ones.
-#: Decoys (normal tissue) overlap the training lesions in density and darkness.
+#: ``lesion`` spans every kind of lesion, from the first value of each pair to the second (they may
+#: run downwards); see :data:`LESION_KIND_BANDS` for which part of it each split draws from.
+#: Decoys (normal tissue) overlap the lesions' first end in density and darkness.
 BLOB_PARAM_RANGES = {
     "decoy": dict(radius_um=(2.4, 3.4), density=(9.0, 16.0), pleomorphism=(0.04, 0.12),
                   elongation=(0.5, 0.92), chromatin=(0.0, 0.2), nucleoli=(0.0, 0.05), darkness=(0.9, 1.3)),
-    "lesion_train": dict(radius_um=(4.0, 4.9), density=(7.0, 9.5), pleomorphism=(0.18, 0.26),
-                         elongation=(0.7, 0.85), chromatin=(0.35, 0.5), nucleoli=(0.25, 0.45),
-                         darkness=(0.65, 0.85)),
-    "lesion_test": dict(radius_um=(5.0, 6.0), density=(5.0, 6.5), pleomorphism=(0.28, 0.38),
-                        elongation=(0.56, 0.68), chromatin=(0.55, 0.72), nucleoli=(0.5, 0.7),
-                        darkness=(0.5, 0.62)),
+    "lesion": dict(radius_um=(4.0, 6.0), density=(9.5, 5.0), pleomorphism=(0.18, 0.38),
+                   elongation=(0.85, 0.56), chromatin=(0.35, 0.72), nucleoli=(0.25, 0.7),
+                   darkness=(0.85, 0.5)),
+}
+
+#: Where along each ``lesion`` range (0 = first value, 1 = second) a blob's parameters are drawn:
+#: training and validation lesions are of two kinds at the two ends (each blob picks one, every
+#: parameter then drawn in that band), test lesions of a third kind in the gap between them, which
+#: no training lesion has.  The held-out kind is an interpolation of the seen ones: a model has to
+#: generalise over the nuclear features, not memorise two kinds.  (An earlier version put the test
+#: kind beyond the training range in all seven parameters at once, an extrapolation no mode learned.)
+LESION_KIND_BANDS = {
+    "lesion_train": ((0.0, 0.35), (0.65, 1.0)),
+    "lesion_test": ((0.42, 0.58),),
 }
 
 #: Total lesion area of a positive slide, as a fraction of its tissue area.
@@ -1807,7 +1818,12 @@ def _rng(*key) -> np.random.Generator:
 
 
 def _draw_params(rng, group: str) -> dict:
-    return {k: round(float(rng.uniform(lo, hi)), 4) for k, (lo, hi) in BLOB_PARAM_RANGES[group].items()}
+    """One blob's nuclear parameters: a decoy's from its ranges, a lesion's from one band of its group."""
+    if group == "decoy":
+        return {k: round(float(rng.uniform(lo, hi)), 4) for k, (lo, hi) in BLOB_PARAM_RANGES["decoy"].items()}
+    bands = LESION_KIND_BANDS[group]
+    u0, u1 = bands[int(rng.integers(len(bands)))]
+    return {k: round(float(a + rng.uniform(u0, u1) * (b - a)), 4) for k, (a, b) in BLOB_PARAM_RANGES["lesion"].items()}
 
 
 def _nuisance(rng, lesion_range: tuple, min_lesions: int) -> dict:
