@@ -294,7 +294,7 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, patches,
     """
     import logging
 
-    from pipeline.batch import UsageError, setup_logging
+    from pipeline.batch import UsageError, progress_bar, setup_logging
     from wsi.synth import make_cohort, make_patch_set
 
     setup_logging(quiet, verbose, log_file)
@@ -310,10 +310,11 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, patches,
         "generating %d slides of %d x %d px at %s um/px in %s", positives + negatives, size_px, size_px, mpp, out_dir
     )
     try:
-        info = make_cohort(
-            out_dir, n_positive=positives, n_negative=negatives, width_px=size_px, height_px=size_px,
-            mpp=mpp, seed=seed, annotate=annotated, difficulty=difficulty,
-        )
+        with progress_bar(max(positives + negatives, 0), "synth", "slide", not quiet) as bar:
+            info = make_cohort(
+                out_dir, n_positive=positives, n_negative=negatives, width_px=size_px, height_px=size_px,
+                mpp=mpp, seed=seed, annotate=annotated, difficulty=difficulty, on_slide=lambda _: bar.update(1),
+            )
     except ValueError as exc:  # the generator's checks of these options
         raise UsageError(
             f"cannot generate this cohort ({exc}); check --positives, --negatives, --annotated, --size-px and --mpp"
