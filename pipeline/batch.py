@@ -321,6 +321,14 @@ def record_matches(record: Mapping | None, fmt: str, versions: Container, **expe
     return all(record.get(key) == value for key, value in expected.items())
 
 
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, **options):
+    """A tqdm bar on stderr, the way every command shows one: none when ``enabled`` is off (``--quiet``) or
+    stderr is not a terminal (logs and CI output stay clean); log lines pass above it (:func:`setup_logging`)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=True if not enabled else None, **options)
+
+
 class BatchRun:
     """One run of a batch command (``tile``, ``classify``) over one output folder.
 
@@ -341,6 +349,7 @@ class BatchRun:
         self.report = RunReport(command=command, settings=settings)
         self.progress = progress
         self.bar = None
+        self._sub_bars: list = []
         self._left = 0
         self._t0 = time.perf_counter() if t0 is None else t0
         self._lock = RunLock(self.out, command)
@@ -351,8 +360,9 @@ class BatchRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if self.bar is not None:
-                self.bar.close()
+            for bar in [*self._sub_bars, self.bar]:  # closing twice is harmless; an interrupted run leaves none
+                if bar is not None:
+                    bar.close()
             if exc_type is None:
                 self.report.slides.sort(key=lambda s: s.slide_id)
                 self.report.finished_utc = utc_now()
@@ -368,11 +378,15 @@ class BatchRun:
     def start(self, total: int, **bar_options) -> None:
         """Show a progress bar over the next ``total`` slides (unless ``progress`` is off); it closes
         when they all have an outcome."""
-        from tqdm.auto import tqdm
-
         self._left = total
-        self.bar = tqdm(total=total, unit="slide", desc=self.command, disable=True if not self.progress else None,
-                        **bar_options)
+        self.bar = progress_bar(total, self.command, "slide", self.progress, **bar_options)
+
+    def sub_bar(self, total: int, desc: str, unit: str):
+        """A bar for the work inside one item (e.g. the tiles of the slide being tiled), shown under the slide
+        bar and cleared when closed; shown or not like the slide bar."""
+        bar = progress_bar(total, desc, unit, self.progress, leave=False, mininterval=0.5)
+        self._sub_bars = [b for b in self._sub_bars if not b.disable] + [bar]  # closed bars are disabled
+        return bar
 
     def outcome(self, slide_id: str, path: str | Path, status: str, reason: str = "", seconds: float = 0.0,
                 **details) -> SlideOutcome:

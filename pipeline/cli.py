@@ -294,7 +294,7 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, patches,
     """
     import logging
 
-    from pipeline.batch import UsageError, setup_logging
+    from pipeline.batch import UsageError, progress_bar, setup_logging
     from wsi.synth import make_cohort, make_patch_set
 
     setup_logging(quiet, verbose, log_file)
@@ -310,10 +310,11 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, patches,
         "generating %d slides of %d x %d px at %s um/px in %s", positives + negatives, size_px, size_px, mpp, out_dir
     )
     try:
-        info = make_cohort(
-            out_dir, n_positive=positives, n_negative=negatives, width_px=size_px, height_px=size_px,
-            mpp=mpp, seed=seed, annotate=annotated, difficulty=difficulty,
-        )
+        with progress_bar(max(positives + negatives, 0), "synth", "slide", not quiet) as bar:
+            info = make_cohort(
+                out_dir, n_positive=positives, n_negative=negatives, width_px=size_px, height_px=size_px,
+                mpp=mpp, seed=seed, annotate=annotated, difficulty=difficulty, on_slide=lambda _: bar.update(1),
+            )
     except ValueError as exc:  # the generator's checks of these options
         raise UsageError(
             f"cannot generate this cohort ({exc}); check --positives, --negatives, --annotated, --size-px and --mpp"
@@ -343,6 +344,9 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, patches,
               help="Without a val split in the labels: carve this share of the training patients out as one "
                    "(per class, seeded; em.val_fraction).")
 @click.option("--force", is_flag=True, help="Delete the run's rounds and train them again.")
+@click.option("--allow-restore", is_flag=True,
+              help="When tile stores changed since the run read them (re-tiled), train the run's rounds again on "
+                   "the stores as they are now instead of refusing; run.json then records their new content.")
 @click.option("--tracker", type=click.Choice(["none", "tensorboard", "mlflow"]), default="none", show_default=True,
               help="Log losses, E-step statistics and validation metrics per round to TensorBoard (RUN/tensorboard) "
                    "or MLflow (pip install 'wsi-pipeline[tensorboard]' / '[mlflow]').")
@@ -350,7 +354,7 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, patches,
 @_handle_errors
 @_needs_train_extra
 def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, mode, rounds, weights, val_fraction,
-             force, tracker, quiet, verbose, log_file):
+             force, allow_restore, tracker, quiet, verbose, log_file):
     """Train rounds of the mixed-supervision EM loop (Li et al., Algorithm 1).
 
     Round 0 trains the segmentation net theta1 on the annotated tiles; each
@@ -371,6 +375,7 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run \\
           --set em.epochs=10 --set stage2.top_k=8 --weights theta1.pt
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --tracker tensorboard
+      wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --rounds 3 --allow-restore
     """
     from pipeline.batch import UsageError, setup_logging
     from pipeline.em import run_em
@@ -388,7 +393,7 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
     tracker_obj = make_tracker(tracker, run_dir)
     try:
         summary = run_em(stores, labels_csv, run_dir, cfg, annotations=list(annotations), rounds=rounds,
-                         force=force, progress=not quiet, hooks=tracker_obj.hooks() if tracker_obj else None)
+                         force=force, allow_restore=allow_restore, progress=not quiet, hooks=tracker_obj.hooks() if tracker_obj else None)
     except StoreError as exc:
         raise UsageError(str(exc)) from None
     except KeyboardInterrupt:

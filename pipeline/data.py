@@ -197,7 +197,9 @@ def load_pixel_annotations(
 def _annotation_hint(msg: str, positive_classes: Sequence[str]) -> str:
     """The config setting that fixes an annotation error, where there is one."""
     if "no positive annotation" in msg:
-        return f" (em.positive_classes={list(positive_classes)})"
+        example = ", ".join([*positive_classes, "<lesion class>"])
+        return (f" (the positive classes are the config's em.positive_classes={list(positive_classes)}: "
+                f'add a class with --set "em.positive_classes=[{example}]" or in the --config file)')
     if "downsample" in msg:
         return " (or set em.mask_downsample)"
     return ""

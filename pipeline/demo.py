@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.batch import UsageError
+from pipeline.batch import UsageError, progress_bar
 from wsi.atomic import atomic_write_json, atomic_write_text
 from pipeline.config import Config
 from pipeline.run import RunDir
@@ -57,7 +57,8 @@ def run_demo(
     stamp = cohort / "demo-params.json"
     if not (stamp.is_file() and json.loads(stamp.read_text()) == params):
         log.info("generating %d synthetic slides (%d px, 0.5 um/px) in %s", n_positive + n_negative, size_px, cohort)
-        make_cohort(cohort, **params)
+        with progress_bar(n_positive + n_negative, "synth", "slide", not quiet) as bar:
+            make_cohort(cohort, **params, on_slide=lambda _: bar.update(1))
         atomic_write_text(stamp, json.dumps(params))
     else:
         log.info("reusing the cohort in %s", cohort)

@@ -210,6 +210,7 @@ def run_em(
     annotations: Sequence[str | Path] = (),
     rounds: int = 1,
     force: bool = False,
+    allow_restore: bool = False,
     progress: bool = True,
     hooks: EMHooks | None = None,
 ) -> dict:
@@ -217,6 +218,9 @@ def run_em(
 
     Finished rounds are skipped (``force=True`` deletes every round and starts over);
     an interrupted round resumes from its last checkpoint. ``mode pixel`` has one round.
+    A tile store whose content changed since the run read it is refused, unless
+    ``allow_restore=True``: then every round (each one read all train and val stores) is
+    trained again on the stores as they are, and ``run.json`` records their new content.
 
     Raises
     ------
@@ -249,15 +253,17 @@ def run_em(
                        train=train, val=val)
     ensure_writable_dir(run.path, "run directory", "--run")
     with RunLock(run.path, "em-round"), stores_lock(cohort.stores_dir, exclusive=False):
-        return _run_rounds(ctx, rounds, force)
+        return _run_rounds(ctx, rounds, force, allow_restore)
 
 
-def _run_rounds(ctx: RoundContext, rounds: int, force: bool) -> dict:
+def _run_rounds(ctx: RoundContext, rounds: int, force: bool, allow_restore: bool = False) -> dict:
     cfg, run = ctx.cfg, ctx.run
     ident = run_identity(cfg, ctx.cohort, ctx.annotations, ctx.train, ctx.val)
     if run.exists():
         meta = run.read_meta()
-        run.check_compatible(meta, ident)
+        changed = run.check_compatible(meta, ident, allow_restore=allow_restore)
+        if changed:
+            meta = run.restore_stores(meta, ident, changed)
     else:
         meta = run.create(ident)
     if force:
@@ -279,7 +285,7 @@ def _run_rounds(ctx: RoundContext, rounds: int, force: bool) -> dict:
         meta = run.record_round(meta, k, metrics := _run_round(ctx, k), cfg)
         ctx.hooks.round_end(k, metrics)
         summary["rounds_run"].append(k)
-    run.empty_trash()  # rounds an earlier --force moved aside: the new ones are complete now
+    run.empty_trash()  # rounds an earlier --force / --allow-restore moved aside: the new ones are complete now
     summary.update({
         "rounds_completed": meta["rounds_completed"],
         "best_round": meta["best_round"],

@@ -39,7 +39,7 @@ from wsi.atomic import atomic_path, atomic_write_json, fsync_dir
 log = logging.getLogger("wsi_pipeline")
 
 __all__ = [
-    "RUN_FORMAT", "RUN_FORMAT_VERSION", "RunFormatError", "RunDir", "file_sha256", "run_identity",
+    "RUN_FORMAT", "RUN_FORMAT_VERSION", "RunFormatError", "RunDir", "changed_stores", "file_sha256", "run_identity",
     "save_checkpoint", "load_checkpoint", "checkpoint_payload", "model_from_checkpoint", "new_model", "load_weights",
 ]
 
@@ -205,8 +205,11 @@ class RunDir:
         atomic_write_json(self.meta_path, meta)
         return meta
 
-    def check_compatible(self, meta: dict, ident: dict) -> None:
-        """Refuse to continue a run with other settings or inputs (one line naming the difference and the fix)."""
+    def check_compatible(self, meta: dict, ident: dict, allow_restore: bool = False) -> list[str]:
+        """Refuse to continue a run with other settings or inputs (one line naming the difference and the fix).
+
+        Returns the ids of the tile stores whose content changed since the run read them: always empty
+        unless ``allow_restore`` (``--allow-restore``), which accepts them (the caller redoes the rounds)."""
         where = self.meta_path
         if meta.get("mode") != ident["mode"]:
             raise UsageError(
@@ -230,7 +233,9 @@ class RunDir:
                 f"{ident['labels']}: the labels differ from those the run was trained with ({meta.get('labels')}); "
                 "use the same labels or a new --run directory"
             )
-        _check_stores(self.path, meta.get("store_content") or {}, ident["store_content"], ident["stores"])
+        changed = changed_stores(meta.get("store_content") or {}, ident["store_content"])
+        if changed and not allow_restore:
+            raise UsageError(_store_changed_message(self.path, meta["store_content"], ident, changed))
         old_ann = {k: [e["sha256"] for e in v] for k, v in meta.get("annotations", {}).items()}
         new_ann = {k: [e["sha256"] for e in v] for k, v in ident["annotations"].items()}
         if old_ann != new_ann:
@@ -239,6 +244,7 @@ class RunDir:
                 f"(slides {sorted(old_ann)} before, {sorted(new_ann)} now); use the same --annotations or a new "
                 "--run directory"
             )
+        return changed
 
     def record_round(self, meta: dict, k: int, metrics: dict, cfg: Config) -> dict:
         """Add finished round ``k`` to ``run.json`` (its selection values too) and choose the best round."""
@@ -277,10 +283,11 @@ class RunDir:
         atomic_write_json(self.round_dir(k) / DONE_FILE, {"finished_utc": utc_now()})
         shutil.rmtree(self.state_dir(k), ignore_errors=True)
 
-    def clear_rounds(self, meta: dict) -> dict:
-        """``--force``: move every round aside (one rename each, into a hidden trash folder) and reset the
-        progress in ``run.json``; :meth:`empty_trash` deletes them once the new rounds are done, so an
-        interrupted ``--force`` never leaves a half-deleted round that looks complete."""
+    def clear_rounds(self, meta: dict, why: str | None = "--force") -> dict:
+        """``--force`` (``why``, logged unless None): move every round aside (one
+        rename each, into a hidden trash folder) and reset the progress in ``run.json`` (written from ``meta``);
+        :meth:`empty_trash` deletes them once the new rounds are done, so an interrupted ``--force`` never
+        leaves a half-deleted round that looks complete."""
         trash = self.path / f"{TRASH_PREFIX}{uuid.uuid4().hex[:8]}"
         rounds = sorted(p for p in self.path.glob("round_*") if p.is_dir())
         if rounds:
@@ -291,8 +298,24 @@ class RunDir:
         (self.path / BEST_FILE).unlink(missing_ok=True)
         meta = {**meta, "rounds_completed": [], "best_round": None, "round_losses": {}, "round_values": {}}
         atomic_write_json(self.meta_path, meta)
-        log.info("--force: moved the previous rounds of %s aside; they are deleted when the new ones are done", self.path)
+        if rounds and why:
+            log.info("%s: moved the previous rounds of %s aside; they are deleted when the new ones are done",
+                     why, self.path)
         return meta
+
+    def restore_stores(self, meta: dict, ident: dict, changed: list[str]) -> dict:
+        """``--allow-restore``: the stores ``changed`` since the run read them are accepted; every round read
+        every train and val store (E-step, probability maps, stage 2), so all rounds are moved aside to be
+        trained again, and ``run.json`` records the stores' new content."""
+        shown = ", ".join(changed[:5]) + (f", ... ({len(changed) - 5} more)" if len(changed) > 5 else "")
+        rounds = sorted(int(p.name.split("_", 1)[1]) for p in self.path.glob("round_*")
+                        if p.is_dir() and p.name.split("_", 1)[1].isdigit())
+        log.warning("--allow-restore: %d tile store(s) in %s changed since %s was trained on them (%s); %s",
+                    len(changed), ident["stores"], self.path, shown,
+                    f"round(s) {', '.join(map(str, rounds))} moved aside, to be trained again" if rounds
+                    else "no round to redo")
+        return self.clear_rounds({**meta, "store_content": ident["store_content"], "updated_utc": utc_now()},
+                                 why=None)
 
     def empty_trash(self) -> None:
         """Delete rounds that ``--force`` moved aside (after the new rounds are complete)."""
@@ -300,18 +323,22 @@ class RunDir:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _check_stores(run_path: Path, old: dict, new: dict, stores: str) -> None:
-    """The run goes on only with the store content it was trained on (a store re-tiled by cron between
-    two calls would otherwise mix data silently, or put last round's pseudo labels on the wrong tiles)."""
-    changed = sorted(sid for sid in old.keys() & new.keys() if old[sid] != new[sid])
-    if changed:
-        sid = changed[0]
-        raise UsageError(
-            f"{Path(stores) / (sid + '.zarr')}: the tile store changed since {run_path} was trained on it "
-            f"({old[sid]['n_tiles']} -> {new[sid]['n_tiles']} tiles, fingerprint {old[sid]['fingerprint']} -> "
-            f"{new[sid]['fingerprint']}{f'; {len(changed) - 1} more store(s) changed' if len(changed) > 1 else ''}); "
-            "restore the stores the run was trained on, or train a new --run directory"
-        )
+def changed_stores(old: dict, new: dict) -> list[str]:
+    """Ids of the slides whose tile store content (fingerprint, tile count) differs between two ``store_content``
+    records. The run goes on only with the content it was trained on: a store re-tiled by cron between two
+    calls would otherwise mix data silently, or put last round's pseudo labels on the wrong tiles."""
+    return sorted(sid for sid in old.keys() & new.keys() if old[sid] != new[sid])
+
+
+def _store_changed_message(run_path: Path, old: dict, ident: dict, changed: list[str]) -> str:
+    sid, new = changed[0], ident["store_content"]
+    more = f"; {len(changed) - 1} more store(s) changed" if len(changed) > 1 else ""
+    return (
+        f"{Path(ident['stores']) / (sid + '.zarr')}: the tile store changed since {run_path} was trained on it "
+        f"({old[sid]['n_tiles']} -> {new[sid]['n_tiles']} tiles, fingerprint {old[sid]['fingerprint']} -> "
+        f"{new[sid]['fingerprint']}{more}); restore the stores the run was trained on, pass --allow-restore to "
+        "train its rounds again on the stores as they are now, or train a new --run directory"
+    )
 
 
 def round_values(metrics: dict) -> dict:

@@ -650,6 +650,7 @@ _PRIORITY = {"final": 3, "extras": 2, "band": 1, "plan": 0}
 def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun, verify=(False, False)) -> None:
     states: dict[str, _SlideState] = {}
     meta: dict = {}
+    tile_bars: dict = {}  # slide id -> the bar over the tiles of a slide being tiled (band by band)
     run.start(len(paths), leave=True, mininterval=0.5)
     tiles_total = 0
     t_start = time.perf_counter()
@@ -659,6 +660,8 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun, ver
         meta[ex.submit(plan_slide, job, priority=_PRIORITY["plan"])] = ("plan", job.slide_id)
 
     def finish(st: _SlideState, status: str, reason: str = "", **details) -> None:
+        if (bar := tile_bars.pop(st.job.slide_id, None)) is not None:
+            bar.close()
         secs = time.perf_counter() - st.t0
         run.outcome(st.job.slide_id, st.job.path, status, reason, secs, **details)
         if status != "failed":
@@ -706,6 +709,8 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun, ver
             st.retile_reason = plan.get("retile_reason", "")
             st.files = {}
             st.outstanding = len(plan["bands"]) + 1
+            if plan["bands"]:
+                tile_bars[sid] = run.sub_bar(plan["n_tiles"], sid, "tile")
             # The extras go first: while one worker writes them the others start on the bands,
             # which balances the workers better than leaving them for the end.
             meta[ex.submit(store_extras, st.job, plan, priority=_PRIORITY["extras"])] = ("extras", sid)
@@ -731,6 +736,8 @@ def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun, ver
             st.tiles_done += res["n"]
             st.read_seconds += res["seconds"]
             tiles_total += res["n"]
+            if sid in tile_bars:
+                tile_bars[sid].update(res["n"])
             elapsed = time.perf_counter() - t_start
             run.bar.set_postfix_str(f"{tiles_total} tiles, {tiles_total / max(elapsed, 1e-9):.0f} tiles/s")
             if st.failed:

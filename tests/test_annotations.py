@@ -272,8 +272,9 @@ def test_unrepairable_geometry_error_names_feature(tmp_path):
 def test_empty_positive_error_and_allow_empty(tmp_path):
     path = tmp_path / "empty.geojson"
     path.write_text(json.dumps(_collection(_feature([_ring(0, 0, 2, 2)], "Stroma"))))
-    with pytest.raises(AnnotationError, match=r"empty\.geojson: no positive annotation.*Stroma"):
+    with pytest.raises(AnnotationError, match=r"empty\.geojson: no positive annotation.*Stroma") as err:
         load_geojson(path)
+    assert "allow_empty" not in str(err.value) and "add their class to the positive classes" in str(err.value)
     ann = load_geojson(path, allow_empty=True)
     assert ann.is_empty
     assert not rasterize_tile(ann, (0, 0), 4, 1.0).any()

@@ -138,8 +138,12 @@ def test_annotation_errors_name_the_file(em_cohort, cohort, tmp_path):
     with pytest.raises(UsageError, match=f"{pos}.geojson.*outside the slide of 1024 x 1024"):
         load_pixel_annotations([d], slides)
 
-    with pytest.raises(UsageError, match="no positive annotation.*em.positive_classes=\\['Stroma'\\]"):
+    with pytest.raises(UsageError, match="no positive annotation.*em.positive_classes=\\['Stroma'\\]") as err:
         load_pixel_annotations([em_cohort.annotations[0]], slides, positive_classes=["Stroma"])
+    msg = str(err.value)  # advice a command-line user can follow, in one line
+    assert "allow_empty" not in msg and "\n" not in msg
+    assert 'add a class with --set "em.positive_classes=[Stroma, <lesion class>]"' in msg
+    assert "leave this file out of the annotations" in msg and "'Tumor': " in msg  # the classes the file has
     with pytest.raises(UsageError, match="no such annotation file"):
         load_pixel_annotations([tmp_path / "nope.geojson"], slides)
 

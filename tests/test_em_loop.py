@@ -17,7 +17,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.labels import LabelError, SlideEntry, carve_val_split, read_labels_table  # noqa: E402
 from pipeline.pseudolabels import e_step, round_threshold  # noqa: E402
 from pipeline.sampling import choose_round  # noqa: E402
-from tests.em_fixtures import em_cohort, em_run  # noqa: E402,F401
+from tests.em_fixtures import em_cohort, em_run, em_threads  # noqa: E402,F401
 
 
 def _maps(path: Path, slides: dict[str, np.ndarray], h: int = 4) -> None:
@@ -246,8 +246,55 @@ def test_a_changed_store_is_refused_on_resume(em_run, em_cohort, tmp_path):
     g.attrs.update({"created_utc": "2030-01-01T00:00:00Z"})
     moved = load_cohort(stores, em_cohort.labels)
     ident = run_identity(cfg, moved, {}, moved.train, moved.val)
-    with pytest.raises(UsageError, match=f"{sid}.zarr: the tile store changed since .* was trained on it"):
+    with pytest.raises(UsageError, match=f"{sid}.zarr: the tile store changed since .* was trained on it.*"
+                                         "pass --allow-restore to train its rounds again"):
         run.check_compatible(meta, ident)
+    assert run.check_compatible(meta, {**ident, "annotations": meta["annotations"]}, allow_restore=True) == [sid]
+
+
+@pytest.mark.slow  # trains round 0 again (about 45 s on 2 busy cores)
+def test_allow_restore_retrains_the_rounds_on_a_retiled_store(em_run, em_cohort, tmp_path, em_threads):
+    """A store re-tiled under a finished run: refused in one line naming --allow-restore; with the flag the
+    rounds are moved aside and trained again, and run.json pins the store's new content."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.tile import run_tile
+
+    stores, run = tmp_path / "stores", tmp_path / "run"
+    shutil.copytree(em_cohort.stores, stores)
+    shutil.copytree(em_run, run)
+    before = json.loads((run / "run.json").read_text())
+    sid = before["splits"]["train"][3]
+    shutil.rmtree(stores / f"{sid}.zarr")  # re-tile it: same slide and settings, a new store
+    assert run_tile([em_cohort.cohort / f"{sid}.tif"], stores, load_config("tiny"), workers=0, quiet=True,
+                    progress=False).ok
+    args = ["em-round", "--stores", stores, "--labels", em_cohort.labels, "--run", run, "--config", "tiny",
+            "--rounds", "1", "--quiet", *[x for a in em_cohort.annotations for x in ("--annotations", a)]]
+
+    def cli(*extra):
+        return CliRunner().invoke(main, [str(a) for a in [*args, *extra]], catch_exceptions=False)
+
+    res = cli()
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert f"{sid}.zarr: the tile store changed since" in res.output and "--allow-restore" in res.output
+    done0 = json.loads((run / "round_0" / "DONE").read_text())["finished_utc"]
+
+    res = cli("--allow-restore")
+    assert res.exit_code == 0, res.output
+    warned = [ln for ln in res.output.splitlines() if "--allow-restore" in ln]
+    assert len(warned) == 1 and sid in warned[0] and "1 tile store(s)" in warned[0], res.output
+    after = json.loads((run / "run.json").read_text())
+    assert after["store_content"][sid] != before["store_content"][sid]
+    assert {k: v for k, v in after["store_content"].items() if k != sid} == \
+        {k: v for k, v in before["store_content"].items() if k != sid}
+    assert after["rounds_completed"] == [0] and after["best_round"] == 0
+    assert json.loads((run / "round_0" / "DONE").read_text())["finished_utc"] > done0  # trained again
+    assert not (run / "round_1").exists() and not list(run.glob(".trash-*"))  # old rounds deleted once done
+    res = cli()  # the run now goes on with the stores as they are, without the flag
+    assert res.exit_code == 0 and "ran round(s) none" in res.output, res.output
 
 
 def test_force_moves_rounds_aside_and_a_round_needs_all_its_files(em_run, tmp_path):

@@ -461,8 +461,9 @@ def load_geojson(
         regions = f", region_classes={region_classes}" if region_classes else ""
         raise AnnotationError(
             f"{src}: no positive annotation (positive_classes={sorted(positive_classes)}{regions}, "
-            f"unclassified_positive={unclassified_positive}); classes found: {seen}. "
-            "Pass allow_empty=True to accept slides without positive regions.")
+            f"unclassified_positive={unclassified_positive}); classes found: {seen}; give the lesion annotations "
+            "one of the positive classes (QuPath: Set class, then export again), add their class to the positive "
+            "classes, or leave this file out of the annotations")
 
     def union(polys):
         return shapely.union_all(np.asarray(polys, dtype=object)) if polys else shapely.Polygon()

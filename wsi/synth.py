@@ -42,7 +42,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import imagecodecs
@@ -1606,7 +1606,8 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
                 split: Sequence[float] | dict = (0.6, 0.2, 0.2), lesions_per_slide: tuple = (1, 3),
                 tile_px: int = 256, levels: Sequence[int] | None = None, jpeg_quality: int = 85,
                 photometric: str = "ycbcr", stain_jitter: float = 0.15, mask_downsample: int = 16,
-                workers: int | None = None, difficulty: str = "easy", texture_source="auto") -> dict:
+                workers: int | None = None, difficulty: str = "easy", texture_source="auto",
+                on_slide: Callable[[dict], None] | None = None) -> dict:
     """Write a small labelled cohort of synthetic slides.
 
     Positive slides contain lesions, negative slides do not.  Labels are
@@ -1678,6 +1679,8 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
         Realistic cohorts: a slide whose level 0 is the normal-tissue texture;
         ``'auto'`` uses :data:`DEFAULT_TEXTURE_SOURCE` when that file exists,
         ``None`` (or ``'procedural'``) the procedural tissue.
+    on_slide : callable, optional
+        Called with each slide's entry (see Returns) once the slide is written, e.g. to show progress.
 
     Returns
     -------
@@ -1719,7 +1722,10 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
         jobs = [(sl, out, ann_dir, out / "region_annotations", int(width_px), int(height_px), float(mpp),
                  tile_px, levels, jpeg_quality, photometric, mask_downsample, texture) for sl in plan]
         nw = max(1, min(int(workers or os.cpu_count() or 1), n))
-        slides = list(_ordered_map(_realistic_slide, jobs, nw, ahead=nw))
+        for entry in _ordered_map(_realistic_slide, jobs, nw, ahead=nw):
+            slides.append(entry)
+            if on_slide is not None:
+                on_slide(entry)
         extra["region_annotations_dir"] = str(out / "region_annotations")
         extra["blob_param_ranges"] = {g: {k: list(v) for k, v in r.items()} for g, r in BLOB_PARAM_RANGES.items()}
         extra["lesion_kind_bands"] = {g: [list(b) for b in bands] for g, bands in LESION_KIND_BANDS.items()}
@@ -1739,6 +1745,8 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
             "mask_downsample": spec.mask_downsample, "n_lesions": spec.n_lesions, "seed": slide_seed,
             "spec": spec.to_dict(),
         })
+        if on_slide is not None:
+            on_slide(slides[-1])
 
     labels_csv = out / "labels.csv"
     with open(labels_csv, "w", newline="") as fh:
