@@ -29,7 +29,8 @@ Output folder ::
 
     OUT/predictions.csv           one row per scored slide (rebuilt from slides/*.json every run)
     OUT/report.html               one self-contained page for people
-    OUT/classify-report.json      what happened to each slide in the last run (+ reports/ history)
+    OUT/classify-report.json      what happened to each slide in the last run and the jobs that ran beside it
+                                  (reports/: each run's own)
     OUT/slides/<id>.json          per-slide result, written last (the slide's "done" marker)
     OUT/heatmaps/<id>.png         theta1 probability over the thumbnail
     OUT/heatmaps/<id>.zarr        the same as an array (see wsi.heatmap), with the tissue mask
@@ -43,7 +44,9 @@ Output folder ::
 
 Re-running is cheap: a slide whose result was made with the same run, round,
 store content and output options is skipped. Every file is written under a
-temporary name and renamed.
+temporary name and renamed. Several classify jobs may share OUT: each slide is
+claimed with a lease (:mod:`pipeline.leases`) and scored by one of them, and the
+folder-wide files are rebuilt by one job at a time from every job's results.
 """
 
 from __future__ import annotations
