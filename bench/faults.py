@@ -255,7 +255,8 @@ def s_missing_list_entry_and_symlink_loop(env):
     d = env.root / "listcase"
     d.mkdir()
     (d / "loop.svs").symlink_to(d / "loop.svs")
-    (d / "list.txt").write_text("missing.svs\nloop.svs\n")
+    # one real slide: a list where no entry exists is a whole-batch mistake (exit 2)
+    (d / "list.txt").write_text(f"missing.svs\nloop.svs\n{env.slide}\n")
     out = env.root / "listcase-out"
     r = cli("tile", d / "list.txt", "--out", out, *TILE_SET)
     checks = [("list: exit 1, each a one-line reason", r.returncode == 1
