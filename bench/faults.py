@@ -50,7 +50,8 @@ def report(out: Path, sid: str = "slide") -> dict:
 
 
 def temporaries(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-", ".wsi-pipeline.lock")))
+    return sorted(p.name for p in out.iterdir()
+                  if p.name.startswith((".tmp-", ".old-", ".wsi-pipeline.lock", ".wsi-pipeline.leases")))
 
 
 class Env:
@@ -254,7 +255,8 @@ def s_missing_list_entry_and_symlink_loop(env):
     d = env.root / "listcase"
     d.mkdir()
     (d / "loop.svs").symlink_to(d / "loop.svs")
-    (d / "list.txt").write_text("missing.svs\nloop.svs\n")
+    # one real slide: a list where no entry exists is a whole-batch mistake (exit 2)
+    (d / "list.txt").write_text(f"missing.svs\nloop.svs\n{env.slide}\n")
     out = env.root / "listcase-out"
     r = cli("tile", d / "list.txt", "--out", out, *TILE_SET)
     checks = [("list: exit 1, each a one-line reason", r.returncode == 1
@@ -266,25 +268,29 @@ def s_missing_list_entry_and_symlink_loop(env):
     return checks
 
 
-def s_lock_held(env):
+def s_lease_held(env):
+    """Another job holds the slide's lease: this run leaves the slide to it; once that job is gone, the
+    next run takes the lease over and tiles the slide."""
     out = env.stores()
+    shutil.rmtree(out / "slide.zarr")
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import sys, time
-        from pipeline.batch import RunLock
-        with RunLock(sys.argv[1], "holder"):
+        from pipeline.leases import Leases
+        with Leases(sys.argv[1], "holder") as leases:
+            assert leases.claim("slide-slide").ok
             print("held", flush=True); time.sleep(60)
     """), str(out)], stdout=subprocess.PIPE, text=True)
     holder.stdout.readline()
     r = env.tile(out)
-    holder.kill()
+    holder.kill()  # SIGKILL: its lease file stays, naming a process that is gone
     holder.wait()
-    import socket
-
-    checks = [("second run: exit 2, names host and pid", r.returncode == 2 and one_line_error(r)
-               and f"pid {holder.pid} on host {socket.gethostname()}" in r.stderr)]
+    checks = [("second job: exit 0, the slide left to the holder", r.returncode == 0
+               and "1 slide being processed by other jobs" in r.stderr and report(out)["status"] == "busy"
+               and f"pid {holder.pid}" in report(out)["reason"] and not (out / "slide.zarr").exists())]
     r = env.tile(out)
-    checks.append(("after the holder died: runs, leaves no lock file", r.returncode == 0
-                   and not (out / ".wsi-pipeline.lock").exists()))
+    checks.append(("after the holder died: its lease taken over, the slide tiled, no lease left", r.returncode == 0
+                   and report(out)["status"] == "done" and "took over its lease" in r.stderr
+                   and not (out / ".wsi-pipeline.leases").exists()))
     return checks
 
 
@@ -294,7 +300,7 @@ def s_reports_unwritable(env):
     (out / "reports").write_text("a file where the reports folder goes")
     r = env.tile(out)
     return [("exit 2, one line naming the path", r.returncode == 2 and one_line_error(r) and "reports" in r.stderr),
-            ("no temporaries, no lock file", temporaries(out) == [])]
+            ("no temporaries, no lease or lock file", temporaries(out) == [])]
 
 
 def s_file_size_limit(env):

@@ -1,12 +1,13 @@
 """What every batch command shares: finding slides, one run at a time, run reports.
 
 Commands run from cron over folders that change. They must (1) find the same
-slides the same way, (2) refuse to run twice on one output folder at once, and
-(3) leave a machine-readable report of what happened to each slide.
-:class:`BatchRun` is the skeleton of such a run that ``tile`` and ``classify``
-share: the folder lock, clean-up of what a stopped run left, the
+slides the same way, (2) share one output folder with other jobs running at the
+same time, each slide handled by one of them, and (3) leave a machine-readable
+report of what happened to each slide. :class:`BatchRun` is the skeleton of such
+a run that ``tile`` and ``classify`` share: per-slide leases
+(:mod:`pipeline.leases`), clean-up of what a stopped run left, the
 skip-if-current test (:func:`record_matches`), one outcome per slide and the
-run report.
+run report, merged with those of the jobs that ran alongside.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -26,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Container, Iterable, Mapping
 
+from pipeline.leases import DEFAULT_TIMEOUT_S, Claim, Leases
 from wsi import __version__
 from wsi.atomic import atomic_write_json
 from wsi.slide import FLAT_IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, dicom_slides, file_problem, slide_id_for
-from wsi.store import STORE_SUFFIX
+from wsi.store import FLOCK_UNSUPPORTED, STORE_SUFFIX
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -159,22 +162,27 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder", option: s
 
 
 class RunLock:
-    """An exclusive lock on an output folder, held for a run's lifetime.
+    """An exclusive lock on a folder, held for a run's lifetime (``em-round``, ``train-patches``, ``pretrain``).
 
     Uses ``flock`` on ``<folder>/.wsi-pipeline.lock``: the kernel releases it if
     the process dies, so a crashed cron run never leaves a stale lock. The file
     names the holder (host, pid, command); a second run on the same folder fails
     at once with :class:`UsageError` quoting it. The file is removed when the lock
     is released, so a folder a command refused is left as it was (a run that dies
-    leaves it, unlocked, and the next run takes it over).
+    leaves it, unlocked, and the next run takes it over). On a file system without
+    ``flock`` (some NFS and Lustre mounts) the lock is a lease instead
+    (:mod:`pipeline.leases`: stale once its process is gone or after ``timeout`` s
+    without a refresh).
     """
 
     NAME = ".wsi-pipeline.lock"
 
-    def __init__(self, folder: str | Path, command: str):
+    def __init__(self, folder: str | Path, command: str, timeout: float = DEFAULT_TIMEOUT_S):
         self.path = Path(folder) / self.NAME
         self.command = command
+        self.timeout = timeout
         self._fh = None
+        self._leases: Leases | None = None
 
     def _open_locked(self):
         """Open and lock the lock file; None when another process holds it."""
@@ -203,12 +211,11 @@ class RunLock:
         try:
             fh = self._open_locked()
         except OSError as exc:
+            if exc.errno in FLOCK_UNSUPPORTED:
+                return self._enter_lease()
             raise UsageError(f"{self.path}: cannot create the run lock ({exc.strerror}); choose another folder") from None
         if fh is None:
-            raise UsageError(
-                f"{self.path.parent}: another wsi-pipeline run is using this folder ({self._holder}); "
-                "wait for it to finish or choose another --out"
-            )
+            raise UsageError(self._busy(self._holder))
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on host {socket.gethostname()}, '{self.command}' since {utc_now()}\n")
@@ -216,7 +223,30 @@ class RunLock:
         self._fh = fh
         return self
 
+    def _busy(self, holder: str) -> str:
+        return (f"{self.path.parent}: another wsi-pipeline run is using this folder ({holder}); "
+                "wait for it to finish or choose another --out")
+
+    def _enter_lease(self) -> "RunLock":
+        """Where ``flock`` is not supported: hold the folder's ``lock`` lease instead."""
+        self.path.unlink(missing_ok=True)  # nobody can flock it here
+        log.debug("%s: the file system does not support flock; using a lease file instead", self.path.parent)
+        leases = Leases(self.path.parent, self.command, self.timeout).__enter__()
+        try:
+            got = leases.claim("lock")
+        except BaseException:
+            leases.__exit__(None, None, None)
+            raise
+        if not got.ok:
+            leases.__exit__(None, None, None)
+            raise UsageError(self._busy(got.holder))
+        self._leases = leases
+        return self
+
     def __exit__(self, *exc) -> None:
+        if self._leases is not None:
+            self._leases.__exit__(*exc)
+            self._leases = None
         if self._fh is not None:
             try:
                 self.path.unlink(missing_ok=True)
@@ -240,7 +270,7 @@ class SlideOutcome:
 
     slide_id: str
     path: str
-    status: str  # "done", "skipped" or "failed"
+    status: str  # "done", "skipped", "failed", or "busy" (another job held its lease)
     reason: str = ""
     seconds: float = 0.0
     details: dict = field(default_factory=dict)
@@ -255,15 +285,16 @@ class RunReport:
     software_version: str = __version__
     settings: dict = field(default_factory=dict)
     slides: list[SlideOutcome] = field(default_factory=list)
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    started_unix: float = field(default_factory=time.time)
+    finished_unix: float = 0.0
 
     def add(self, outcome: SlideOutcome) -> None:
         self.slides.append(outcome)
 
     def counts(self) -> dict[str, int]:
-        out = {"done": 0, "skipped": 0, "failed": 0}
-        for s in self.slides:
-            out[s.status] = out.get(s.status, 0) + 1
-        return out
+        return count_statuses(s.status for s in self.slides)
 
     @property
     def ok(self) -> bool:
@@ -274,26 +305,57 @@ class RunReport:
         d["counts"] = self.counts()
         return d
 
-    def write(self, folder: str | Path, name: str) -> Path:
-        """Write ``reports/<name>-<time>.json`` and ``<name>-report.json`` (the latest) in ``folder``."""
-        folder = Path(folder)
-        stamp = self.started_utc.replace(":", "").replace("-", "")
-        path = folder / "reports" / f"{name}-{stamp}-{uuid.uuid4().hex[:6]}.json"
-        data = self.to_dict()
-        atomic_write_json(path, data)
-        atomic_write_json(folder / f"{name}-report.json", data)
-        return path
-
     def summary(self) -> str:
         c = self.counts()
-        lines = [
-            f"{self.command}: {c['done']} done, {c['skipped']} skipped, {c['failed']} failed "
-            f"in {self.seconds:.1f} s"
-        ]
+        first = f"{self.command}: {c['done']} done, {c['skipped']} skipped, {c['failed']} failed in {self.seconds:.1f} s"
+        if c.get("busy"):
+            first += f"; {c['busy']} slide{'s' if c['busy'] > 1 else ''} being processed by other jobs"
+        lines = [first]
         for s in self.slides:
             if s.status == "failed":
                 lines.append(f"  FAILED {s.slide_id}: {s.reason}")
         return "\n".join(lines)
+
+
+def count_statuses(statuses: Iterable[str]) -> dict[str, int]:
+    """``{"done": n, "skipped": n, "failed": n}``, and ``"busy"`` (or another status) when there are any."""
+    out = {"done": 0, "skipped": 0, "failed": 0}
+    for st in statuses:
+        out[st] = out.get(st, 0) + 1
+    return out
+
+
+#: Which outcome of a slide the folder report keeps when runs that overlapped both list it
+#: (equal ranks: the later run's).
+_RANK = {"busy": 0, "skipped": 1, "done": 2, "failed": 2}
+
+
+def merge_reports(previous: dict | None, own: dict, own_file: str) -> dict:
+    """The folder report (``<command>-report.json``) after a run: ``own`` (its :meth:`RunReport.to_dict`,
+    kept at ``own_file``), with the slides of the runs in ``previous`` (the folder report before) that
+    were still running when this one started. Runs one after another: the last run's report; jobs
+    side by side: every slide any of them handled, with the outcome of the job that did the work."""
+    prev = previous if isinstance(previous, dict) else {}
+    runs = [r for r in prev.get("runs") or [] if isinstance(r, dict) and r.get("report") != own_file
+            and float(r.get("finished_unix") or 0) >= own["started_unix"]]
+    keep = {r.get("report") for r in runs}
+    earlier = [s for s in prev.get("slides") or [] if isinstance(s, dict) and s.get("report") in keep]
+    best: dict[str, dict] = {}
+    for s in earlier + [{**s, "report": own_file} for s in own["slides"]]:
+        cur = best.get(s["slide_id"])
+        if cur is None or _RANK.get(s["status"], 0) >= _RANK.get(cur["status"], 0):
+            best[s["slide_id"]] = s
+    slides = [best[k] for k in sorted(best)]
+    runs.append({"report": own_file, **{k: own[k] for k in ("host", "pid", "started_utc", "finished_utc",
+                                                          "started_unix", "finished_unix", "counts")}})
+    return {**own, "slides": slides, "counts": count_statuses(s["status"] for s in slides), "runs": runs}
+
+
+def _read_json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- one batch run
@@ -303,7 +365,8 @@ def clean_temporaries(folder: str | Path) -> list[Path]:
     """Remove what runs that stopped without finishing left in ``folder`` under temporary
     names (``.tmp-*`` being built, ``.old-*`` being replaced); returns what was removed.
 
-    Call only while holding the folder's :class:`RunLock`: a live run's temporaries look the same.
+    Call only when no other job works in the folder (:meth:`BatchRun.clean`): a live run's
+    temporaries look the same.
     """
     removed = []
     for p in sorted(list(Path(folder).glob(".tmp-*")) + list(Path(folder).glob(".old-*"))):
@@ -330,20 +393,21 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, **optio
 
 
 class BatchRun:
-    """One run of a batch command (``tile``, ``classify``) over one output folder.
+    """One run of a batch command (``tile``, ``classify``) over one output folder, alongside any others.
 
-    ``with BatchRun(command, out, settings) as run:`` holds the folder's
-    :class:`RunLock`; :meth:`clean` removes the temporaries a stopped run left;
-    :meth:`start` shows a progress bar over the slides; :meth:`outcome` records
-    what happened to one slide (and logs a failure); leaving the block normally
-    writes the run report (``reports/<command>-<time>.json`` and
-    ``<command>-report.json``), with the slides sorted by id. ``run.report`` is the
-    :class:`RunReport`. ``t0`` (a ``time.perf_counter()`` value, default now) is
-    when the run's time starts.
+    ``with BatchRun(command, out, settings) as run:`` registers the run in the folder's
+    leases (:mod:`pipeline.leases`); :meth:`claim` a slide before working on it (a slide
+    another live job holds is recorded as ``"busy"``) and :meth:`release` it when done;
+    :meth:`clean` removes the temporaries a stopped run left (only when no other job works
+    there); :meth:`mutex` guards read-modify-write of folder-wide files; :meth:`start` shows
+    a progress bar; :meth:`outcome` records what happened to one slide. Leaving the block
+    normally publishes the report (:meth:`publish`): ``reports/<command>-<time>-<id>.json``
+    for this run, and ``<command>-report.json`` merged with the runs that overlapped it.
+    ``t0`` (a ``time.perf_counter()`` value, default now) is when the run's time starts.
     """
 
     def __init__(self, command: str, out: str | Path, settings: dict, *, progress: bool = True,
-                 t0: float | None = None):
+                 t0: float | None = None, lease_timeout: float = DEFAULT_TIMEOUT_S):
         self.command = command
         self.out = Path(out)
         self.report = RunReport(command=command, settings=settings)
@@ -352,10 +416,20 @@ class BatchRun:
         self._sub_bars: list = []
         self._left = 0
         self._t0 = time.perf_counter() if t0 is None else t0
-        self._lock = RunLock(self.out, command)
+        self.leases = Leases(self.out, command, lease_timeout)
+        stamp = self.report.started_utc.replace(":", "").replace("-", "")
+        self.own_file = f"reports/{command}-{stamp}-{uuid.uuid4().hex[:6]}.json"
+        self.folder_report = self.out / f"{command}-report.json"
+        self._published = False
 
     def __enter__(self) -> "BatchRun":
-        self._lock.__enter__()
+        self.leases.__enter__()
+        try:
+            with self.leases.mutex():
+                self.leases.register()
+        except BaseException:
+            self.leases.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -363,17 +437,39 @@ class BatchRun:
             for bar in [*self._sub_bars, self.bar]:  # closing twice is harmless; an interrupted run leaves none
                 if bar is not None:
                     bar.close()
-            if exc_type is None:
-                self.report.slides.sort(key=lambda s: s.slide_id)
-                self.report.finished_utc = utc_now()
-                self.report.seconds = round(time.perf_counter() - self._t0, 3)
-                self.report.write(self.out, self.command)
+            if exc_type is None and not self._published:
+                self.publish()
         finally:
-            self._lock.__exit__(exc_type, exc, tb)
+            self.leases.__exit__(exc_type, exc, tb)
+
+    # ---------------------------------------------------------------- slides and the folder
+
+    def claim(self, slide_id: str) -> Claim:
+        """Claim a slide for this run (see :meth:`pipeline.leases.Leases.claim`)."""
+        got = self.leases.claim(f"slide-{slide_id}")
+        if got.took_over:
+            log.warning("%s: took over its lease from %s", slide_id, got.took_over)
+        return got
+
+    def release(self, slide_id: str) -> None:
+        self.leases.release(f"slide-{slide_id}")
+
+    def mutex(self):
+        """The folder's bookkeeping mutex (a context manager; re-entrant)."""
+        return self.leases.mutex()
 
     def clean(self, *subfolders: str) -> list[Path]:
-        """:func:`clean_temporaries` in the output folder, or in these subfolders of it."""
-        return [p for sub in (subfolders or (".",)) for p in clean_temporaries(self.out / sub)]
+        """:func:`clean_temporaries` in the output folder, or in these subfolders of it, unless other
+        jobs work there (their temporaries look the same: the next job alone in the folder removes them)."""
+        with self.mutex():
+            others = self.leases.other_runs()
+            if others:
+                log.debug("%s: left temporaries in place, %d other job(s) work here (%s)", self.out, len(others),
+                          others[0])
+                return []
+            return [p for sub in (subfolders or (".",)) for p in clean_temporaries(self.out / sub)]
+
+    # ---------------------------------------------------------------- progress and outcomes
 
     def start(self, total: int, **bar_options) -> None:
         """Show a progress bar over the next ``total`` slides (unless ``progress`` is off); it closes
@@ -390,7 +486,8 @@ class BatchRun:
 
     def outcome(self, slide_id: str, path: str | Path, status: str, reason: str = "", seconds: float = 0.0,
                 **details) -> SlideOutcome:
-        """Record one slide as ``"done"``, ``"skipped"`` or ``"failed"`` (with one line of ``reason``)."""
+        """Record one slide as ``"done"``, ``"skipped"``, ``"failed"`` (with one line of ``reason``) or
+        ``"busy"`` (another job holds it)."""
         out = SlideOutcome(slide_id, str(path), status, reason, round(seconds, 3), details)
         self.report.add(out)
         if self.bar is not None:
@@ -400,7 +497,32 @@ class BatchRun:
                 self.bar.close()
         if status == "failed":
             log.warning("FAILED %s: %s", slide_id, reason)
+        elif status == "busy":  # the summary counts them; one line each would flood a big cohort's log
+            log.debug("%s: %s", slide_id, reason)
         return out
+
+    # ---------------------------------------------------------------- the report
+
+    def _finish(self) -> dict:
+        r = self.report
+        r.slides.sort(key=lambda s: s.slide_id)
+        r.finished_utc, r.finished_unix = utc_now(), time.time()
+        r.seconds = round(time.perf_counter() - self._t0, 3)
+        return r.to_dict()
+
+    def merged(self) -> dict:
+        """The folder report as :meth:`publish` would write it now (call under :meth:`mutex`)."""
+        return merge_reports(_read_json_or_none(self.folder_report), self._finish(), self.own_file)
+
+    def publish(self) -> dict:
+        """Write this run's report, then rebuild ``<command>-report.json`` under the folder mutex; returns it."""
+        own = self._finish()
+        atomic_write_json(self.out / self.own_file, own)
+        with self.mutex():
+            merged = merge_reports(_read_json_or_none(self.folder_report), own, self.own_file)
+            atomic_write_json(self.folder_report, merged)
+        self._published = True
+        return merged
 
 
 _console_redirect = None  # the logging_redirect_tqdm context entered by setup_logging

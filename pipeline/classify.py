@@ -29,7 +29,8 @@ Output folder ::
 
     OUT/predictions.csv           one row per scored slide (rebuilt from slides/*.json every run)
     OUT/report.html               one self-contained page for people
-    OUT/classify-report.json      what happened to each slide in the last run (+ reports/ history)
+    OUT/classify-report.json      what happened to each slide in the last run and the jobs that ran beside it
+                                  (reports/: each run's own)
     OUT/slides/<id>.json          per-slide result, written last (the slide's "done" marker)
     OUT/heatmaps/<id>.png         theta1 probability over the thumbnail
     OUT/heatmaps/<id>.zarr        the same as an array (see wsi.heatmap), with the tissue mask
@@ -43,7 +44,9 @@ Output folder ::
 
 Re-running is cheap: a slide whose result was made with the same run, round,
 store content and output options is skipped. Every file is written under a
-temporary name and renamed.
+temporary name and renamed. Several classify jobs may share OUT: each slide is
+claimed with a lease (:mod:`pipeline.leases`) and scored by one of them, and the
+folder-wide files are rebuilt by one job at a time from every job's results.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from pipeline.batch import (
     utc_now,
 )
 from pipeline.config import Config
+from pipeline.leases import DEFAULT_TIMEOUT_S
 from pipeline.run import RunDir
 from wsi import __version__
 from wsi.atomic import atomic_path, atomic_write_json, atomic_write_text
@@ -495,6 +499,7 @@ def run_classify(
     labels: str | Path | None = None,
     quiet: bool = False,
     progress: bool = True,
+    lease_timeout: float | None = None,
 ) -> RunReport:
     """Classify every slide (or store) in ``slides`` with a round of ``run_dir``; outputs go to ``out_dir``.
 
@@ -503,7 +508,11 @@ def run_classify(
     the ROC with AUC and the confusion counts at the threshold to ``report.html``.
 
     Returns the run report (also written as ``OUT/classify-report.json``); slides
-    that failed are in it with one line each and never stop the others.
+    that failed are in it with one line each and never stop the others. Several runs may
+    share ``out_dir``: each slide is claimed with a lease (:mod:`pipeline.leases`;
+    ``lease_timeout`` seconds without a refresh make another run's lease stale), a slide
+    another live run holds is left to it (``"busy"``), and ``predictions.csv`` and
+    ``report.html`` are rebuilt from every result under the folder's mutex.
 
     Raises
     ------
@@ -552,68 +561,93 @@ def run_classify(
         "scheduler": scheduler,
         "out": str(out),
     }
-    with BatchRun("classify", out, settings, progress=show, t0=t_run) as batch:
+    timeout = DEFAULT_TIMEOUT_S if lease_timeout is None else float(lease_timeout)
+    with BatchRun("classify", out, settings, progress=show, t0=t_run, lease_timeout=timeout) as batch:
         report = batch.report
         batch.clean(".", "slides", "heatmaps", "regions", "detections", "tiles")  # leftovers of an interrupted run (never stores/)
         run_fp = run.fingerprint(rm.round, meta)
-        todo: list[tuple[str, Path, str]] = []
         if stores is None:
-            from pipeline.tile import run_tile
-
-            log.info("tiling the slides of %s into %s with the run's tiling settings", src, out / "stores")
-            try:
-                trep = run_tile(src, out / "stores", tiling_cfg, workers=workers, processes=processes, scheduler=scheduler,
-                                mpp_overrides=mpp_overrides, assume_mpp=assume_mpp, quiet=quiet, progress=progress)
-            except UsageError as exc:
-                if "no slides found" in str(exc):
-                    raise UsageError(f"{exc}; or pass a folder of tile stores (*.zarr)") from None
-                raise
-            report.settings["tiling_report"] = str(out / "stores" / "tile-report.json")
-            for o in trep.slides:
-                if o.status == "failed":
-                    _drop_result(out, o.slide_id)
-                    batch.outcome(o.slide_id, o.path, "failed", f"tiling failed: {o.reason}", o.seconds)
-                else:
-                    todo.append((o.slide_id, out / "stores" / f"{o.slide_id}.zarr", o.path))
+            todo = _tile_first(batch, src, out, tiling_cfg, dict(workers=workers, processes=processes, scheduler=scheduler,
+                               mpp_overrides=mpp_overrides, assume_mpp=assume_mpp, quiet=quiet, progress=progress,
+                               lease_timeout=timeout))
         else:
             from wsi.store import STORE_SUFFIX
 
-            for p in stores:
-                todo.append((p.name[: -len(STORE_SUFFIX)], p, str(p)))
-
+            todo = [(p.name[: -len(STORE_SUFFIX)], p, str(p)) for p in stores]
         ctx = _Ctx(run_dir, meta, rm, run_fp, out, float(region_threshold), bool(geojson), bs, lw, show)
         log.info("scoring %d slide(s) with round %d of %s on %s (threshold %.4f: %s)",
                  len(todo), rm.round, run_dir, rm.device, thr, thr_source)
         batch.start(len(todo))
-        # a cron 'tile' into the same store folder waits for this read instead of swapping stores under it
-        reading = contextlib.ExitStack()
-        for folder in sorted({Path(sp).parent for _, sp, _ in todo}):
-            reading.enter_context(stores_lock(folder, exclusive=False))
-        with reading:
-            _score_all(ctx, batch, todo)
+        _score_all(ctx, batch, todo)
         report.slides.sort(key=lambda s: s.slide_id)
-
-
         provenance = _provenance(run, meta, rm, thr, thr_source, round_)
-        results, others = collect_results(out, run_fp)
-        # a slide that failed now is listed as failed, not with an older result of a previous file/store
-        failed_now = {s.slide_id for s in report.slides if s.status == "failed"}
-        results = [r for r in results if r["slide_id"] not in failed_now]
-        if others:
-            log.warning("%d earlier result(s) in %s/slides were made with another run or round and are left out of "
-                        "predictions.csv and report.html: %s", len(others), out, ", ".join(others[:5]))
-        from pipeline.report import write_predictions_csv, write_report_html
-
-        write_predictions_csv(out / "predictions.csv", results, thr, thr_source, provenance)
-        atomic_write_json(out / "provenance.json", provenance)
-        failures = [(s.slide_id, s.reason) for s in report.slides if s.status == "failed"]
         if labels is not None:
             provenance["labels"] = str(Path(labels).resolve())
-        write_report_html(out / "report.html", results, provenance, out, failures=failures, labels=label_of)
-        report.settings["predictions"] = str(out / "predictions.csv")
-        report.settings["report_html"] = str(out / "report.html")
-        report.settings["slides_in_predictions"] = len(results)
+        with batch.mutex():  # the files of the whole folder, from every job's results: one job at a time
+            _write_folder_outputs(batch, out, run_fp, provenance, label_of)
     return report
+
+
+def _tile_first(batch: BatchRun, src: Path, out: Path, tiling_cfg: Config, options: dict) -> list[tuple[str, Path, str]]:
+    """Tile the slides into ``out/stores`` with the run's settings; returns ``(slide_id, store, source)`` to
+    score. Slides whose tiling failed are recorded as failed, those another job is tiling as busy."""
+    from pipeline.tile import run_tile
+
+    log.info("tiling the slides of %s into %s with the run's tiling settings", src, out / "stores")
+    try:
+        trep = run_tile(src, out / "stores", tiling_cfg, **options)
+    except UsageError as exc:
+        if "no slides found" in str(exc):
+            raise UsageError(f"{exc}; or pass a folder of tile stores (*.zarr)") from None
+        raise
+    batch.report.settings["tiling_report"] = str(out / "stores" / "tile-report.json")
+    todo = []
+    for o in trep.slides:
+        if o.status == "failed":
+            with _holding(batch, o.slide_id) as ours:
+                if ours:
+                    _drop_result(out, o.slide_id)
+            batch.outcome(o.slide_id, o.path, "failed", f"tiling failed: {o.reason}", o.seconds)
+        elif o.status == "busy":
+            batch.outcome(o.slide_id, o.path, "busy", f"tiling: {o.reason}")
+        else:
+            todo.append((o.slide_id, out / "stores" / f"{o.slide_id}.zarr", o.path))
+    return todo
+
+
+@contextlib.contextmanager
+def _holding(batch: BatchRun, sid: str):
+    """Claim ``sid`` for the block; yields whether this run holds it (then it is released after)."""
+    got = batch.claim(sid)
+    try:
+        yield got.ok
+    finally:
+        if got.ok:
+            batch.release(sid)
+
+
+def _write_folder_outputs(batch: BatchRun, out: Path, run_fp: str, provenance: dict, label_of) -> None:
+    """``predictions.csv``, ``provenance.json``, ``report.html`` and ``classify-report.json`` from every
+    result in ``out/slides`` and the outcomes of the runs that overlapped this one (call under the mutex)."""
+    from pipeline.report import write_predictions_csv, write_report_html
+
+    report = batch.report
+    failures = [(s["slide_id"], s["reason"]) for s in batch.merged()["slides"] if s["status"] == "failed"]
+    results, others = collect_results(out, run_fp)
+    # a slide that failed now is listed as failed, not with an older result of a previous file/store
+    failed_now = {sid for sid, _ in failures}
+    results = [r for r in results if r["slide_id"] not in failed_now]
+    if others:
+        log.warning("%d earlier result(s) in %s/slides were made with another run or round and are left out of "
+                    "predictions.csv and report.html: %s", len(others), out, ", ".join(others[:5]))
+    plain = {k: v for k, v in provenance.items() if k != "labels"}
+    write_predictions_csv(out / "predictions.csv", results, plain["threshold"], plain["threshold_source"], plain)
+    atomic_write_json(out / "provenance.json", plain)
+    write_report_html(out / "report.html", results, provenance, out, failures=failures, labels=label_of)
+    report.settings["predictions"] = str(out / "predictions.csv")
+    report.settings["report_html"] = str(out / "report.html")
+    report.settings["slides_in_predictions"] = len(results)
+    batch.publish()
 
 
 def _read_labels(path: str | Path) -> dict[str, int]:
@@ -624,31 +658,45 @@ def _read_labels(path: str | Path) -> dict[str, int]:
 
 
 
-def _score_all(ctx: _Ctx, batch, todo: list[tuple[str, Path, str]]) -> None:
-    """Score each store in turn; one bad slide never stops the others."""
-    out = ctx.out
-    for sid, store_path, source in todo:
-        t0 = time.perf_counter()
-        try:
-            from wsi.store import TileStore
+def _score_all(ctx: _Ctx, batch: BatchRun, todo: list[tuple[str, Path, str]]) -> None:
+    """Score each store in turn; one bad slide never stops the others, and a slide another job holds is left to it.
 
-            st = TileStore(store_path)
-            if _is_current(ctx, sid, store_fingerprint(st)):
-                res = _read_json_quiet(_result_path(out, sid))
-                batch.outcome(sid, source, "skipped", "already scored with this run, round and store",
-                              time.perf_counter() - t0, probability=res.get("probability"))
-                continue
-            res = _score_one(ctx, sid, store_path, source)
-            secs = time.perf_counter() - t0
-            batch.outcome(sid, source, "done", "" if res["n_tiles"] else "no tissue tiles", secs,
-                          probability=res["probability"], n_tiles=res["n_tiles"])
-            log.info("scored %s: probability %s (%d tiles, %.1f s)", sid,
-                     "n/a" if res["probability"] is None else f"{res['probability']:.4f}", res["n_tiles"], secs)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # one bad slide never stops the others
-            _drop_result(out, sid)
-            batch.outcome(sid, source, "failed", _describe(exc, str(store_path)), time.perf_counter() - t0)
+    Each slide is read under its store folder's shared lock, so a cron ``tile`` into the same
+    folder waits for that slide instead of swapping its store midway."""
+    for sid, store_path, source in todo:
+        got = batch.claim(sid)
+        if not got.ok:
+            batch.outcome(sid, source, "busy", f"being scored by another job ({got.holder})")
+            continue
+        try:
+            with stores_lock(Path(store_path).parent, exclusive=False):
+                _score_or_skip(ctx, batch, sid, store_path, source)
+        finally:
+            batch.release(sid)
+
+
+def _score_or_skip(ctx: _Ctx, batch: BatchRun, sid: str, store_path: Path, source: str) -> None:
+    t0 = time.perf_counter()
+    try:
+        from wsi.store import TileStore
+
+        st = TileStore(store_path)
+        if _is_current(ctx, sid, store_fingerprint(st)):
+            res = _read_json_quiet(_result_path(ctx.out, sid))
+            batch.outcome(sid, source, "skipped", "already scored with this run, round and store",
+                          time.perf_counter() - t0, probability=res.get("probability"))
+            return
+        res = _score_one(ctx, sid, store_path, source)
+        secs = time.perf_counter() - t0
+        batch.outcome(sid, source, "done", "" if res["n_tiles"] else "no tissue tiles", secs,
+                      probability=res["probability"], n_tiles=res["n_tiles"])
+        log.info("scored %s: probability %s (%d tiles, %.1f s)", sid,
+                 "n/a" if res["probability"] is None else f"{res['probability']:.4f}", res["n_tiles"], secs)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # one bad slide never stops the others
+        _drop_result(ctx.out, sid)
+        batch.outcome(sid, source, "failed", _describe(exc, str(store_path)), time.perf_counter() - t0)
 
 
 def collect_results(out: Path, run_fp: str) -> tuple[list[dict], list[str]]:

@@ -89,6 +89,23 @@ def _workers_option(what: str):
 TRAIN_MODULES = ("torch", "torchvision", "timm")
 
 
+def _check_lease_timeout(ctx, param, value):
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise _BadValue(f"--lease-timeout {value}: must be a number of seconds > 0, e.g. 3600")
+    return value
+
+
+def _lease_timeout_option(default_note: str):
+    return click.option(
+        "--lease-timeout", "lease_timeout", type=float, default=None, callback=_check_lease_timeout,
+        metavar="SECONDS",
+        help="Several jobs may work on one --out folder at once, each slide claimed by one of them; another "
+             "job's claim counts as abandoned after this long without a refresh (its holders refresh every "
+             f"30 s; a holder on this host that is gone is noticed at once). {default_note}")
+
+
 def _needs_train_extra(fn):
     """A command that runs the networks: without the ``train`` extra it stops before any work."""
 
@@ -201,10 +218,11 @@ def main():
 @click.option("--verify-content", is_flag=True,
               help="Before skipping a slide, compare a crc32c of every byte of the slide file with the one recorded "
                    "at tiling (default: size, mtime, ctime and inode, then a sampled fingerprint if they differ).")
+@_lease_timeout_option("Default: runtime.lease_timeout_s (3600).")
 @_common_options
 @_handle_errors
 def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, codec, jpeg_quality, workers,
-         processes, scheduler, mpp_csv, assume_mpp, verify, verify_content, quiet, verbose, log_file):
+         processes, scheduler, mpp_csv, assume_mpp, verify, verify_content, lease_timeout, quiet, verbose, log_file):
     """Cut tissue tiles from SLIDES into one Zarr store per slide.
 
     SLIDES is a folder (searched recursively for slide files), one slide, or a
@@ -212,7 +230,9 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
     tiling settings are unchanged; a failed slide never stops the others.
     The work runs on --workers threads of this process, on a Dask LocalCluster
     of worker processes (--processes), or on an existing Dask cluster
-    (--scheduler).
+    (--scheduler). Several tile jobs may share one --out folder (one per node,
+    cron beside a manual run): each slide is tiled by one of them, and the
+    others list it as being processed by another job.
 
     \b
     Examples:
@@ -223,6 +243,7 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
       wsi-pipeline tile slides/ --out stores --mpp-csv mpp.csv --assume-mpp 0.25
       wsi-pipeline tile slides/ --out stores --scheduler tcp://head:8786
       wsi-pipeline tile slides/ --out stores --verify --verify-content
+      wsi-pipeline tile /nfs/slides --out /nfs/stores --lease-timeout 600   # one job per node
     """
     from pipeline.batch import setup_logging
     from pipeline.tile import run_tile
@@ -246,6 +267,7 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
         report = run_tile(
             slides, out_dir, cfg, workers=workers, scheduler=scheduler, mpp_overrides=overrides,
             assume_mpp=assume_mpp, quiet=quiet, verify=verify, verify_content=verify_content,
+            lease_timeout=lease_timeout,
         )
     except KeyboardInterrupt:
         click.echo(f"interrupted; run the same command again: stores already finished in {out_dir} are skipped",
@@ -448,11 +470,13 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
 @click.option("--assume-mpp", type=float, default=None, callback=_check_assume_mpp,
               help="µm/px for slides whose metadata has none.")
+@_lease_timeout_option("Default: 3600.")
 @_common_options
 @_handle_errors
 @_needs_train_extra
 def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geojson, labels_csv, device, batch_size,
-             loader_workers, workers, processes, scheduler, mpp_csv, assume_mpp, quiet, verbose, log_file):
+             loader_workers, workers, processes, scheduler, mpp_csv, assume_mpp, lease_timeout, quiet, verbose,
+             log_file):
     """Score slides with a trained run: predictions.csv, heatmaps, GeoJSON regions and report.html.
 
     SLIDES is a folder of slides (searched recursively; tiled into OUT/stores with
@@ -468,7 +492,8 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
     process with batched inference on the chosen device and --loader-workers
     DataLoader processes. Re-running skips slides already scored with the same
     run, round and store; predictions.csv and report.html are rebuilt from all
-    results in OUT/slides. Exit code 1 when a slide failed (the others are done).
+    results in OUT/slides. Several classify jobs may share one --out folder: each
+    slide is scored by one of them. Exit code 1 when a slide failed (the others are done).
 
     \b
     Examples:
@@ -491,7 +516,7 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
             loader_workers=loader_workers, workers=workers, processes=processes, scheduler=scheduler,
             mpp_overrides=overrides,
             assume_mpp=assume_mpp, region_threshold=region_threshold, geojson=geojson, labels=labels_csv, quiet=quiet,
-            progress=not quiet,
+            progress=not quiet, lease_timeout=lease_timeout,
         )
     except KeyboardInterrupt:
         click.echo(f"interrupted; run the same command again: slides already scored in {out_dir} are skipped", err=True)

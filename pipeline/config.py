@@ -27,6 +27,8 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from pipeline.leases import DEFAULT_TIMEOUT_S as DEFAULT_LEASE_TIMEOUT_S
+
 if typing.TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
@@ -167,8 +169,14 @@ class RuntimeConfig:
     """'auto' (CUDA if available), 'cpu' or 'cuda[:N]'."""
     amp: bool = True
     """Mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU."""
+    lease_timeout_s: float = DEFAULT_LEASE_TIMEOUT_S
+    """Seconds without a refresh after which another job's lease on a slide is stale and taken over
+    (``tile``/``classify`` on a shared folder; holders refresh theirs every 30 s, and a holder on this
+    host that is gone is noticed at once)."""
 
     def validate(self) -> None:
+        if not self.lease_timeout_s > 0:
+            raise ConfigError(f"runtime.lease_timeout_s must be > 0 seconds, got {self.lease_timeout_s}")
         if self.workers < -1:
             raise ConfigError("runtime.workers must be >= -1 (-1 = all cores, 0 = one task at a time in this thread)")
         if self.torch_threads < 0:

@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipeline.batch import RunLock, UsageError, ensure_writable_dir, utc_now
+from pipeline.leases import LEASES_DIR
 from pipeline.config import Config, ConfigError
 from wsi import __version__
 from wsi.atomic import atomic_path, atomic_write_json, atomic_write_text
@@ -401,7 +402,7 @@ class PatchRun:
 
     def clear(self) -> None:
         for p in self.path.iterdir():
-            if p.name.startswith(".wsi-pipeline.lock"):
+            if p.name.startswith((RunLock.NAME, LEASES_DIR)):  # this run's own lock (or lease, without flock)
                 continue
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         log.info("--force: removed the previous run in %s", self.path)

@@ -24,12 +24,12 @@ of one slide don't re-parse the TIFF.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import os
 import logging
 import math
-import re
 import shutil
 import threading
 import time
@@ -43,7 +43,6 @@ from pipeline.batch import (
     RunReport,
     UsageError,
     check_unique_ids,
-    clean_temporaries,
     discover_slides,
     ensure_writable_dir,
     record_matches,
@@ -76,6 +75,8 @@ from wsi.store import (
     finalize_store,
     read_store_attrs,
     recover_swaps,
+    remove_store_temporaries,
+    stray_store_ids,
     verify_store,
     store_bytes,
     store_path_for,
@@ -471,17 +472,22 @@ def discard_temp(tmp: str | Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-_TEMP_NAME = re.compile(r"^\.tmp-(?P<slide_id>.+)-\d+-[0-9a-f]+\.zarr$")
-
-
-def clean_stale_temps(store_dir: Path) -> list[str]:
-    """Put back stores a run killed inside their swap left without their name, then remove
-    temporaries left by runs that ended without finishing (call only while holding the run
-    lock); returns the ids of the slides they were building."""
-    for sid in recover_swaps(store_dir):
-        log.warning("%s: put its store back in place (a run stopped while swapping it)", sid)
-    ids = {m.group("slide_id") for p in clean_temporaries(store_dir) if (m := _TEMP_NAME.match(p.name))}
-    return sorted(ids)
+def clean_stale_temps(store_dir: Path, run: BatchRun) -> list[str]:
+    """For every slide with a store under a temporary name that no live job holds: put back a store
+    a run killed inside its swap left without its name, then remove the slide's temporaries. Returns
+    the ids of the slides a stopped run was building (a live job's slides are left alone)."""
+    interrupted = []
+    for sid in stray_store_ids(store_dir):
+        if not run.claim(sid).ok:
+            continue
+        try:
+            for restored in recover_swaps(store_dir, {sid}):
+                log.warning("%s: put its store back in place (a run stopped while swapping it)", restored)
+            if remove_store_temporaries(store_dir, sid):
+                interrupted.append(sid)
+        finally:
+            run.release(sid)
+    return interrupted
 
 
 # --------------------------------------------------------------------------- suspect slides
@@ -512,10 +518,11 @@ def save_suspects(store_dir: Path, suspects: dict[str, str]) -> None:
 
 def _update_suspects(suspects: dict[str, str], report: RunReport) -> dict[str, str]:
     """The suspects after this run: those that killed their worker process again stay, with the
-    reason; those this run finished in any other way (tiled, skipped, failed cleanly) go."""
+    reason; those this run finished in any other way (tiled, skipped, failed cleanly) go; those
+    another job held stay as they are."""
     out = dict(suspects)
     for o in report.slides:
-        if o.slide_id in out:
+        if o.slide_id in out and o.status != "busy":
             if o.status == "failed" and o.details.get("worker_died"):
                 out[o.slide_id] = o.reason
             else:
@@ -565,8 +572,13 @@ def run_tile(
     progress: bool = True,
     verify: bool = False,
     verify_content: bool = False,
+    lease_timeout: float | None = None,
 ) -> RunReport:
     """Tile every slide in ``slides`` into ``out_dir``; returns the run report (also written to disk).
+
+    Several runs may work on one ``out_dir`` at once: each slide is claimed with a lease
+    (:mod:`pipeline.leases`) before it is planned, and a slide another live run holds is
+    left to it (outcome ``"busy"``).
 
     Parameters
     ----------
@@ -588,6 +600,9 @@ def run_tile(
     verify_content : bool
         Before skipping a slide, compare a crc32c of every byte of the slide file with the one
         recorded at tiling (default: its stat, and the sampled fingerprint when the stat differs).
+    lease_timeout : float, optional
+        Seconds without a refresh after which another run's lease on a slide is stale
+        (default ``config.runtime.lease_timeout_s``).
     """
     t_run = time.perf_counter()
     check_mpp_options(assume_mpp, mpp_overrides)
@@ -597,6 +612,7 @@ def run_tile(
     out = ensure_writable_dir(out_dir, "store folder")
     workers = resolve_workers(config.runtime.workers if workers is None else workers)
     processes = config.runtime.processes if processes is None else bool(processes)
+    timeout = config.runtime.lease_timeout_s if lease_timeout is None else float(lease_timeout)
     settings = {
         "out": str(out),
         "config": config.to_dict(),
@@ -605,15 +621,9 @@ def run_tile(
         "processes": processes,
         "scheduler": scheduler,
     }
-    with BatchRun("tile", out, settings, progress=progress and not quiet, t0=t_run) as run:
+    with BatchRun("tile", out, settings, progress=progress and not quiet, t0=t_run, lease_timeout=timeout) as run:
         report = run.report
-        interrupted = clean_stale_temps(out)
-        if interrupted:
-            log.info("removed the temporary stores of %s, left by a run that stopped without finishing",
-                     ", ".join(interrupted))
-        suspects = load_suspects(out)
-        for sid in interrupted:
-            suspects.setdefault(sid, _INTERRUPTED)
+        suspects = _start_suspects(run, out)
         usable, dups = check_unique_ids(paths)
         for p, reason in dups.items():
             run.outcome(slide_id_for(p), p, "failed", reason)
@@ -629,7 +639,6 @@ def run_tile(
                 "library fails alone (--processes always does this)",
                 ", ".join(flagged), suspects[flagged[0]] if len(flagged) == 1 else "earlier runs did not finish them",
             )
-        save_suspects(out, suspects)
         t_ex = time.perf_counter()
         with make_executor(workers, scheduler, processes=processes, warm=("pipeline.tile",)) as ex:
             report.settings["executor_start_s"] = round(time.perf_counter() - t_ex, 3)
@@ -638,8 +647,25 @@ def run_tile(
             _drive(ex, usable, out, config, mpp_overrides, assume_mpp, run, (bool(verify), bool(verify_content)))
             t_stop = time.perf_counter()
         report.settings["executor_stop_s"] = round(time.perf_counter() - t_stop, 3)
-        save_suspects(out, _update_suspects(suspects, report))
+        with run.mutex():  # other jobs update the same file: read, change and write it in one go
+            save_suspects(out, _update_suspects(load_suspects(out), report))
     return report
+
+
+def _start_suspects(run: BatchRun, out: Path) -> dict[str, str]:
+    """Clean up after runs that stopped without finishing and return the suspect slides, with the
+    slides such a run was building added (see :data:`SUSPECTS_FILE`)."""
+    interrupted = clean_stale_temps(out, run)
+    if interrupted:
+        log.info("removed the temporary stores of %s, left by a run that stopped without finishing",
+                 ", ".join(interrupted))
+    run.clean()  # other temporaries (reports, the suspects file), when no other job works here
+    with run.mutex():
+        suspects = load_suspects(out)
+        for sid in interrupted:
+            suspects.setdefault(sid, _INTERRUPTED)
+        save_suspects(out, suspects)
+    return suspects
 
 
 #: Which queued task a free worker takes first: finish slides already started before
@@ -648,122 +674,158 @@ _PRIORITY = {"final": 3, "extras": 2, "band": 1, "plan": 0}
 
 
 def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun, verify=(False, False)) -> None:
-    states: dict[str, _SlideState] = {}
-    meta: dict = {}
-    tile_bars: dict = {}  # slide id -> the bar over the tiles of a slide being tiled (band by band)
-    run.start(len(paths), leave=True, mininterval=0.5)
-    tiles_total = 0
-    t_start = time.perf_counter()
-    for p in paths:
-        job = TileJob(str(p), slide_id_for(p), str(out), config, mpp_overrides, assume_mpp, ex.n_workers, *verify)
-        states[job.slide_id] = _SlideState(job, time.perf_counter())
-        meta[ex.submit(plan_slide, job, priority=_PRIORITY["plan"])] = ("plan", job.slide_id)
+    _Driver(ex, paths, out, config, mpp_overrides, assume_mpp, run, verify).run()
 
-    def finish(st: _SlideState, status: str, reason: str = "", **details) -> None:
-        if (bar := tile_bars.pop(st.job.slide_id, None)) is not None:
+
+class _Driver:
+    """Hands the tasks of the slides to the executor and records each slide's outcome.
+
+    A slide is claimed (:meth:`BatchRun.claim`) only when its plan is about to be queued, and
+    at most one plan per worker slot waits or runs at a time: a run holds the leases of the
+    slides it is working on, not of every slide it was given, so jobs started side by side
+    share the slides. A slide another job holds is recorded as ``"busy"``; every lease is
+    released when its slide has an outcome.
+    """
+
+    def __init__(self, ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun, verify=(False, False)):
+        self.ex, self.batch, self.out, self.config = ex, run, out, config
+        self.job_args = (mpp_overrides, assume_mpp, ex.n_workers, *verify)
+        self.pending = collections.deque(paths)
+        self.lookahead = max(1, int(getattr(ex, "in_flight", 1)))
+        self.states: dict[str, _SlideState] = {}
+        self.meta: dict = {}
+        self.planning = 0
+        self.tiles_total = 0
+        self.tile_bars: dict = {}  # slide id -> the bar over the tiles of a slide being tiled (band by band)
+        self.t_start = time.perf_counter()
+        run.start(len(paths), leave=True, mininterval=0.5)
+
+    def run(self) -> None:
+        self.start_next()
+        for fut in self.ex.completed():
+            kind, sid = self.meta.pop(fut)
+            err = future_error(fut)
+            if isinstance(err, KeyboardInterrupt):  # Ctrl-C inside a task run in this thread: stop the run
+                raise err
+            st = self.states[sid]
+            if kind == "plan":
+                self.planning -= 1
+                self.on_plan(st, fut, err)
+            else:
+                st.outstanding -= 1
+                getattr(self, f"on_{kind}")(st, fut, err)
+            self.start_next()
+
+    def submit(self, kind: str, sid: str, fn, *args) -> None:
+        self.meta[self.ex.submit(fn, *args, priority=_PRIORITY[kind])] = (kind, sid)
+
+    def start_next(self) -> None:
+        """Claim and queue the plans of the next slides, up to one per worker slot."""
+        while self.pending and self.planning < self.lookahead:
+            p = self.pending.popleft()
+            sid = slide_id_for(p)
+            got = self.batch.claim(sid)
+            if not got.ok:
+                self.batch.outcome(sid, p, "busy", f"being processed by another job ({got.holder})")
+                continue
+            job = TileJob(str(p), sid, str(self.out), self.config, *self.job_args)
+            self.states[sid] = _SlideState(job, time.perf_counter())
+            self.planning += 1
+            self.submit("plan", sid, plan_slide, job)
+
+    def finish(self, st: _SlideState, status: str, reason: str = "", **details) -> None:
+        if (bar := self.tile_bars.pop(st.job.slide_id, None)) is not None:
             bar.close()
         secs = time.perf_counter() - st.t0
-        run.outcome(st.job.slide_id, st.job.path, status, reason, secs, **details)
+        self.batch.outcome(st.job.slide_id, st.job.path, status, reason, secs, **details)
+        self.batch.release(st.job.slide_id)
         if status != "failed":
             log.info("%s %s: %s tiles in %.1f s", status, st.job.slide_id, details.get("n_tiles", 0), secs)
 
-    def fail(st: _SlideState, exc: BaseException) -> None:
+    def fail(self, st: _SlideState, exc: BaseException) -> None:
         st.worker_died |= _killed_worker(exc)
+        tmp = st.plan.get("tmp") if st.plan else None
         if not st.failed:
             st.failed = describe_error(exc, st.job.path)
-            if st.plan and st.plan.get("tmp"):
+            if tmp:
                 try:
-                    (Path(st.plan["tmp"]) / FAILED_MARKER).touch()
+                    (Path(tmp) / FAILED_MARKER).touch()
                 except OSError:
                     pass
         if st.outstanding == 0:
-            if st.plan and st.plan.get("tmp"):
-                discard_temp(st.plan["tmp"])
-            finish(st, "failed", st.failed, **({"worker_died": True} if st.worker_died else {}))
+            if tmp:
+                discard_temp(tmp)
+            self.finish(st, "failed", st.failed, **({"worker_died": True} if st.worker_died else {}))
 
-    def _maybe_finalize(st: _SlideState) -> None:
-        if st.outstanding == 0 and not st.failed:
+    def next_step(self, st: _SlideState) -> None:
+        """After a band or the extras: fail the slide if a task of it failed, finalize it once all are done."""
+        if st.failed:
+            self.fail(st, RuntimeError(st.failed))
+        elif st.outstanding == 0:
             st.finalizing = True
             st.outstanding = 1
             stats = {"plan_s": st.plan["seconds"], "bands_s": st.read_seconds, "extras_s": st.extras_seconds}
-            meta[ex.submit(finalize_slide, st.job, st.plan, stats, st.files, priority=_PRIORITY["final"])] = (
-                "final", st.job.slide_id)
+            self.submit("final", st.job.slide_id, finalize_slide, st.job, st.plan, stats, st.files)
 
-    for fut in ex.completed():
-        kind, sid = meta.pop(fut)
-        st = states[sid]
-        err = future_error(fut)
-        if isinstance(err, KeyboardInterrupt):  # Ctrl-C inside a task run in this thread: stop the run
-            raise err
-        if kind == "plan":
-            if err is not None:
-                fail(st, err)
-                continue
-            plan = fut.result()
-            if plan["status"] == "skipped":
-                st.plan = plan
-                finish(st, "skipped", plan["reason"], n_tiles=plan["n_tiles"])
-                continue
-            # Band tasks get only what they need; the coordinates travel once, to store_extras.
-            st.plan = {k: plan[k] for k in _PLAN_CORE}
-            st.retile_reason = plan.get("retile_reason", "")
-            st.files = {}
-            st.outstanding = len(plan["bands"]) + 1
-            if plan["bands"]:
-                tile_bars[sid] = run.sub_bar(plan["n_tiles"], sid, "tile")
-            # The extras go first: while one worker writes them the others start on the bands,
-            # which balances the workers better than leaving them for the end.
-            meta[ex.submit(store_extras, st.job, plan, priority=_PRIORITY["extras"])] = ("extras", sid)
-            for band in plan["bands"]:
-                meta[ex.submit(tile_band, st.job, st.plan, band, priority=_PRIORITY["band"])] = ("band", sid)
-        elif kind == "extras":
-            st.outstanding -= 1
-            if err is not None:
-                fail(st, err)
-                continue
-            st.extras_seconds = fut.result()["seconds"]
-            if st.failed:
-                fail(st, RuntimeError(st.failed))
-            else:
-                _maybe_finalize(st)
-        elif kind == "band":
-            st.outstanding -= 1
-            if err is not None:
-                fail(st, err)
-                continue
-            res = fut.result()
-            st.files.update(res.get("files") or {})
-            st.tiles_done += res["n"]
-            st.read_seconds += res["seconds"]
-            tiles_total += res["n"]
-            if sid in tile_bars:
-                tile_bars[sid].update(res["n"])
-            elapsed = time.perf_counter() - t_start
-            run.bar.set_postfix_str(f"{tiles_total} tiles, {tiles_total / max(elapsed, 1e-9):.0f} tiles/s")
-            if st.failed:
-                fail(st, RuntimeError(st.failed))
-            else:
-                _maybe_finalize(st)
-        else:  # final
-            st.outstanding -= 1
-            if err is not None:
-                fail(st, err)
-                continue
-            res = fut.result()
-            secs = time.perf_counter() - st.t0
-            n = st.plan["n_tiles"]
-            finish(
-                st,
-                "done",
-                "; ".join(r for r in (st.retile_reason, "" if n else "no tissue found") if r),
-                n_tiles=n,
-                store=res["store"],
-                tile_bytes=res["bytes"],
-                bytes_per_tile=round(res["bytes"] / n, 1) if n else 0,
-                tiles_per_s=round(n / secs, 1) if secs > 0 else None,
-                mpp=st.plan["mpp"],
-                mpp_source=st.plan["mpp_source"],
-                effective_mpp=st.plan["choice"].effective_mpp,
-                level=st.plan["choice"].level,
-                read_path=st.plan["read_path"],
-            )
+    def on_plan(self, st: _SlideState, fut, err) -> None:
+        if err is not None:
+            return self.fail(st, err)
+        plan = fut.result()
+        if plan["status"] == "skipped":
+            st.plan = plan
+            return self.finish(st, "skipped", plan["reason"], n_tiles=plan["n_tiles"])
+        # Band tasks get only what they need; the coordinates travel once, to store_extras.
+        st.plan = {k: plan[k] for k in _PLAN_CORE}
+        st.retile_reason = plan.get("retile_reason", "")
+        st.files = {}
+        st.outstanding = len(plan["bands"]) + 1
+        # The extras go first: while one worker writes them the others start on the bands,
+        # which balances the workers better than leaving them for the end.
+        sid = st.job.slide_id
+        if plan["bands"]:
+            self.tile_bars[sid] = self.batch.sub_bar(plan["n_tiles"], sid, "tile")
+        self.submit("extras", sid, store_extras, st.job, plan)
+        for band in plan["bands"]:
+            self.submit("band", sid, tile_band, st.job, st.plan, band)
+
+    def on_extras(self, st: _SlideState, fut, err) -> None:
+        if err is not None:
+            return self.fail(st, err)
+        st.extras_seconds = fut.result()["seconds"]
+        self.next_step(st)
+
+    def on_band(self, st: _SlideState, fut, err) -> None:
+        if err is not None:
+            return self.fail(st, err)
+        res = fut.result()
+        st.files.update(res.get("files") or {})
+        st.tiles_done += res["n"]
+        st.read_seconds += res["seconds"]
+        self.tiles_total += res["n"]
+        if st.job.slide_id in self.tile_bars:
+            self.tile_bars[st.job.slide_id].update(res["n"])
+        elapsed = time.perf_counter() - self.t_start
+        self.batch.bar.set_postfix_str(f"{self.tiles_total} tiles, {self.tiles_total / max(elapsed, 1e-9):.0f} tiles/s")
+        self.next_step(st)
+
+    def on_final(self, st: _SlideState, fut, err) -> None:
+        if err is not None:
+            return self.fail(st, err)
+        res = fut.result()
+        secs = time.perf_counter() - st.t0
+        n = st.plan["n_tiles"]
+        self.finish(
+            st,
+            "done",
+            "; ".join(r for r in (st.retile_reason, "" if n else "no tissue found") if r),
+            n_tiles=n,
+            store=res["store"],
+            tile_bytes=res["bytes"],
+            bytes_per_tile=round(res["bytes"] / n, 1) if n else 0,
+            tiles_per_s=round(n / secs, 1) if secs > 0 else None,
+            mpp=st.plan["mpp"],
+            mpp_source=st.plan["mpp_source"],
+            effective_mpp=st.plan["choice"].effective_mpp,
+            level=st.plan["choice"].level,
+            read_path=st.plan["read_path"],
+        )

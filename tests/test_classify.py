@@ -22,8 +22,9 @@ import shapely
 from PIL import Image
 from shapely.geometry import shape
 
-from pipeline.batch import RunLock, UsageError
+from pipeline.batch import UsageError
 from pipeline.config import load_config
+from pipeline.leases import Leases
 from wsi.heatmap import assemble_heatmap, heatmap_regions, read_heatmap_zarr, regions_geojson, write_heatmap_zarr
 from tests.em_fixtures import em_cohort, em_run  # noqa: F401  (fixtures)
 from wsi.store import TileStore
@@ -314,9 +315,11 @@ def test_threshold_round_and_lock_rules(trained, tmp_path):
     with pytest.raises(UsageError, match="between 0 and 1"):
         run_classify(stores, run, out, threshold=1.5, **kw)
     out.mkdir()
-    with RunLock(out, "test"):
-        with pytest.raises(UsageError, match="another wsi-pipeline run"):
-            run_classify(stores, run, out, **kw)
+    with Leases(out, "classify") as other:  # another job holds the slide: left to it
+        assert other.claim("slide-slide_001").ok
+        rep = run_classify(stores, run, out, threshold=0.5, **kw)
+        assert rep.ok and [s.status for s in rep.slides] == ["busy"] and "pid" in rep.slides[0].reason
+        assert _rows(out / "predictions.csv") == []
     # a run without a validation threshold: never a silent 0.5
     mpath = run / f"round_{trained.best}" / "metrics.json"
     m = json.loads(mpath.read_text())

@@ -13,7 +13,7 @@ import numpy as np
 import openslide
 import pytest
 
-from pipeline.batch import RunLock, UsageError
+from pipeline.batch import UsageError
 from pipeline.config import load_config
 from pipeline.batch import RunReport, SlideOutcome
 from pipeline.tile import SUSPECTS_FILE, _update_suspects, describe_error, load_suspects, run_tile
@@ -225,14 +225,19 @@ def test_duplicate_slide_ids_fail_clearly(tmp_path, synth_slides):
     assert "already used by" in [s for s in rep.slides if s.status == "failed"][0].reason
 
 
-def test_lock_refuses_a_second_run(tmp_path, synth_slides):
+def test_a_slide_another_job_holds_is_left_to_it(tmp_path, synth_slides):
+    from pipeline.leases import Leases
+
     slide = _one(tmp_path, synth_slides["tissue"])
     out = tmp_path / "out"
     out.mkdir()
-    with RunLock(out, "test"):
-        with pytest.raises(UsageError, match="another wsi-pipeline run"):
-            _run(slide, out)
-    assert _run(slide, out).ok  # released
+    with Leases(out, "tile") as other:
+        assert other.claim("slide-tissue").ok
+        rep = _run(slide, out)
+        o = _by_id(rep)["tissue"]
+        assert rep.ok and o.status == "busy" and f"pid {os.getpid()}" in o.reason
+        assert "1 slide being processed by other jobs" in rep.summary() and not list_stores(out)
+    assert _by_id(_run(slide, out))["tissue"].status == "done"  # released
 
 
 def test_stale_temporaries_are_cleaned(tmp_path, synth_slides):

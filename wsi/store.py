@@ -40,6 +40,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -47,7 +48,7 @@ import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Container, Iterator
 
 import imagecodecs
 import numpy as np
@@ -742,23 +743,45 @@ _OLD_STORE = re.compile(rf"^\.old-(?P<name>.+{re.escape(STORE_SUFFIX)})-[0-9a-f]
 _TMP_STORE = re.compile(rf"^\.tmp-(?P<slide_id>.+)-\d+-[0-9a-f]+{re.escape(STORE_SUFFIX)}$")
 
 
-def recover_swaps(store_dir: str | Path) -> list[str]:
-    """Put back the stores a run killed inside a swap left without their final name.
-
-    For every ``<slide_id>.zarr`` that is missing while a complete, undamaged copy
-    of it is still there under a temporary name, that copy is renamed into place: a
-    finished new store (``.tmp-*``) first, else the old one (``.old-*``). Call only
-    while holding the folder's run lock, before its temporaries are removed; returns
-    the slide ids put back.
-    """
-    d = Path(store_dir)
-    candidates: dict[str, list[tuple[int, Path]]] = {}
-    for p in d.glob(".*"):
+def _store_temporaries(store_dir: str | Path) -> dict[str, list[tuple[int, Path]]]:
+    """``{slide_id: [(0, new store being built) or (1, old store being replaced), ...]}`` in a store folder."""
+    out: dict[str, list[tuple[int, Path]]] = {}
+    for p in Path(store_dir).glob(".*"):
         m_old, m_tmp = _OLD_STORE.match(p.name), _TMP_STORE.match(p.name)
         if m_tmp:
-            candidates.setdefault(f"{m_tmp.group('slide_id')}{STORE_SUFFIX}", []).append((0, p))
+            out.setdefault(m_tmp.group("slide_id"), []).append((0, p))
         elif m_old:
-            candidates.setdefault(m_old.group("name"), []).append((1, p))
+            out.setdefault(m_old.group("name")[: -len(STORE_SUFFIX)], []).append((1, p))
+    return out
+
+
+def stray_store_ids(store_dir: str | Path) -> list[str]:
+    """The slides that have a store under a temporary name in ``store_dir`` (being built or replaced, or
+    left so by a run that stopped)."""
+    return sorted(_store_temporaries(store_dir))
+
+
+def remove_store_temporaries(store_dir: str | Path, slide_id: str) -> bool:
+    """Remove what is left of one slide's store under temporary names (call while holding the slide, after
+    :func:`recover_swaps`); True when a new store being built was among them (its run stopped mid-slide)."""
+    found = _store_temporaries(store_dir).get(slide_id, [])
+    for _, p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return any(kind == 0 for kind, _ in found)
+
+
+def recover_swaps(store_dir: str | Path, slide_ids: Container[str] | None = None) -> list[str]:
+    """Put back the stores a run killed inside a swap left without their final name.
+
+    For every ``<slide_id>.zarr`` (of ``slide_ids``, default all) that is missing while
+    a complete, undamaged copy of it is still there under a temporary name, that copy is
+    renamed into place: a finished new store (``.tmp-*``) first, else the old one
+    (``.old-*``). Call only while no other process works on those slides, before their
+    temporaries are removed; returns the slide ids put back.
+    """
+    d = Path(store_dir)
+    candidates = {f"{sid}{STORE_SUFFIX}": paths for sid, paths in _store_temporaries(d).items()
+                  if slide_ids is None or sid in slide_ids}
     restored = []
     for name, paths in sorted(candidates.items()):
         final = d / name
@@ -1016,6 +1039,18 @@ def store_fingerprint(store) -> str:
 
 #: The stores folder's reader/writer lock file (``flock``; the kernel drops it when a process dies).
 STORES_LOCK = ".wsi-pipeline.stores-lock"
+#: What ``flock`` raises on a file system that does not support it (some NFS and Lustre mounts).
+FLOCK_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
+_told_no_flock: set[str] = set()
+
+
+def _no_flock(store_dir: Path) -> None:
+    """Say once per folder that its stores are read without the reader/writer lock."""
+    if str(store_dir) not in _told_no_flock:
+        _told_no_flock.add(str(store_dir))
+        logging.getLogger("wsi_pipeline").warning(
+            "%s: the file system does not support flock, so a tile run may swap a store while em-round or classify "
+            "reads it; run tile when nothing reads the stores", store_dir)
 
 
 @contextmanager
@@ -1045,8 +1080,9 @@ def stores_lock(store_dir: str | Path, *, exclusive: bool, on_wait=None) -> Iter
                 on_wait()
             fcntl.flock(fd, op)
         except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            if exc.errno not in FLOCK_UNSUPPORTED:
                 raise
+            _no_flock(Path(store_dir))
             yield False
             return
         try:
