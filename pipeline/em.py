@@ -383,7 +383,8 @@ def _round_metrics(ctx: RoundContext, k: int, prog: _Progress, val, heatmaps: li
         "stage2": d.get("stage2", {}),
         "stage2_loss": d.get("stage2", {}).get("stage2_loss"),
         "val": val,
-        "warnings": d.get("stage2", {}).get("warnings", []) + ((val or {}).get("warnings") or []),
+        "warnings": (((d.get("seg", {}).get("e_step") or {}).get("warnings") or [])
+                     + d.get("stage2", {}).get("warnings", []) + ((val or {}).get("warnings") or [])),
         "heatmaps": heatmaps,
         "time_s": prog.total(t_round),
     }
