@@ -167,8 +167,13 @@ class RuntimeConfig:
     """'auto' (CUDA if available), 'cpu' or 'cuda[:N]'."""
     amp: bool = True
     """Mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU."""
+    dist_timeout_s: int = 1800
+    """Under torchrun: how long a collective (a barrier, a gradient all-reduce) waits for a rank
+    that stopped answering before every rank gives up (the process group's timeout)."""
 
     def validate(self) -> None:
+        if self.dist_timeout_s < 1:
+            raise ConfigError("runtime.dist_timeout_s must be >= 1 (seconds a rank waits for the others under torchrun)")
         if self.workers < -1:
             raise ConfigError("runtime.workers must be >= -1 (-1 = all cores, 0 = one task at a time in this thread)")
         if self.torch_threads < 0:
