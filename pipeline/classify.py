@@ -23,7 +23,10 @@ scoring runs in this process, one slide after another, with batched inference
 on the chosen device (CUDA when available) and ``--loader-workers`` DataLoader
 processes reading tiles. One GPU is kept busy this way; slides are small work
 units for a GPU, so spreading them over tiling workers would mostly duplicate the
-models in memory.
+models in memory. Under torchrun (``torchrun --nproc-per-node N wsi-pipeline classify ...``)
+rank 0 takes the folder's lock and tiles; every rank scores its share of the slides
+(balanced by tile count) on its own device and writes their files; rank 0 then gathers
+the outcomes and writes ``predictions.csv``, the report and the run report.
 
 Output folder ::
 
@@ -68,6 +71,7 @@ from pipeline.batch import (
     utc_now,
 )
 from pipeline.config import Config
+from pipeline.distributed import Dist, session
 from pipeline.run import RunDir
 from wsi import __version__
 from wsi.atomic import atomic_path, atomic_write_json, atomic_write_text
@@ -532,88 +536,135 @@ def run_classify(
     lw = int(loader_workers if loader_workers is not None else cfg.runtime.loader_workers)
     if bs < 1 or lw < 0:
         raise UsageError("--batch-size must be >= 1 and --loader-workers >= 0")
-    rm = load_round(run_dir, which, device=device or "auto")
-    thr, thr_source = resolve_threshold(threshold, run, rm.round, rm.threshold_at_full_sensitivity)
-    out = ensure_writable_dir(out, "output folder")
-    show = progress and not quiet
-    settings = {
-        "input": str(src),
-        "input_kind": "stores" if stores is not None else "slides",
-        "run_dir": str(run_dir.resolve()),
-        "round": rm.round,
-        "round_requested": str(round_),
-        "threshold": thr,
-        "threshold_source": thr_source,
-        "region_threshold": region_threshold,
-        "device": str(rm.device),
-        "batch_size": bs,
-        "loader_workers": lw,
-        "workers": workers,
-        "scheduler": scheduler,
-        "out": str(out),
-    }
-    with BatchRun("classify", out, settings, progress=show, t0=t_run) as batch:
-        report = batch.report
-        batch.clean(".", "slides", "heatmaps", "regions", "detections", "tiles")  # leftovers of an interrupted run (never stores/)
-        run_fp = run.fingerprint(rm.round, meta)
-        todo: list[tuple[str, Path, str]] = []
-        if stores is None:
-            from pipeline.tile import run_tile
+    with session(device or "auto", cfg.runtime.dist_timeout_s) as (d, dev):
+        rm = load_round(run_dir, which, device=dev)
+        thr, thr_source = resolve_threshold(threshold, run, rm.round, rm.threshold_at_full_sensitivity)
+        out = d.main_only(lambda: ensure_writable_dir(out, "output folder"))
+        show = progress and not quiet and d.is_main
+        settings = {
+            "input": str(src),
+            "input_kind": "stores" if stores is not None else "slides",
+            "run_dir": str(run_dir.resolve()),
+            "round": rm.round,
+            "round_requested": str(round_),
+            "threshold": thr,
+            "threshold_source": thr_source,
+            "region_threshold": region_threshold,
+            "device": str(rm.device),
+            "batch_size": bs,
+            "loader_workers": lw,
+            "workers": workers,
+            "scheduler": scheduler,
+            "out": str(out),
+        }
+        if d.enabled:
+            settings["world_size"] = d.world
+        job = _Job(src, stores, tiling_cfg, out, dict(workers=workers, processes=processes, scheduler=scheduler,
+                                                      mpp_overrides=mpp_overrides, assume_mpp=assume_mpp, quiet=quiet,
+                                                      progress=progress))
+        with d.held_by_main(lambda: BatchRun("classify", out, settings, progress=show, t0=t_run)) as batch:
+            batch = batch if d.is_main else BatchRun("classify", out, settings, progress=False)  # never entered
+            run_fp = run.fingerprint(rm.round, meta)
+            todo = d.main_only(lambda: _prepare(job, batch), what="rank 0 preparing the slides")
+            ctx = _Ctx(run_dir, meta, rm, run_fp, out, float(region_threshold), bool(geojson), bs, lw, show)
+            log.info("scoring %d slide(s) with round %d of %s on %s (threshold %.4f: %s)",
+                     len(todo), rm.round, run_dir, rm.device, thr, thr_source)
+            _score_shard(ctx, batch, todo, d)
+            d.main_only(lambda: _write_outputs(batch, run, meta, rm, thr, thr_source, round_, out, run_fp, labels,
+                                               label_of), what="rank 0 writing predictions.csv and the report")
+        return d.main_only(lambda: batch.report)
 
-            log.info("tiling the slides of %s into %s with the run's tiling settings", src, out / "stores")
-            try:
-                trep = run_tile(src, out / "stores", tiling_cfg, workers=workers, processes=processes, scheduler=scheduler,
-                                mpp_overrides=mpp_overrides, assume_mpp=assume_mpp, quiet=quiet, progress=progress)
-            except UsageError as exc:
-                if "no slides found" in str(exc):
-                    raise UsageError(f"{exc}; or pass a folder of tile stores (*.zarr)") from None
-                raise
-            report.settings["tiling_report"] = str(out / "stores" / "tile-report.json")
-            for o in trep.slides:
-                if o.status == "failed":
-                    _drop_result(out, o.slide_id)
-                    batch.outcome(o.slide_id, o.path, "failed", f"tiling failed: {o.reason}", o.seconds)
-                else:
-                    todo.append((o.slide_id, out / "stores" / f"{o.slide_id}.zarr", o.path))
+
+@dataclass
+class _Job:
+    """What rank 0 needs to turn the input into stores to score."""
+
+    src: Path
+    stores: list[Path] | None
+    tiling_cfg: Config | None
+    out: Path
+    tile_options: dict
+
+
+def _prepare(job: _Job, batch) -> list[tuple[str, Path, str]]:
+    """Rank 0: clean what a stopped run left, tile slide input with the run's settings; the stores to score
+    as ``(slide_id, store, source)`` (slides whose tiling failed are recorded as failed)."""
+    batch.clean(".", "slides", "heatmaps", "regions", "detections", "tiles")  # leftovers of an interrupted run (never stores/)
+    out, src = job.out, job.src
+    if job.stores is not None:
+        from wsi.store import STORE_SUFFIX
+
+        return [(p.name[: -len(STORE_SUFFIX)], p, str(p)) for p in job.stores]
+    from pipeline.tile import run_tile
+
+    log.info("tiling the slides of %s into %s with the run's tiling settings", src, out / "stores")
+    try:
+        trep = run_tile(src, out / "stores", job.tiling_cfg, **job.tile_options)
+    except UsageError as exc:
+        if "no slides found" in str(exc):
+            raise UsageError(f"{exc}; or pass a folder of tile stores (*.zarr)") from None
+        raise
+    batch.report.settings["tiling_report"] = str(out / "stores" / "tile-report.json")
+    todo = []
+    for o in trep.slides:
+        if o.status == "failed":
+            _drop_result(out, o.slide_id)
+            batch.outcome(o.slide_id, o.path, "failed", f"tiling failed: {o.reason}", o.seconds)
         else:
-            from wsi.store import STORE_SUFFIX
-
-            for p in stores:
-                todo.append((p.name[: -len(STORE_SUFFIX)], p, str(p)))
-
-        ctx = _Ctx(run_dir, meta, rm, run_fp, out, float(region_threshold), bool(geojson), bs, lw, show)
-        log.info("scoring %d slide(s) with round %d of %s on %s (threshold %.4f: %s)",
-                 len(todo), rm.round, run_dir, rm.device, thr, thr_source)
-        batch.start(len(todo))
-        # a cron 'tile' into the same store folder waits for this read instead of swapping stores under it
-        reading = contextlib.ExitStack()
-        for folder in sorted({Path(sp).parent for _, sp, _ in todo}):
-            reading.enter_context(stores_lock(folder, exclusive=False))
-        with reading:
-            _score_all(ctx, batch, todo)
-        report.slides.sort(key=lambda s: s.slide_id)
+            todo.append((o.slide_id, out / "stores" / f"{o.slide_id}.zarr", o.path))
+    return todo
 
 
-        provenance = _provenance(run, meta, rm, thr, thr_source, round_)
-        results, others = collect_results(out, run_fp)
-        # a slide that failed now is listed as failed, not with an older result of a previous file/store
-        failed_now = {s.slide_id for s in report.slides if s.status == "failed"}
-        results = [r for r in results if r["slide_id"] not in failed_now]
-        if others:
-            log.warning("%d earlier result(s) in %s/slides were made with another run or round and are left out of "
-                        "predictions.csv and report.html: %s", len(others), out, ", ".join(others[:5]))
-        from pipeline.report import write_predictions_csv, write_report_html
+def _tile_count(store_path: Path) -> int:
+    """A store's tile count, for sharing slides between ranks (0 when it cannot be read: it fails alone later)."""
+    from wsi.store import TileStore
 
-        write_predictions_csv(out / "predictions.csv", results, thr, thr_source, provenance)
-        atomic_write_json(out / "provenance.json", provenance)
-        failures = [(s.slide_id, s.reason) for s in report.slides if s.status == "failed"]
-        if labels is not None:
-            provenance["labels"] = str(Path(labels).resolve())
-        write_report_html(out / "report.html", results, provenance, out, failures=failures, labels=label_of)
-        report.settings["predictions"] = str(out / "predictions.csv")
-        report.settings["report_html"] = str(out / "report.html")
-        report.settings["slides_in_predictions"] = len(results)
-    return report
+    try:
+        return len(TileStore(store_path))
+    except Exception:  # noqa: BLE001 -- a damaged store is reported by the rank that scores it
+        return 0
+
+
+def _score_shard(ctx: _Ctx, batch, todo: list[tuple[str, Path, str]], d: Dist) -> None:
+    """Score this rank's share of ``todo`` (all of it in one process); rank 0's report gets every outcome."""
+    mine = d.shard(todo, [_tile_count(sp) for _, sp, _ in todo] if d.enabled else None)
+    batch.start(len(mine))
+    # a cron 'tile' into the same store folder waits for this read instead of swapping stores under it
+    reading = contextlib.ExitStack()
+    for folder in sorted({Path(sp).parent for _, sp, _ in mine}):
+        reading.enter_context(stores_lock(folder, exclusive=False))
+    with d.agree("scoring slides"), reading:
+        _score_all(ctx, batch, mine)
+    others = d.gather([] if d.is_main else batch.report.slides)
+    if d.is_main:
+        for outcomes in others[1:]:
+            batch.report.slides.extend(outcomes)
+    batch.report.slides.sort(key=lambda s: s.slide_id)
+
+
+def _write_outputs(batch, run: RunDir, meta: dict, rm, thr: float, thr_source: str, round_, out: Path, run_fp: str,
+                   labels, label_of) -> None:
+    """Rank 0: predictions.csv, provenance.json and report.html from every result in ``out/slides``."""
+    from pipeline.report import write_predictions_csv, write_report_html
+
+    report = batch.report
+    provenance = _provenance(run, meta, rm, thr, thr_source, round_)
+    results, others = collect_results(out, run_fp)
+    # a slide that failed now is listed as failed, not with an older result of a previous file/store
+    failed_now = {s.slide_id for s in report.slides if s.status == "failed"}
+    results = [r for r in results if r["slide_id"] not in failed_now]
+    if others:
+        log.warning("%d earlier result(s) in %s/slides were made with another run or round and are left out of "
+                    "predictions.csv and report.html: %s", len(others), out, ", ".join(others[:5]))
+    write_predictions_csv(out / "predictions.csv", results, thr, thr_source, provenance)
+    atomic_write_json(out / "provenance.json", provenance)
+    failures = [(s.slide_id, s.reason) for s in report.slides if s.status == "failed"]
+    if labels is not None:
+        provenance["labels"] = str(Path(labels).resolve())
+    write_report_html(out / "report.html", results, provenance, out, failures=failures, labels=label_of)
+    report.settings["predictions"] = str(out / "predictions.csv")
+    report.settings["report_html"] = str(out / "report.html")
+    report.settings["slides_in_predictions"] = len(results)
 
 
 def _read_labels(path: str | Path) -> dict[str, int]:
