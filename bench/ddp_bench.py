@@ -49,7 +49,7 @@ def _env() -> dict:
 def _run(args: list, ranks: int) -> float:
     """One command line of the CLI (under torchrun when ``ranks`` > 1); its wall time in seconds."""
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
-    cmd = [sys.executable, *launch, "-m", "pipeline.cli", *[str(a) for a in args]]
+    cmd = [sys.executable, *launch, "-m", "pipeline.cli", *(["--"] if ranks > 1 else []), *[str(a) for a in args]]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     secs = time.perf_counter() - t0

@@ -375,11 +375,12 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run \\
           --set em.epochs=10 --set stage2.top_k=8 --weights theta1.pt
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --tracker tensorboard
-      torchrun --nproc-per-node 4 --no-python wsi-pipeline em-round --stores stores --labels labels.csv --run run \\
-          --annotations ann/
+      torchrun --nproc-per-node 4 --no-python wsi-pipeline -- em-round --stores stores --labels labels.csv \\
+          --annotations ann/ --run run
 
     Under torchrun every rank trains its slice of each batch (DistributedDataParallel) and
-    predicts its share of the slides; rank 0 writes the run directory and logs.
+    predicts its share of the slides; rank 0 writes the run directory and logs. The `--` keeps
+    torchrun from reading --run as its own --run-path.
     """
     from pipeline.batch import UsageError, setup_logging
     from pipeline.em import run_em
@@ -488,7 +489,7 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
       wsi-pipeline classify slides/ --run run --out results --workers 4 --loader-workers 4 --quiet
       wsi-pipeline classify slides.txt --run run --out results --scheduler tcp://head:8786
       wsi-pipeline classify slides/ --run run --out results --labels labels.csv --log-file classify.log
-      torchrun --nproc-per-node 4 --no-python wsi-pipeline classify stores/ --run run --out results
+      torchrun --nproc-per-node 4 --no-python wsi-pipeline -- classify stores/ --run run --out results
     """
     from pipeline.batch import setup_logging
     from pipeline.classify import run_classify

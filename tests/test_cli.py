@@ -36,8 +36,8 @@ def help_examples() -> list[tuple[str, str]]:
         lines = iter(_help(args).splitlines())
         for line in lines:
             line = line.strip()
-            if line.startswith("torchrun ") and " wsi-pipeline " in line:  # the command torchrun starts
-                line = line[line.index(" wsi-pipeline ") + 1 :]
+            if line.startswith("torchrun ") and " wsi-pipeline -- " in line:  # the command torchrun starts
+                line = "wsi-pipeline " + line[line.index(" wsi-pipeline -- ") + len(" wsi-pipeline -- "):]
             if not line.startswith("wsi-pipeline "):
                 continue
             while line.endswith("\\"):

@@ -224,8 +224,8 @@ def _env(**extra) -> dict:
 
 def _cli(args, *, ranks: int = 1, timeout: int = 900, **env) -> subprocess.CompletedProcess:
     """tests/ddp_driver.py (the CLI with the test models) in one process, or under torchrun with ``ranks``."""
-    driver = [str(ROOT / "tests" / "ddp_driver.py"), *[str(a) for a in args]]
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+    driver = [str(ROOT / "tests" / "ddp_driver.py"), *(["--"] if ranks > 1 else []), *[str(a) for a in args]]
     return subprocess.run([sys.executable, *launch, *driver], env=_env(**env), capture_output=True, text=True,
                           timeout=timeout)
 
