@@ -20,8 +20,9 @@ The rules every distributed step follows (:class:`Dist`):
   :meth:`Dist.map_shards`; each rank writes only its own slides' files.
 * **A failure never hangs the others**: a step without collectives inside runs
   under :meth:`Dist.agree`, which all-reduces an error flag at its end, so every
-  rank stops with it; training all-reduces the same flag with every batch's loss
-  (:mod:`pipeline.trainers`). What still waits -- a rank killed outright -- ends with
+  rank stops with it; training all-reduces such flags at every step, before the
+  forward pass and with the loss (:mod:`pipeline.trainers`). What still waits -- a
+  rank killed outright -- ends with
   the process group's timeout (``runtime.dist_timeout_s``), or sooner because
   torchrun stops every worker when one exits.
 * **Training** wraps the model in ``DistributedDataParallel``; each rank takes the

@@ -405,33 +405,29 @@ class Trainer:
     def _step_distributed(self, batch, g: torch.Generator, b: int, failure: BaseException | None) -> tuple[float, int]:
         """One optimiser step of one rank; (loss of the global batch, its items).
 
-        One all-reduce before the backward pass carries this slice's loss sum, its count, its items
-        and an error flag. The backward pass runs on ``sum * world / global count``: DDP averages
-        the ranks' gradients, so the gradient is that of the global batch's mean loss, whatever the
-        slices' sizes. A rank whose batch failed (or a non-finite global loss) stops every rank here.
+        Every rank first says whether its slice loaded (DDP's forward pass holds collectives of its
+        own -- buffer broadcasts, bucket rebuilds -- so no rank may enter it alone). Then one all-reduce
+        before the backward pass carries the slice's loss sum, its count, its items and an error flag.
+        The backward pass runs on ``sum * world / global count``: DDP averages the ranks' gradients, so
+        the gradient is that of the global batch's mean loss, whatever the slices' sizes. A rank whose
+        batch failed (or a non-finite global loss) stops every rank at this step.
         """
-        from pipeline.distributed import RankFailed
-
         self.optimizer.zero_grad(set_to_none=True)
+        self._agree_step(failure, b, "load its batch")
         part = None
-        if failure is None:
-            try:
-                with autocast(self.device, self.amp):
-                    part, count = self.loss_terms(batch, g)
-                n = int((batch["pos"] >= 0).sum())
-            except Exception as exc:  # noqa: BLE001 -- raised below, after every rank knows
-                failure = exc
+        try:
+            with autocast(self.device, self.amp):
+                part, count = self.loss_terms(batch, g)
+            n = int((batch["pos"] >= 0).sum())
+        except Exception as exc:  # noqa: BLE001 -- raised below, after every rank knows
+            failure = exc
         stats = torch.zeros(4, dtype=torch.float64, device=self.dist.device)
         if failure is None:
             stats[0], stats[1], stats[2] = part.detach().double(), count.detach().double(), float(n)
         else:
             stats[3] = 1.0
         self.dist.all_reduce_sum(stats)
-        if failure is not None:
-            raise failure
-        if stats[3] > 0:
-            raise RankFailed(f"{self.desc}: another rank failed in epoch {self.epoch + 1}, batch {b} (its log says "
-                             "why); this rank stops too")
+        self._raise_if_failed(failure, float(stats[3]), b, "compute its loss")
         den = max(float(stats[1]), torch.finfo(torch.float32).tiny)
         loss = float(stats[0]) / den
         if not math.isfinite(loss):
@@ -440,6 +436,20 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss, int(stats[2])
+
+    def _agree_step(self, failure: BaseException | None, b: int, what: str) -> None:
+        flag = torch.tensor([0.0 if failure is None else 1.0], dtype=torch.float64, device=self.dist.device)
+        self.dist.all_reduce_sum(flag)
+        self._raise_if_failed(failure, float(flag[0]), b, what)
+
+    def _raise_if_failed(self, failure: BaseException | None, failed_ranks: float, b: int, what: str) -> None:
+        from pipeline.distributed import RankFailed
+
+        if failure is not None:
+            raise failure
+        if failed_ranks > 0:
+            raise RankFailed(f"{self.desc}: another rank could not {what} in epoch {self.epoch + 1}, batch {b} (its "
+                             "log says why); this rank stops too")
 
     def fit(
         self,

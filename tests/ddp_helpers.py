@@ -108,6 +108,15 @@ class _Bags(Dataset):
         return {"tiles": tiles, "mask": mask, "label": np.float32(i % 2), "slide": i}
 
 
+class _BrokenTiles(_Tiles):
+    """Tile 33 cannot be read (on whichever rank loads it)."""
+
+    def __getitem__(self, key):
+        if key[0] == 33:
+            raise OSError("tile 33: unreadable")
+        return super().__getitem__(key)
+
+
 # global batches: uneven sizes, and a last stage-2 batch smaller than the world (rank 1 gets a stand-in)
 SEG_BATCHES = [[0, 5, 9, 12, 3, 7, 21], [1, 2, 30, 33, 8], [4, 6, 39]]
 CLS_BATCHES = [[0, 3, 5], [2, 7, 11, 1], [6]]
@@ -128,6 +137,29 @@ def train_scenario(kind: str, d, device) -> dict:
     tr.fit(lambda e: make_loader(ds, SeededBatches(batches, 7, e), loader_workers=0, device=device, dist=d))
     return {"model": {k: v.detach().cpu().clone() for k, v in tr.model.state_dict().items()},
             "history": [{k: r[k] for k in ("loss", "items", "batches")} for r in tr.history]}
+
+
+def failure_scenarios(d, device) -> dict:
+    """A step that fails on rank 1 only, and a batch that fails to load on rank 1 only (tile 33 sits at
+    position 3 of the second global batch): what each rank raises, instead of waiting for ever."""
+    from pipeline.data import SeededBatches, make_loader
+    from pipeline.trainers import SoftBCESegTrainer
+
+    out = {}
+    try:
+        with d.agree("a test step"):
+            if d.rank == 1:
+                raise ValueError("rank 1 broke")
+    except Exception as exc:  # noqa: BLE001 -- the test compares what each rank raised
+        out["agree"] = f"{type(exc).__name__}: {exc}"
+    torch.manual_seed(0)
+    tr = SoftBCESegTrainer(_TestSeg(), device=device, epochs=1, progress=False, dist=d)
+    try:
+        tr.fit(lambda e: make_loader(_BrokenTiles(), SeededBatches(SEG_BATCHES, 7, e), loader_workers=0,
+                                     device=device, dist=d))
+    except Exception as exc:  # noqa: BLE001
+        out["train"] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 def maps_scenario(d, device, stores: Path, labels: Path, out: Path) -> dict:
@@ -153,6 +185,6 @@ def spawn_main(rank: int, world: int, port: int, out: str, stores: str, labels: 
         assert d.world == world and d.rank == rank and d.backend == "gloo"
         res = {kind: train_scenario(kind, d, device) for kind in ("seg", "cls")}
         res["maps"] = maps_scenario(d, device, Path(stores), Path(labels), Path(out) / "probmaps.zarr")
-    if rank == 0:
-        with open(Path(out) / "result.pkl", "wb") as fh:
-            pickle.dump(res, fh)
+        res["failures"] = failure_scenarios(d, device)
+    with open(Path(out) / f"result-{rank}.pkl", "wb") as fh:
+        pickle.dump(res if rank == 0 else {"failures": res["failures"]}, fh)
