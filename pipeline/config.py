@@ -173,10 +173,15 @@ class RuntimeConfig:
     """Seconds without a refresh after which another job's lease on a slide is stale and taken over
     (``tile``/``classify`` on a shared folder; holders refresh theirs every 30 s, and a holder on this
     host that is gone is noticed at once)."""
+    dist_timeout_s: int = 1800
+    """Under torchrun: how long a collective (a barrier, a gradient all-reduce) waits for a rank
+    that stopped answering before every rank gives up (the process group's timeout)."""
 
     def validate(self) -> None:
         if not self.lease_timeout_s > 0:
             raise ConfigError(f"runtime.lease_timeout_s must be > 0 seconds, got {self.lease_timeout_s}")
+        if self.dist_timeout_s < 1:
+            raise ConfigError("runtime.dist_timeout_s must be >= 1 (seconds a rank waits for the others under torchrun)")
         if self.workers < -1:
             raise ConfigError("runtime.workers must be >= -1 (-1 = all cores, 0 = one task at a time in this thread)")
         if self.torch_threads < 0:
