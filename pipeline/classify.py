@@ -75,6 +75,7 @@ from pipeline.leases import DEFAULT_TIMEOUT_S
 from pipeline.run import RunDir
 from wsi import __version__
 from wsi.atomic import atomic_path, atomic_write_json, atomic_write_text
+from wsi.objstore import as_location, is_url
 from wsi.store import replace_dir, store_fingerprint, stores_lock
 
 log = logging.getLogger("wsi_pipeline")
@@ -201,6 +202,8 @@ def _gather_stores(src: Path) -> list[Path] | None:
     from wsi.slide import SLIDE_EXTENSIONS
     from wsi.store import STORE_SUFFIX, list_stores
 
+    if is_url(src):
+        return _gather_remote_stores(src)
     if not src.exists():
         raise UsageError(f"{src}: no such file or folder")
     if src.is_dir() and src.name.endswith(STORE_SUFFIX):
@@ -217,6 +220,18 @@ def _gather_stores(src: Path) -> list[Path] | None:
             "pass a folder of one kind"
         )
     return stores
+
+
+def _gather_remote_stores(src: str) -> list[str] | None:
+    """:func:`_gather_stores` for object storage: a store, a prefix of stores, or None (slides there)."""
+    from wsi.remote_store import store_exists
+    from wsi.store import STORE_SUFFIX, list_stores
+
+    if src.endswith(STORE_SUFFIX):
+        if not store_exists(src):
+            raise UsageError(f"{src}: no tile store here (no zarr.json)")
+        return [src]
+    return list_stores(src) or None
 
 
 def _describe(exc: BaseException, where: str) -> str:
@@ -418,7 +433,7 @@ def _score_one(ctx: _Ctx, sid: str, store_path: Path, source: str) -> dict:
         "format_version": RESULT_FORMAT_VERSION,
         "slide_id": sid,
         "source": source,
-        "store": str(Path(store_path).resolve()),
+        "store": str(store_path) if is_url(store_path) else str(Path(store_path).resolve()),
         "store_fingerprint": fp,
         "run_dir": str(ctx.run_dir.resolve()),
         "run_fingerprint": ctx.run_fp,
@@ -500,6 +515,8 @@ def run_classify(
     quiet: bool = False,
     progress: bool = True,
     lease_timeout: float | None = None,
+    stage_dir: str | Path | None = None,
+    stage_cache_gb: float | None = None,
 ) -> RunReport:
     """Classify every slide (or store) in ``slides`` with a round of ``run_dir``; outputs go to ``out_dir``.
 
@@ -523,11 +540,11 @@ def run_classify(
     from pipeline.inference import load_round
 
     t_run = time.perf_counter()
-    run_dir, out = Path(run_dir), Path(out_dir)
+    run_dir, out = Path(run_dir), as_location(out_dir)
     if not 0.0 < region_threshold <= 1.0:
         raise UsageError(f"--region-threshold {region_threshold}: must be in (0, 1]")
     # cheap checks first, the models last
-    src = Path(slides)
+    src = as_location(slides)
     stores = _gather_stores(src)
     which = _round_arg(round_)
     label_of = _read_labels(labels) if labels is not None else None
@@ -543,7 +560,17 @@ def run_classify(
         raise UsageError("--batch-size must be >= 1 and --loader-workers >= 0")
     rm = load_round(run_dir, which, device=device or "auto")
     thr, thr_source = resolve_threshold(threshold, run, rm.round, rm.threshold_at_full_sensitivity)
-    out = ensure_writable_dir(out, "output folder")
+    stage = _stage_options(stage_dir, stage_cache_gb)
+    remote_out = None
+    if is_url(out):  # written in a local work folder, uploaded after (see docs/design.md, "Object storage")
+        from pipeline.tile import work_dir_for
+        from wsi.objstore import Remote
+
+        remote_out = out
+        Remote(remote_out).check_writable()
+        out = work_dir_for(remote_out, stage["stage_dir"])
+    out = ensure_writable_dir(out, "output folder" if remote_out is None else "local work folder",
+                              "--out" if remote_out is None else "--stage-dir")
     show = progress and not quiet
     settings = {
         "input": str(src),
@@ -559,7 +586,8 @@ def run_classify(
         "loader_workers": lw,
         "workers": workers,
         "scheduler": scheduler,
-        "out": str(out),
+        "out": remote_out or str(out),
+        **({"work_dir": str(out)} if remote_out else {}),
     }
     timeout = DEFAULT_TIMEOUT_S if lease_timeout is None else float(lease_timeout)
     with BatchRun("classify", out, settings, progress=show, t0=t_run, lease_timeout=timeout) as batch:
@@ -569,11 +597,11 @@ def run_classify(
         if stores is None:
             todo = _tile_first(batch, src, out, tiling_cfg, dict(workers=workers, processes=processes, scheduler=scheduler,
                                mpp_overrides=mpp_overrides, assume_mpp=assume_mpp, quiet=quiet, progress=progress,
-                               lease_timeout=timeout))
+                               lease_timeout=timeout, **stage), remote_out)
         else:
-            from wsi.store import STORE_SUFFIX
+            from wsi.remote_store import slide_id_of
 
-            todo = [(p.name[: -len(STORE_SUFFIX)], p, str(p)) for p in stores]
+            todo = [(slide_id_of(str(p)), p, str(p)) for p in stores]
         ctx = _Ctx(run_dir, meta, rm, run_fp, out, float(region_threshold), bool(geojson), bs, lw, show)
         log.info("scoring %d slide(s) with round %d of %s on %s (threshold %.4f: %s)",
                  len(todo), rm.round, run_dir, rm.device, thr, thr_source)
@@ -585,22 +613,70 @@ def run_classify(
             provenance["labels"] = str(Path(labels).resolve())
         with batch.mutex():  # the files of the whole folder, from every job's results: one job at a time
             _write_folder_outputs(batch, out, run_fp, provenance, label_of)
+            if remote_out:
+                upload_outputs(out, remote_out)
+                for key, name in (("predictions", "predictions.csv"), ("report_html", "report.html")):
+                    report.settings[key] = f"{remote_out}/{name}"
     return report
 
 
-def _tile_first(batch: BatchRun, src: Path, out: Path, tiling_cfg: Config, options: dict) -> list[tuple[str, Path, str]]:
-    """Tile the slides into ``out/stores`` with the run's settings; returns ``(slide_id, store, source)`` to
-    score. Slides whose tiling failed are recorded as failed, those another job is tiling as busy."""
-    from pipeline.tile import run_tile
+def _stage_options(stage_dir, stage_cache_gb) -> dict:
+    """Where object storage work goes on this machine: ``--stage-dir`` / ``--stage-cache-gb``, else the
+    built-in defaults (never the run's recorded runtime settings: those are the training machine's)."""
+    from pipeline.config import RuntimeConfig
+    from wsi.staging import default_cache_root
 
-    log.info("tiling the slides of %s into %s with the run's tiling settings", src, out / "stores")
+    return {"stage_dir": Path(stage_dir).expanduser() if stage_dir else default_cache_root(),
+            "stage_cache_gb": RuntimeConfig().stage_cache_gb if stage_cache_gb is None else float(stage_cache_gb)}
+
+
+#: Uploaded in this order, so that a reader of the object storage folder never finds a result (or
+#: predictions.csv) whose pictures are not there yet: pictures, then slides/<id>.json, then the folder files.
+_UPLOAD_LAST = ("slides/",)
+UPLOADED_RECORD = ".uploaded.json"
+
+
+def upload_outputs(out: Path, remote_url: str) -> int:
+    """Mirror ``out``'s outputs (hidden names, leases and temporaries excluded) to ``remote_url``: files new
+    or changed since the last upload are uploaded, files gone since are deleted there; returns files uploaded."""
+    from wsi.objstore import Remote
+
+    record_path = out / UPLOADED_RECORD
+    before = _read_json_quiet(record_path) or {}
+    now = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+            st = p.stat()
+            now[rel] = [st.st_size, st.st_mtime_ns]
+    changed = [rel for rel, v in now.items() if before.get(rel) != v]
+    tiers = ([r for r in changed if "/" in r and not r.startswith(_UPLOAD_LAST)],
+             [r for r in changed if r.startswith(_UPLOAD_LAST)], [r for r in changed if "/" not in r])
+    r = Remote(remote_url)
+    r.rm(sorted(set(before) - set(now)))
+    for tier in tiers:
+        r.put([(out / rel, rel) for rel in tier])
+    atomic_write_json(record_path, now)
+    return len(changed)
+
+
+def _tile_first(batch: BatchRun, src, out: Path, tiling_cfg: Config, options: dict,
+                remote_out: str | None = None) -> list[tuple[str, Path | str, str]]:
+    """Tile the slides into ``out/stores`` (``remote_out/stores`` for an object storage ``--out``) with the
+    run's settings; returns ``(slide_id, store, source)`` to score. Slides whose tiling failed are recorded
+    as failed, those another job is tiling as busy."""
+    from pipeline.tile import run_tile
+    from wsi.store import store_path_for
+
+    stores_dir = f"{remote_out}/stores" if remote_out else out / "stores"
+    log.info("tiling the slides of %s into %s with the run's tiling settings", src, stores_dir)
     try:
-        trep = run_tile(src, out / "stores", tiling_cfg, **options)
+        trep = run_tile(src, stores_dir, tiling_cfg, **options)
     except UsageError as exc:
         if "no slides found" in str(exc):
             raise UsageError(f"{exc}; or pass a folder of tile stores (*.zarr)") from None
         raise
-    batch.report.settings["tiling_report"] = str(out / "stores" / "tile-report.json")
+    batch.report.settings["tiling_report"] = f"{stores_dir}/tile-report.json"
     todo = []
     for o in trep.slides:
         if o.status == "failed":
@@ -611,7 +687,7 @@ def _tile_first(batch: BatchRun, src: Path, out: Path, tiling_cfg: Config, optio
         elif o.status == "busy":
             batch.outcome(o.slide_id, o.path, "busy", f"tiling: {o.reason}")
         else:
-            todo.append((o.slide_id, out / "stores" / f"{o.slide_id}.zarr", o.path))
+            todo.append((o.slide_id, store_path_for(stores_dir, o.slide_id), o.path))
     return todo
 
 
@@ -669,10 +745,14 @@ def _score_all(ctx: _Ctx, batch: BatchRun, todo: list[tuple[str, Path, str]]) ->
             batch.outcome(sid, source, "busy", f"being scored by another job ({got.holder})")
             continue
         try:
-            with stores_lock(Path(store_path).parent, exclusive=False):
+            with stores_lock(_parent(store_path), exclusive=False):
                 _score_or_skip(ctx, batch, sid, store_path, source)
         finally:
             batch.release(sid)
+
+
+def _parent(store_path):
+    return store_path.rsplit("/", 1)[0] if is_url(store_path) else Path(store_path).parent
 
 
 def _score_or_skip(ctx: _Ctx, batch: BatchRun, sid: str, store_path: Path, source: str) -> None:

@@ -1081,11 +1081,11 @@ FLOCK_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL
 _told_no_flock: set[str] = set()
 
 
-def _no_flock(store_dir, why: str = "the file system does not support flock") -> None:
+def _no_flock(store_dir, why: str = "the file system does not support flock", level: int = logging.WARNING) -> None:
     """Say once per folder that its stores are read without the reader/writer lock."""
     if str(store_dir) not in _told_no_flock:
         _told_no_flock.add(str(store_dir))
-        logging.getLogger("wsi_pipeline").warning(
+        logging.getLogger("wsi_pipeline").log(level,
             "%s: %s, so a tile run may swap a store while em-round or classify "
             "reads it; run tile when nothing reads the stores", store_dir, why)
 
@@ -1103,7 +1103,7 @@ def stores_lock(store_dir: str | Path, *, exclusive: bool, on_wait=None) -> Iter
     import fcntl
 
     if is_url(store_dir):  # object storage has no locks: see docs/design.md, "Object storage"
-        _no_flock(store_dir, "object storage has no locks")
+        _no_flock(store_dir, "object storage has no locks", logging.INFO)
         yield False
         return
     path = Path(store_dir) / STORES_LOCK
