@@ -130,6 +130,9 @@ def _remote_slides(url: str, exts: tuple[str, ...]) -> list[str]:
     r = Remote(url)
     if not r.isdir():
         if not r.exists():
+            bucket = r.root.split("/", 1)[0]
+            if bucket and bucket != r.root and not r.fs.exists(bucket):
+                raise UsageError(f"{url}: no such bucket ({bucket}); check the URL")
             raise UsageError(f"{url}: no such object or prefix")
         return [url]
     found = [r.url_of(rel) for rel in sorted(r.files())

@@ -42,6 +42,11 @@ Output folder ::
     OUT/tiles/<id>/NN.jpg         the top-K tiles, rank order
     OUT/stores/                   tile stores made from slide input
 
+Object storage: SLIDES may be ``s3://...`` slides (staged, then tiled into
+``OUT/stores``) or stores (read through zarr's FsspecStore); with ``--out s3://...``
+everything is written in a local work folder under ``stage_dir`` and mirrored there
+after each run (:func:`upload_outputs`; docs/design.md, "Object storage").
+
 Re-running is cheap: a slide whose result was made with the same run, round,
 store content and output options is skipped. Every file is written under a
 temporary name and renamed. Several classify jobs may share OUT: each slide is
@@ -529,7 +534,9 @@ def run_classify(
     share ``out_dir``: each slide is claimed with a lease (:mod:`pipeline.leases`;
     ``lease_timeout`` seconds without a refresh make another run's lease stale), a slide
     another live run holds is left to it (``"busy"``), and ``predictions.csv`` and
-    ``report.html`` are rebuilt from every result under the folder's mutex.
+    ``report.html`` are rebuilt from every result under the folder's mutex. ``slides`` and ``out_dir``
+    may be object storage URLs; ``stage_dir`` / ``stage_cache_gb`` say where this machine stages
+    slides and keeps the local copy of an object storage ``out_dir`` (default ``~/.cache/wsi-pipeline``, 100 GB).
 
     Raises
     ------
