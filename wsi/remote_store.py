@@ -103,8 +103,8 @@ def publish_store(local: str | Path, url: str, pictures: dict | None = None) -> 
     """Upload a finished local store to ``url`` and publish it; returns the bytes uploaded.
 
     Order: (1) an existing store there gets ``complete: false`` in its root object; (2) every other
-    object and the pictures (``{local file: name beside the store}``) are uploaded; (3) objects of the
-    old store the new one does not have are deleted; (4) the root object, complete with its integrity
+    object and the pictures (``{local file: name beside the store}``) are uploaded; (3) objects there the
+    new store does not have (of the old store, or of a killed upload) are deleted; (4) the root object, complete with its integrity
     manifest, is written last. A run stopped anywhere before (4) leaves a store readers refuse as
     incomplete, which the next ``tile`` replaces.
     """
@@ -120,9 +120,8 @@ def publish_store(local: str | Path, url: str, pictures: dict | None = None) -> 
     pairs = [(local / rel, f"{name}/{rel}") for rel in sorted(new)]
     pairs += [(Path(src), dest) for src, dest in (pictures or {}).items() if Path(src).is_file()]
     parent.put(pairs)
-    if old_root is not None:
-        stale = sorted(set(parent.files(name)) - set(new) - {ROOT})
-        parent.rm([f"{name}/{rel}" for rel in stale])
+    stale = sorted(set(parent.files(name)) - set(new) - {ROOT})  # also what a killed earlier upload left
+    parent.rm([f"{name}/{rel}" for rel in stale])
     parent.pipe(f"{name}/{ROOT}", (local / ROOT).read_bytes())
     return sum(new.values()) + (local / ROOT).stat().st_size
 

@@ -833,7 +833,8 @@ class TileStore:
     Parameters
     ----------
     path : str or Path
-        ``<slide_id>.zarr`` directory written by ``wsi-pipeline tile``.
+        ``<slide_id>.zarr`` directory written by ``wsi-pipeline tile``, or its object storage URL
+        (``s3://bucket/stores/<slide_id>.zarr``, read through zarr's ``FsspecStore``; ``remote`` is True).
 
     Examples
     --------
