@@ -31,6 +31,7 @@ from typing import Container, Iterable, Mapping
 from pipeline.leases import DEFAULT_TIMEOUT_S, Claim, Leases
 from wsi import __version__
 from wsi.atomic import atomic_write_json
+from wsi.objstore import Remote, as_location, is_url
 from wsi.slide import FLAT_IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, dicom_slides, file_problem, slide_id_for
 from wsi.store import FLOCK_UNSUPPORTED, STORE_SUFFIX
 
@@ -49,7 +50,7 @@ class UsageError(Exception):
 PICTURE_SUFFIXES = (".overlay.png", ".mask.png", "_mask.png", "-mask.png", "_thumbnail.jpg", "_thumbnail.png")
 
 
-def discover_slides(source: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
+def discover_slides(source: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path | str]:
     """Slides named by ``source``: a folder (searched recursively), a slide file, or a list file.
 
     A list file is a ``.txt``/``.csv``/``.lst`` with one path per line (relative
@@ -62,9 +63,15 @@ def discover_slides(source: str | Path, extensions: Iterable[str] = SLIDE_EXTENS
     takes them only from folders without whole-slide files or tile stores, and
     never the pictures written beside slides (:data:`PICTURE_SUFFIXES`).
     Raises :class:`UsageError` when nothing is found.
+
+    On object storage (``s3://bucket/prefix``; :func:`wsi.objstore.is_url`) ``source`` is one slide
+    object or a prefix searched recursively (hidden names and ``*.zarr`` excluded), and a list file
+    may name slide URLs; those slides come back as URL strings, to be staged before tiling.
     """
-    src = Path(source)
     exts = tuple(e.lower() for e in extensions)
+    if is_url(source):
+        return _remote_slides(str(source).rstrip("/"), exts)
+    src = as_location(source)
     try:
         os.stat(src)
     except FileNotFoundError:
@@ -98,16 +105,42 @@ def discover_slides(source: str | Path, extensions: Iterable[str] = SLIDE_EXTENS
         if src.suffix.lower() == ".csv" and "path" in header:
             col = header.index("path")
             lines = [ln.split(",")[col].strip() for ln in lines[1:]]
-        paths = [(src.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines]
+        paths = [_listed(src, ln) for ln in lines]
         if not paths:
             raise UsageError(f"{src}: the slide list is empty")
-        if not any(p.exists() for p in paths):
+        if not any(is_url(p) or p.exists() for p in paths):
             raise UsageError(
                 f"{src}: none of the {len(paths)} listed slide(s) exists (first: {paths[0]}); a list file names one "
                 "slide path per line, relative paths resolve against the list file's folder"
             )
         return paths
     return [src]
+
+
+def _listed(list_file: Path, line: str) -> Path | str:
+    """One line of a slide list: a URL as it is, a path relative to the list file's folder."""
+    loc = as_location(line)
+    if isinstance(loc, str) or loc.is_absolute():
+        return loc
+    return list_file.parent / loc
+
+
+def _remote_slides(url: str, exts: tuple[str, ...]) -> list[str]:
+    """The slide objects at ``url``: the object itself, or those under the prefix (recursively)."""
+    r = Remote(url)
+    if not r.isdir():
+        if not r.exists():
+            bucket = r.root.split("/", 1)[0]
+            if bucket and bucket != r.root and not r.fs.exists(bucket):
+                raise UsageError(f"{url}: no such bucket ({bucket}); check the URL")
+            raise UsageError(f"{url}: no such object or prefix")
+        return [url]
+    found = [r.url_of(rel) for rel in sorted(r.files())
+             if rel.lower().endswith(exts) and not any(part.startswith(".") or part.lower().endswith(STORE_SUFFIX)
+                                                        for part in rel.split("/"))]
+    if not found:
+        raise UsageError(f"{url}: no slides found (looked recursively for {', '.join(exts)})")
+    return found
 
 
 def _slides_in_folder(

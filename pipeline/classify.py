@@ -45,6 +45,11 @@ Output folder ::
     OUT/tiles/<id>/NN.jpg         the top-K tiles, rank order
     OUT/stores/                   tile stores made from slide input
 
+Object storage: SLIDES may be ``s3://...`` slides (staged, then tiled into
+``OUT/stores``) or stores (read through zarr's FsspecStore); with ``--out s3://...``
+everything is written in a local work folder under ``stage_dir`` and mirrored there
+after each run (:func:`upload_outputs`; docs/design.md, "Object storage").
+
 Re-running is cheap: a slide whose result was made with the same run, round,
 store content and output options is skipped. Every file is written under a
 temporary name and renamed. Several classify jobs may share OUT: each slide is
@@ -79,6 +84,7 @@ from pipeline.leases import DEFAULT_TIMEOUT_S
 from pipeline.run import RunDir
 from wsi import __version__
 from wsi.atomic import atomic_path, atomic_write_json, atomic_write_text
+from wsi.objstore import as_location, is_url
 from wsi.store import replace_dir, store_fingerprint, stores_lock
 
 log = logging.getLogger("wsi_pipeline")
@@ -205,6 +211,8 @@ def _gather_stores(src: Path) -> list[Path] | None:
     from wsi.slide import SLIDE_EXTENSIONS
     from wsi.store import STORE_SUFFIX, list_stores
 
+    if is_url(src):
+        return _gather_remote_stores(src)
     if not src.exists():
         raise UsageError(f"{src}: no such file or folder")
     if src.is_dir() and src.name.endswith(STORE_SUFFIX):
@@ -221,6 +229,18 @@ def _gather_stores(src: Path) -> list[Path] | None:
             "pass a folder of one kind"
         )
     return stores
+
+
+def _gather_remote_stores(src: str) -> list[str] | None:
+    """:func:`_gather_stores` for object storage: a store, a prefix of stores, or None (slides there)."""
+    from wsi.remote_store import store_exists
+    from wsi.store import STORE_SUFFIX, list_stores
+
+    if src.endswith(STORE_SUFFIX):
+        if not store_exists(src):
+            raise UsageError(f"{src}: no tile store here (no zarr.json)")
+        return [src]
+    return list_stores(src) or None
 
 
 def _describe(exc: BaseException, where: str) -> str:
@@ -422,7 +442,7 @@ def _score_one(ctx: _Ctx, sid: str, store_path: Path, source: str) -> dict:
         "format_version": RESULT_FORMAT_VERSION,
         "slide_id": sid,
         "source": source,
-        "store": str(Path(store_path).resolve()),
+        "store": str(store_path) if is_url(store_path) else str(Path(store_path).resolve()),
         "store_fingerprint": fp,
         "run_dir": str(ctx.run_dir.resolve()),
         "run_fingerprint": ctx.run_fp,
@@ -504,6 +524,8 @@ def run_classify(
     quiet: bool = False,
     progress: bool = True,
     lease_timeout: float | None = None,
+    stage_dir: str | Path | None = None,
+    stage_cache_gb: float | None = None,
 ) -> RunReport:
     """Classify every slide (or store) in ``slides`` with a round of ``run_dir``; outputs go to ``out_dir``.
 
@@ -516,7 +538,9 @@ def run_classify(
     share ``out_dir``: each slide is claimed with a lease (:mod:`pipeline.leases`;
     ``lease_timeout`` seconds without a refresh make another run's lease stale), a slide
     another live run holds is left to it (``"busy"``), and ``predictions.csv`` and
-    ``report.html`` are rebuilt from every result under the folder's mutex.
+    ``report.html`` are rebuilt from every result under the folder's mutex. ``slides`` and ``out_dir``
+    may be object storage URLs; ``stage_dir`` / ``stage_cache_gb`` say where this machine stages
+    slides and keeps the local copy of an object storage ``out_dir`` (default ``~/.cache/wsi-pipeline``, 100 GB).
 
     Raises
     ------
@@ -527,11 +551,11 @@ def run_classify(
     from pipeline.inference import load_round
 
     t_run = time.perf_counter()
-    run_dir, out = Path(run_dir), Path(out_dir)
+    run_dir, out = Path(run_dir), as_location(out_dir)
     if not 0.0 < region_threshold <= 1.0:
         raise UsageError(f"--region-threshold {region_threshold}: must be in (0, 1]")
     # cheap checks first, the models last
-    src = Path(slides)
+    src = as_location(slides)
     stores = _gather_stores(src)
     which = _round_arg(round_)
     label_of = _read_labels(labels) if labels is not None else None
@@ -548,7 +572,8 @@ def run_classify(
     with session(device or "auto", cfg.runtime.dist_timeout_s) as (d, dev):
         rm = load_round(run_dir, which, device=dev)
         thr, thr_source = resolve_threshold(threshold, run, rm.round, rm.threshold_at_full_sensitivity)
-        out = d.main_only(lambda: ensure_writable_dir(out, "output folder"))
+        stage = _stage_options(stage_dir, stage_cache_gb)
+        out, remote_out = d.main_only(lambda: _local_out(out, stage))
         show = progress and not quiet and d.is_main
         settings = {
             "input": str(src),
@@ -564,14 +589,15 @@ def run_classify(
             "loader_workers": lw,
             "workers": workers,
             "scheduler": scheduler,
-            "out": str(out),
+            "out": remote_out or str(out),
+            **({"work_dir": str(out)} if remote_out else {}),
         }
         if d.enabled:
             settings["world_size"] = d.world
         timeout = DEFAULT_TIMEOUT_S if lease_timeout is None else float(lease_timeout)
         job = _Job(src, stores, tiling_cfg, out, dict(workers=workers, processes=processes, scheduler=scheduler,
                                                       mpp_overrides=mpp_overrides, assume_mpp=assume_mpp, quiet=quiet,
-                                                      progress=progress, lease_timeout=timeout))
+                                                      progress=progress, lease_timeout=timeout, **stage), remote_out)
 
         def new_batch(**kw):
             return BatchRun("classify", out, settings, lease_timeout=timeout, **kw)
@@ -587,7 +613,7 @@ def run_classify(
                          len(todo), rm.round, run_dir, rm.device, thr, thr_source)
                 _score_shard(ctx, batch, todo, d)
             d.main_only(lambda: _write_outputs(batch, run, meta, rm, thr, thr_source, round_, out, run_fp, labels,
-                                               label_of), what="rank 0 writing predictions.csv and the report")
+                                               label_of, remote_out), what="rank 0 writing predictions.csv and the report")
         return d.main_only(lambda: batch.report)
 
 
@@ -600,6 +626,7 @@ class _Job:
     tiling_cfg: Config | None
     out: Path
     tile_options: dict
+    remote_out: str | None = None
 
 
 def _prepare(job: _Job, batch: BatchRun) -> list[tuple[str, Path, str]]:
@@ -607,10 +634,22 @@ def _prepare(job: _Job, batch: BatchRun) -> list[tuple[str, Path, str]]:
     as ``(slide_id, store, source)``."""
     batch.clean(".", "slides", "heatmaps", "regions", "detections", "tiles")  # leftovers of an interrupted run (never stores/)
     if job.stores is None:
-        return _tile_first(batch, job.src, job.out, job.tiling_cfg, job.tile_options)
-    from wsi.store import STORE_SUFFIX
+        return _tile_first(batch, job.src, job.out, job.tiling_cfg, job.tile_options, job.remote_out)
+    from wsi.remote_store import slide_id_of
 
-    return [(p.name[: -len(STORE_SUFFIX)], p, str(p)) for p in job.stores]
+    return [(slide_id_of(str(p)), p, str(p)) for p in job.stores]
+
+
+def _local_out(out, stage: dict) -> tuple[Path, str | None]:
+    """The local output folder, and the object storage URL it is mirrored to (None for a local ``--out``);
+    see docs/design.md, "Object storage"."""
+    if not is_url(out):
+        return ensure_writable_dir(out, "output folder", "--out"), None
+    from pipeline.tile import work_dir_for
+    from wsi.objstore import Remote
+
+    Remote(out).check_writable()
+    return ensure_writable_dir(work_dir_for(out, stage["stage_dir"]), "local work folder", "--stage-dir"), out
 
 
 def _tile_count(store_path: Path) -> int:
@@ -637,28 +676,76 @@ def _score_shard(ctx: _Ctx, batch: BatchRun, todo: list[tuple[str, Path, str]], 
 
 
 def _write_outputs(batch: BatchRun, run: RunDir, meta: dict, rm, thr: float, thr_source: str, round_, out: Path,
-                   run_fp: str, labels, label_of) -> None:
-    """Rank 0: the folder's files from every job's results, one job at a time."""
+                   run_fp: str, labels, label_of, remote_out: str | None = None) -> None:
+    """Rank 0: the folder's files from every job's results, one job at a time (then mirrored to ``remote_out``)."""
     provenance = _provenance(run, meta, rm, thr, thr_source, round_)
     if labels is not None:
         provenance["labels"] = str(Path(labels).resolve())
     with batch.mutex():
         _write_folder_outputs(batch, out, run_fp, provenance, label_of)
+        if remote_out:
+            upload_outputs(out, remote_out)
+            for key, name in (("predictions", "predictions.csv"), ("report_html", "report.html")):
+                batch.report.settings[key] = f"{remote_out}/{name}"
 
 
-def _tile_first(batch: BatchRun, src: Path, out: Path, tiling_cfg: Config, options: dict) -> list[tuple[str, Path, str]]:
-    """Tile the slides into ``out/stores`` with the run's settings; returns ``(slide_id, store, source)`` to
-    score. Slides whose tiling failed are recorded as failed, those another job is tiling as busy."""
+def _stage_options(stage_dir, stage_cache_gb) -> dict:
+    """Where object storage work goes on this machine: ``--stage-dir`` / ``--stage-cache-gb``, else the
+    built-in defaults (never the run's recorded runtime settings: those are the training machine's)."""
+    from pipeline.config import RuntimeConfig
+    from wsi.staging import default_cache_root
+
+    return {"stage_dir": Path(stage_dir).expanduser() if stage_dir else default_cache_root(),
+            "stage_cache_gb": RuntimeConfig().stage_cache_gb if stage_cache_gb is None else float(stage_cache_gb)}
+
+
+#: Uploaded in this order, so that a reader of the object storage folder never finds a result (or
+#: predictions.csv) whose pictures are not there yet: pictures, then slides/<id>.json, then the folder files.
+_UPLOAD_LAST = ("slides/",)
+UPLOADED_RECORD = ".uploaded.json"
+
+
+def upload_outputs(out: Path, remote_url: str) -> int:
+    """Mirror ``out``'s outputs (hidden names, leases and temporaries excluded) to ``remote_url``: files new
+    or changed since the last upload are uploaded, files gone since are deleted there; returns files uploaded."""
+    from wsi.objstore import Remote
+
+    record_path = out / UPLOADED_RECORD
+    before = _read_json_quiet(record_path) or {}
+    now = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+            st = p.stat()
+            now[rel] = [st.st_size, st.st_mtime_ns]
+    changed = [rel for rel, v in now.items() if before.get(rel) != v]
+    tiers = ([r for r in changed if "/" in r and not r.startswith(_UPLOAD_LAST)],
+             [r for r in changed if r.startswith(_UPLOAD_LAST)], [r for r in changed if "/" not in r])
+    r = Remote(remote_url)
+    r.rm(sorted(set(before) - set(now)))
+    for tier in tiers:
+        r.put([(out / rel, rel) for rel in tier])
+    atomic_write_json(record_path, now)
+    return len(changed)
+
+
+def _tile_first(batch: BatchRun, src, out: Path, tiling_cfg: Config, options: dict,
+                remote_out: str | None = None) -> list[tuple[str, Path | str, str]]:
+    """Tile the slides into ``out/stores`` (``remote_out/stores`` for an object storage ``--out``) with the
+    run's settings; returns ``(slide_id, store, source)`` to score. Slides whose tiling failed are recorded
+    as failed, those another job is tiling as busy."""
     from pipeline.tile import run_tile
+    from wsi.store import store_path_for
 
-    log.info("tiling the slides of %s into %s with the run's tiling settings", src, out / "stores")
+    stores_dir = f"{remote_out}/stores" if remote_out else out / "stores"
+    log.info("tiling the slides of %s into %s with the run's tiling settings", src, stores_dir)
     try:
-        trep = run_tile(src, out / "stores", tiling_cfg, **options)
+        trep = run_tile(src, stores_dir, tiling_cfg, **options)
     except UsageError as exc:
         if "no slides found" in str(exc):
             raise UsageError(f"{exc}; or pass a folder of tile stores (*.zarr)") from None
         raise
-    batch.report.settings["tiling_report"] = str(out / "stores" / "tile-report.json")
+    batch.report.settings["tiling_report"] = f"{stores_dir}/tile-report.json"
     todo = []
     for o in trep.slides:
         if o.status == "failed":
@@ -669,7 +756,7 @@ def _tile_first(batch: BatchRun, src: Path, out: Path, tiling_cfg: Config, optio
         elif o.status == "busy":
             batch.outcome(o.slide_id, o.path, "busy", f"tiling: {o.reason}")
         else:
-            todo.append((o.slide_id, out / "stores" / f"{o.slide_id}.zarr", o.path))
+            todo.append((o.slide_id, store_path_for(stores_dir, o.slide_id), o.path))
     return todo
 
 
@@ -727,10 +814,14 @@ def _score_all(ctx: _Ctx, batch: BatchRun, todo: list[tuple[str, Path, str]]) ->
             batch.outcome(sid, source, "busy", f"being scored by another job ({got.holder})")
             continue
         try:
-            with stores_lock(Path(store_path).parent, exclusive=False):
+            with stores_lock(_parent(store_path), exclusive=False):
                 _score_or_skip(ctx, batch, sid, store_path, source)
         finally:
             batch.release(sid)
+
+
+def _parent(store_path):
+    return store_path.rsplit("/", 1)[0] if is_url(store_path) else Path(store_path).parent
 
 
 def _score_or_skip(ctx: _Ctx, batch: BatchRun, sid: str, store_path: Path, source: str) -> None:

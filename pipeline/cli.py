@@ -23,6 +23,21 @@ import click
 from wsi import __version__
 
 
+class _Location(click.ParamType):
+    """A local path (a ``Path``; ``file://`` URLs too) or an object storage URL (``s3://bucket/prefix``, kept a
+    string: a ``Path`` would fold its ``//``)."""
+
+    name = "path|url"
+
+    def convert(self, value, param, ctx):
+        from wsi.objstore import as_location
+
+        return value if isinstance(value, Path) else as_location(str(value))
+
+
+LOCATION = _Location()
+
+
 def _config_options(fn):
     fn = click.option(
         "--set",
@@ -155,12 +170,13 @@ def _handle_errors(fn):
     def wrapper(*args, **kwargs):
         from pipeline.batch import UsageError
         from pipeline.config import ConfigError
+        from wsi.objstore import RemoteError
         from pipeline.distributed import RankFailed
         from wsi.slide import SlideError
 
         try:
             return fn(*args, **kwargs)
-        except (UsageError, ConfigError, SlideError) as exc:
+        except (UsageError, ConfigError, SlideError, RemoteError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except RankFailed as exc:  # torchrun: another rank failed and said why in its own output
@@ -202,8 +218,10 @@ def main():
 
 
 @main.command()
-@click.argument("slides", type=click.Path(path_type=Path))
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Store folder.")
+@click.argument("slides", type=LOCATION)
+@click.option("--out", "-o", "out_dir", required=True, type=LOCATION,
+              help="Store folder: a local folder, or object storage (s3://bucket/prefix; pip install "
+                   "'wsi-pipeline[s3]').")
 @_config_options
 @click.option("--mpp", type=float, default=None, help="Target resolution in um/px (config tiling.mpp, default 0.5).")
 @click.option("--tile-px", type=int, default=None, help="Tile size in pixels (tiling.tile_px).")
@@ -238,6 +256,12 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
     cron beside a manual run): each slide is tiled by one of them, and the
     others list it as being processed by another job.
 
+    Object storage: SLIDES may be an s3:// (gs://, ...) prefix or slide, staged
+    to a local cache (runtime.stage_dir, at most runtime.stage_cache_gb); --out
+    may be s3://bucket/prefix: each store is built locally, uploaded, and
+    published by writing its complete zarr.json last; leases and reports stay
+    in a local work folder under runtime.stage_dir (see docs/design.md).
+
     \b
     Examples:
       wsi-pipeline tile /data/slides --out /data/stores
@@ -248,6 +272,7 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
       wsi-pipeline tile slides/ --out stores --scheduler tcp://head:8786
       wsi-pipeline tile slides/ --out stores --verify --verify-content
       wsi-pipeline tile /nfs/slides --out /nfs/stores --lease-timeout 600   # one job per node
+      wsi-pipeline tile s3://bucket/slides --out s3://bucket/stores --set runtime.stage_cache_gb=50
     """
     from pipeline.batch import setup_logging
     from pipeline.tile import run_tile
@@ -278,7 +303,9 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
                    err=True)
         sys.exit(130)
     click.echo(report.summary(), err=True)
-    click.echo(f"report: {Path(out_dir) / 'tile-report.json'}", err=True)
+    where = f"{out_dir}/tile-report.json" if isinstance(out_dir, str) else Path(out_dir) / "tile-report.json"
+    work = report.settings.get("work_dir")
+    click.echo(f"report: {where}" + (f" (leases and run reports in {work})" if work else ""), err=True)
     sys.exit(0 if report.ok else 1)
 
 
@@ -351,7 +378,8 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, patches,
 
 
 @main.command("em-round")
-@click.option("--stores", required=True, type=click.Path(path_type=Path), help="Tile store folder (the --out of 'tile').")
+@click.option("--stores", required=True, type=LOCATION,
+              help="Tile store folder (the --out of 'tile'): local, or object storage (s3://bucket/stores).")
 @click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path),
               help="CSV slide_id,label[,split]: 1 = positive, 0 = negative; split train/val/test (default train).")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory (created).")
@@ -402,6 +430,7 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
           --set em.epochs=10 --set stage2.top_k=8 --weights theta1.pt
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --tracker tensorboard
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --rounds 3 --allow-restore
+      wsi-pipeline em-round --stores s3://bucket/stores --labels labels.csv --annotations ann/ --run run
       torchrun --nproc-per-node 4 --no-python wsi-pipeline -- em-round --stores stores --labels labels.csv \\
           --annotations ann/ --run run
 
@@ -461,9 +490,11 @@ def _echo_em_summary(summary: dict, run_dir) -> None:
     click.echo(f"run: {run_dir} (best round {summary['best_round']})", err=True)
 
 @main.command()
-@click.argument("slides", type=click.Path(path_type=Path))
+@click.argument("slides", type=LOCATION)
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory of 'em-round'.")
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--out", "-o", "out_dir", required=True, type=LOCATION,
+              help="Output folder: local, or object storage (s3://bucket/results; written locally first, see "
+                   "--stage-dir, and uploaded).")
 @click.option("--round", "round_", default="best", show_default=True, metavar="best|last|K",
               help="Which round's models: the run's best, its last, or round K.")
 @click.option("--threshold", type=float, default=None,
@@ -488,12 +519,17 @@ def _echo_em_summary(summary: dict, run_dir) -> None:
 @click.option("--assume-mpp", type=float, default=None, callback=_check_assume_mpp,
               help="µm/px for slides whose metadata has none.")
 @_lease_timeout_option("Default: 3600.")
+@click.option("--stage-dir", "stage_dir", default=None, metavar="DIR",
+              help="Object storage work folder: slides staged from s3:// and the local copy of an s3:// --out "
+                   "(default: $WSI_PIPELINE_CACHE or ~/.cache/wsi-pipeline).")
+@click.option("--stage-cache-gb", "stage_cache_gb", type=float, default=None, metavar="GB",
+              help="Most GB of slides staged from object storage kept in the work folder (default 100).")
 @_common_options
 @_handle_errors
 @_needs_train_extra
 def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geojson, labels_csv, device, batch_size,
-             loader_workers, workers, processes, scheduler, mpp_csv, assume_mpp, lease_timeout, quiet, verbose,
-             log_file):
+             loader_workers, workers, processes, scheduler, mpp_csv, assume_mpp, lease_timeout, stage_dir,
+             stage_cache_gb, quiet, verbose, log_file):
     """Score slides with a trained run: predictions.csv, heatmaps, GeoJSON regions and report.html.
 
     SLIDES is a folder of slides (searched recursively; tiled into OUT/stores with
@@ -520,6 +556,7 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
       wsi-pipeline classify slides/ --run run --out results --workers 4 --loader-workers 4 --quiet
       wsi-pipeline classify slides.txt --run run --out results --scheduler tcp://head:8786
       wsi-pipeline classify slides/ --run run --out results --labels labels.csv --log-file classify.log
+      wsi-pipeline classify s3://bucket/stores --run run --out s3://bucket/results --stage-dir /scratch/wsi
       torchrun --nproc-per-node 4 --no-python wsi-pipeline -- classify stores/ --run run --out results
     """
     from pipeline.batch import setup_logging
@@ -534,7 +571,7 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
             loader_workers=loader_workers, workers=workers, processes=processes, scheduler=scheduler,
             mpp_overrides=overrides,
             assume_mpp=assume_mpp, region_threshold=region_threshold, geojson=geojson, labels=labels_csv, quiet=quiet,
-            progress=not quiet, lease_timeout=lease_timeout,
+            progress=not quiet, lease_timeout=lease_timeout, stage_dir=stage_dir, stage_cache_gb=stage_cache_gb,
         )
     except KeyboardInterrupt:
         click.echo(f"interrupted; run the same command again: slides already scored in {out_dir} are skipped", err=True)

@@ -177,7 +177,16 @@ class RuntimeConfig:
     """Under torchrun: how long a collective (a barrier, a gradient all-reduce) waits for a rank
     that stopped answering before every rank gives up (the process group's timeout)."""
 
+    stage_dir: str = ""
+    """Local folder for object storage work: ``slides/`` caches slides staged from ``s3://`` (OpenSlide reads
+    local files only), ``outputs/`` holds the bookkeeping (leases, reports) and the stores being built of an
+    ``s3://`` ``--out``. Empty: ``$WSI_PIPELINE_CACHE``, else ``~/.cache/wsi-pipeline``."""
+    stage_cache_gb: float = 100.0
+    """Most GB (10^9 bytes) of staged slides kept in ``stage_dir/slides``; least recently used ones go first."""
+
     def validate(self) -> None:
+        if not (self.stage_cache_gb > 0 and math.isfinite(self.stage_cache_gb)):
+            raise ConfigError(f"runtime.stage_cache_gb must be a number of GB > 0, got {self.stage_cache_gb}")
         if not self.lease_timeout_s > 0:
             raise ConfigError(f"runtime.lease_timeout_s must be > 0 seconds, got {self.lease_timeout_s}")
         if self.dist_timeout_s < 1:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline.batch import UsageError
+from wsi.objstore import as_location, is_url
 from wsi.store import StoreError, TileStore, list_stores, store_fingerprint, store_path_for
 
 __all__ = ["LabelError", "SlideEntry", "Cohort", "LabelRow", "read_labels_csv", "read_labels_table", "load_cohort",
@@ -185,6 +186,14 @@ def _tiling_of(store: TileStore) -> dict:
     }
 
 
+def _is_store_folder(d) -> bool:
+    if is_url(d):
+        from wsi.objstore import Remote
+
+        return Remote(d).isdir()
+    return d.is_dir()
+
+
 def load_cohort(
     stores_dir: str | Path,
     labels_csv: str | Path,
@@ -200,14 +209,15 @@ def load_cohort(
         with different settings, or (``require_train_classes``) a train split
         without both a positive and a negative slide.
     """
-    stores_dir, labels_csv = Path(stores_dir), Path(labels_csv)
-    if not stores_dir.is_dir():
+    stores_dir, labels_csv = as_location(stores_dir), Path(labels_csv)
+    if not _is_store_folder(stores_dir):
         raise LabelError(f"{stores_dir}: no such store folder; pass the --out folder of 'wsi-pipeline tile'")
     rows = read_labels_table(labels_csv)
+    remote_stores = set(list_stores(stores_dir)) if is_url(stores_dir) else set()  # one listing, not a look-up each
     missing, broken, entries, tilings = [], [], [], {}
     for sid, label, split, patient in rows:
         p = store_path_for(stores_dir, sid)
-        if not p.exists():
+        if not (p in remote_stores if is_url(p) else p.exists()):
             missing.append(sid)
             continue
         try:
@@ -247,7 +257,8 @@ def load_cohort(
                 "slides; stage 2 needs at least one of each (check the label and split columns)"
             )
     labelled = {e.slide_id for e in entries}
-    unlabelled = [p.name[: -len(".zarr")] for p in list_stores(stores_dir) if p.name[: -len(".zarr")] not in labelled]
+    names = [str(p).rstrip("/").rsplit("/", 1)[-1][: -len(".zarr")] for p in list_stores(stores_dir)]
+    unlabelled = [n for n in names if n not in labelled]
     return Cohort(
         slides=entries,
         labels_path=labels_csv,

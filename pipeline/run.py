@@ -35,6 +35,8 @@ from pipeline.batch import UsageError, utc_now
 from pipeline.config import Config, ConfigError, config_from_dict
 from wsi import __version__
 from wsi.atomic import atomic_path, atomic_write_json, fsync_dir
+from wsi.objstore import is_url
+from wsi.store import store_path_for
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -334,7 +336,7 @@ def _store_changed_message(run_path: Path, old: dict, ident: dict, changed: list
     sid, new = changed[0], ident["store_content"]
     more = f"; {len(changed) - 1} more store(s) changed" if len(changed) > 1 else ""
     return (
-        f"{Path(ident['stores']) / (sid + '.zarr')}: the tile store changed since {run_path} was trained on it "
+        f"{store_path_for(ident['stores'], sid)}: the tile store changed since {run_path} was trained on it "
         f"({old[sid]['n_tiles']} -> {new[sid]['n_tiles']} tiles, fingerprint {old[sid]['fingerprint']} -> "
         f"{new[sid]['fingerprint']}{more}); restore the stores the run was trained on, pass --allow-restore to "
         "train its rounds again on the stores as they are now, or train a new --run directory"
@@ -365,7 +367,7 @@ def run_identity(cfg: Config, cohort, annotations: dict, train, val) -> dict:
         "train_hash": cfg.train_hash(tiling_hash=cohort.tiling["config_hash"]),
         "tiling": dict(cohort.tiling),
         "mode": cfg.em.mode,
-        "stores": str(cohort.stores_dir.resolve()),
+        "stores": cohort.stores_dir if is_url(cohort.stores_dir) else str(cohort.stores_dir.resolve()),
         "labels": str(cohort.labels_path.resolve()),
         "labels_sha256": cohort.labels_sha256,
         "annotations": {

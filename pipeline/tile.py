@@ -52,6 +52,7 @@ from pipeline.config import Config
 from pipeline.executor import future_error, make_executor, resolve_workers
 from wsi import __version__
 from wsi.atomic import atomic_write_json
+from wsi.objstore import Remote, RemoteError, as_location, is_url
 from wsi.grid import group_bands, make_grid, select_tiles, tissue_fractions
 from wsi.preview import draw_tissue_overlay, save_png
 from wsi.reader import iter_tiles, pick_read_path
@@ -108,6 +109,15 @@ class TileJob:
     """Skip check: also compare every file of an existing store with its recorded crc32c."""
     verify_content: bool = False
     """Skip check: compare the whole slide file's content (crc32c of every byte), not its stat."""
+    publish_to: str | None = None
+    """A store folder on object storage: the store is built in ``store_dir`` (local), then uploaded there."""
+    source: dict | None = None
+    """A slide staged from object storage: its URL, size, ETag and mtime (``path`` is the staged copy)."""
+
+    @property
+    def shown(self) -> str:
+        """The slide as the user named it (its URL for a staged slide)."""
+        return self.source["url"] if self.source else self.path
 
 
 # --------------------------------------------------------------------------- errors
@@ -122,7 +132,7 @@ def describe_error(exc: BaseException, path: str) -> str:
     """One line that names the file and what to do."""
     import openslide
 
-    if isinstance(exc, SlideError):
+    if isinstance(exc, (SlideError, RemoteError)):
         return str(exc)
     if _killed_worker(exc):
         tries = exc.args[2] + 1 if len(exc.args) > 2 and isinstance(exc.args[2], int) else None
@@ -207,12 +217,13 @@ def _identify_source(path: str) -> dict:
 def _existing_store_is_current(job: TileJob, config_hash: str) -> tuple[bool, dict | None, str]:
     """``(current, attrs, why not)``: whether the slide's store can be kept, and when a store
     is there but cannot, the reason to give (empty for an ordinary change of slide or settings)."""
-    final = store_path_for(job.store_dir, job.slide_id)
-    if not final.exists():
+    final = store_path_for(job.publish_to or job.store_dir, job.slide_id)
+    if not is_url(final) and not final.exists():
         return False, None, ""
     attrs = read_store_attrs(final)
     if attrs is None:
-        return False, None, f"re-tiled: the existing store {final} was unreadable (its zarr.json is missing or damaged)"
+        return False, None, ("" if is_url(final) else
+                             f"re-tiled: the existing store {final} was unreadable (its zarr.json is missing or damaged)")
     if not record_matches(attrs, FORMAT_NAME, READABLE_VERSIONS, complete=True, config_hash=config_hash):
         return False, None, ""
     src = attrs.get("slide", {})
@@ -288,7 +299,8 @@ def plan_slide(job: TileJob) -> dict:
         read_path, fallback_reason = pick_read_path(job.path, level_dims)
 
     attrs = {
-        "slide": {**info.to_dict(), **source, "mtime": source["mtime_ns"] / 1e9},
+        "slide": {**info.to_dict(), **source, "mtime": source["mtime_ns"] / 1e9,
+                  **({"remote": dict(job.source)} if job.source else {})},
         "tiling": {
             "target_mpp": tcfg.mpp,
             "effective_mpp": choice.effective_mpp,
@@ -465,7 +477,27 @@ def finalize_slide(job: TileJob, plan: dict, stats: dict, files: dict | None = N
             "%s: waiting for the lock on %s before swapping its store in (held by a run reading the stores, "
             "e.g. em-round or classify, or by another tiling process)", job.slide_id, job.store_dir)):
         finalize_store(tmp, final, extra, files)
+    if job.publish_to:
+        return {"store": _publish(final, job), "bytes": nbytes}
     return {"store": str(final), "bytes": nbytes}
+
+
+def _publish(local: Path, job: TileJob) -> str:
+    """Upload a finished local store to the job's object storage folder, complete marker last, and remove
+    the local copy (see :func:`wsi.remote_store.publish_store`); returns the store's URL."""
+    from wsi.remote_store import publish_store
+    from wsi.store import picture_paths
+
+    url = store_path_for(job.publish_to, job.slide_id)
+    pictures = {str(p): f"{job.slide_id}.{name}" for name, p in picture_paths(local).items()}
+    t0 = time.perf_counter()
+    nbytes = publish_store(local, url, pictures)
+    log.info("%s: uploaded its store to %s (%.1f MB in %.1f s)", job.slide_id, url, nbytes / 1e6,
+             time.perf_counter() - t0)
+    shutil.rmtree(local, ignore_errors=True)
+    for p in pictures:
+        Path(p).unlink(missing_ok=True)
+    return url
 
 
 def discard_temp(tmp: str | Path) -> None:
@@ -488,6 +520,47 @@ def clean_stale_temps(store_dir: Path, run: BatchRun) -> list[str]:
         finally:
             run.release(sid)
     return interrupted
+
+
+class _Stager:
+    """Slides given as object storage URLs, for the driver: a slide whose store is current (same remote
+    size and ETag/mtime as recorded at tiling, store files present) is skipped without a download; any
+    other is staged into the :class:`wsi.staging.SlideCache` and pinned until its outcome."""
+
+    #: Formats whose pixels are in more than one file: not staged (one object per slide).
+    MULTI_FILE = (".mrxs", ".dcm", ".vms", ".vmu")
+
+    def __init__(self, cache, store_dir, config_hash: str, verify=(False, False)):
+        self.cache, self.store_dir, self.config_hash = cache, store_dir, config_hash
+        self.verify, self.verify_content = verify
+
+    def prepare(self, sid: str, url: str) -> tuple[str, object, dict]:
+        """``("skipped", reason, identity)`` or ``("staged", local path, identity)``."""
+        from wsi.objstore import RemoteError, remote_identity
+
+        if url.lower().endswith(self.MULTI_FILE):
+            raise RemoteError(f"{url}: this format keeps its pixels in several files; slides on object storage "
+                              "must be single files (.svs, .tif, .ndpi, ...): copy it to a local folder")
+        ident = remote_identity(url)
+        if not self.verify_content:
+            attrs = read_store_attrs(store_path_for(self.store_dir, sid))
+            if self._current(attrs, ident, sid):
+                checked = "checksums verified" if self.verify else "store files present"
+                return "skipped", f"unchanged slide (same size and ETag or mtime on object storage) and tiling config; {checked}", \
+                    {**ident, "n_tiles": attrs.get("n_tiles", 0)}
+        return "staged", self.cache.stage(url, ident), ident
+
+    def _current(self, attrs: dict | None, ident: dict, sid: str) -> bool:
+        if not record_matches(attrs, FORMAT_NAME, READABLE_VERSIONS, complete=True, config_hash=self.config_hash):
+            return False
+        had = (attrs.get("slide") or {}).get("remote") or {}
+        if had.get("url") != ident["url"] or had.get("size") != ident["size"]:
+            return False
+        if (had.get("etag") or ident["etag"]) and had.get("etag") != ident["etag"]:
+            return False
+        if not (had.get("etag") or ident["etag"]) and had.get("mtime") != ident["mtime"]:
+            return False
+        return not verify_store(store_path_for(self.store_dir, sid), attrs, checksums=self.verify)
 
 
 # --------------------------------------------------------------------------- suspect slides
@@ -573,6 +646,8 @@ def run_tile(
     verify: bool = False,
     verify_content: bool = False,
     lease_timeout: float | None = None,
+    stage_dir: str | Path | None = None,
+    stage_cache_gb: float | None = None,
 ) -> RunReport:
     """Tile every slide in ``slides`` into ``out_dir``; returns the run report (also written to disk).
 
@@ -603,18 +678,38 @@ def run_tile(
     lease_timeout : float, optional
         Seconds without a refresh after which another run's lease on a slide is stale
         (default ``config.runtime.lease_timeout_s``).
+    stage_dir, stage_cache_gb : optional
+        Object storage work folder and stage cache size (default ``config.runtime``'s): slides given as
+        URLs are staged to ``stage_dir/slides``; with ``out_dir`` a URL, stores are built (and leases and
+        reports kept) in a local folder under ``stage_dir/outputs`` and uploaded (see docs/design.md).
     """
     t_run = time.perf_counter()
     check_mpp_options(assume_mpp, mpp_overrides)
-    paths = [Path(p) for p in slides] if isinstance(slides, (list, tuple)) else discover_slides(slides)
+    paths = [as_location(p) for p in slides] if isinstance(slides, (list, tuple)) else discover_slides(slides)
     if not paths:
         raise UsageError("no slides given")
-    out = ensure_writable_dir(out_dir, "store folder")
+    if stage_cache_gb is not None and not (math.isfinite(stage_cache_gb) and stage_cache_gb > 0):
+        raise UsageError(f"stage cache size {stage_cache_gb} GB: must be a number of GB > 0, e.g. 100")
+    stage_root = _stage_root(config, stage_dir)
+    remote_out = str(out_dir).rstrip("/") if is_url(out_dir) else None
+    if remote_out:
+        Remote(remote_out).check_writable()
+        out = ensure_writable_dir(work_dir_for(remote_out, stage_root), "local work folder (runtime.stage_dir)",
+                                  "runtime.stage_dir")
+    else:
+        out = ensure_writable_dir(out_dir, "store folder")
+    cache = None
+    if any(is_url(p) for p in paths):
+        from wsi.staging import GB, SlideCache
+
+        gb = config.runtime.stage_cache_gb if stage_cache_gb is None else float(stage_cache_gb)
+        cache = SlideCache(stage_root / "slides", int(gb * GB))
     workers = resolve_workers(config.runtime.workers if workers is None else workers)
     processes = config.runtime.processes if processes is None else bool(processes)
     timeout = config.runtime.lease_timeout_s if lease_timeout is None else float(lease_timeout)
     settings = {
-        "out": str(out),
+        "out": remote_out or str(out),
+        **({"work_dir": str(out)} if remote_out else {}),
         "config": config.to_dict(),
         "config_hash": config.tiling_hash(),
         "workers": workers,
@@ -644,12 +739,32 @@ def run_tile(
             report.settings["executor_start_s"] = round(time.perf_counter() - t_ex, 3)
             report.settings["executor"] = ex.description
             log.info("tiling %d slides into %s (%s)", len(usable), out, ex.description)
-            _drive(ex, usable, out, config, mpp_overrides, assume_mpp, run, (bool(verify), bool(verify_content)))
+            _drive(ex, usable, out, config, mpp_overrides, assume_mpp, run, (bool(verify), bool(verify_content)),
+                   remote_out, cache)
             t_stop = time.perf_counter()
         report.settings["executor_stop_s"] = round(time.perf_counter() - t_stop, 3)
         with run.mutex():  # other jobs update the same file: read, change and write it in one go
             save_suspects(out, _update_suspects(load_suspects(out), report))
+    if remote_out:  # for people: the folder report beside the stores (the work folder keeps the bookkeeping)
+        Remote(remote_out).put([(out / "tile-report.json", "tile-report.json")])
     return report
+
+
+def _stage_root(config: Config, stage_dir: str | Path | None) -> Path:
+    from wsi.staging import default_cache_root
+
+    d = stage_dir if stage_dir is not None else config.runtime.stage_dir
+    return Path(d).expanduser() if d else default_cache_root()
+
+
+def work_dir_for(url: str, stage_root: Path) -> Path:
+    """The local folder where a run with ``--out URL`` keeps its bookkeeping and builds its stores:
+    ``stage_root/outputs/<readable URL>-<hash>`` (one per URL, shared by the jobs on this machine)."""
+    import hashlib
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url)[-80:].strip("_.")
+    return stage_root / "outputs" / f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
 
 
 def _start_suspects(run: BatchRun, out: Path) -> dict[str, str]:
@@ -673,8 +788,12 @@ def _start_suspects(run: BatchRun, out: Path) -> dict[str, str]:
 _PRIORITY = {"final": 3, "extras": 2, "band": 1, "plan": 0}
 
 
-def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun, verify=(False, False)) -> None:
-    _Driver(ex, paths, out, config, mpp_overrides, assume_mpp, run, verify).run()
+def _drive(ex, paths, out, config, mpp_overrides, assume_mpp, run: BatchRun, verify=(False, False),
+           remote_out: str | None = None, cache=None) -> None:
+    driver = _Driver(ex, paths, out, config, mpp_overrides, assume_mpp, run, verify)
+    driver.job_kw = {"publish_to": remote_out}
+    driver.stager = _Stager(cache, remote_out or out, config.tiling_hash(), verify) if cache is not None else None
+    driver.run()
 
 
 class _Driver:
@@ -697,6 +816,8 @@ class _Driver:
         self.planning = 0
         self.tiles_total = 0
         self.tile_bars: dict = {}  # slide id -> the bar over the tiles of a slide being tiled (band by band)
+        self.job_kw: dict = {}
+        self.stager: _Stager | None = None
         self.t_start = time.perf_counter()
         run.start(len(paths), leave=True, mininterval=0.5)
 
@@ -728,17 +849,41 @@ class _Driver:
             if not got.ok:
                 self.batch.outcome(sid, p, "busy", f"being processed by another job ({got.holder})")
                 continue
-            job = TileJob(str(p), sid, str(self.out), self.config, *self.job_args)
+            kw = dict(self.job_kw)
+            if is_url(p):
+                staged = self._stage(sid, p)
+                if staged is None:
+                    continue
+                p, kw["source"] = staged
+            job = TileJob(str(p), sid, str(self.out), self.config, *self.job_args, **kw)
             self.states[sid] = _SlideState(job, time.perf_counter())
             self.planning += 1
             self.submit("plan", sid, plan_slide, job)
+
+    def _stage(self, sid: str, url: str) -> tuple[Path, dict] | None:
+        """Stage a slide given as a URL; None when it needs no tiling (its store is current) or failed."""
+        t0 = time.perf_counter()
+        try:
+            kind, value, ident = self.stager.prepare(sid, url)
+        except Exception as exc:
+            self.batch.outcome(sid, url, "failed", describe_error(exc, url), time.perf_counter() - t0)
+            self.batch.release(sid)
+            return None
+        if kind == "skipped":
+            self.batch.outcome(sid, url, "skipped", value, time.perf_counter() - t0,
+                               n_tiles=ident.pop("n_tiles", 0))
+            self.batch.release(sid)
+            return None
+        return value, ident
 
     def finish(self, st: _SlideState, status: str, reason: str = "", **details) -> None:
         if (bar := self.tile_bars.pop(st.job.slide_id, None)) is not None:
             bar.close()
         secs = time.perf_counter() - st.t0
-        self.batch.outcome(st.job.slide_id, st.job.path, status, reason, secs, **details)
+        self.batch.outcome(st.job.slide_id, st.job.shown, status, reason, secs, **details)
         self.batch.release(st.job.slide_id)
+        if st.job.source and self.stager is not None:
+            self.stager.cache.unpin(st.job.source["url"])
         if status != "failed":
             log.info("%s %s: %s tiles in %.1f s", status, st.job.slide_id, details.get("n_tiles", 0), secs)
 
@@ -746,7 +891,7 @@ class _Driver:
         st.worker_died |= _killed_worker(exc)
         tmp = st.plan.get("tmp") if st.plan else None
         if not st.failed:
-            st.failed = describe_error(exc, st.job.path)
+            st.failed = describe_error(exc, st.job.shown)
             if tmp:
                 try:
                     (Path(tmp) / FAILED_MARKER).touch()

@@ -37,6 +37,8 @@ import openslide
 import tifffile
 from PIL import Image
 
+from wsi.objstore import is_url
+
 #: Files OpenSlide reads (``.dcm``: DICOM instances, grouped into one slide per folder by discovery).
 #: Zeiss ``.czi`` is not listed: OpenSlide 4 does not read it.
 SLIDE_EXTENSIONS = (
@@ -60,7 +62,7 @@ class MissingMppError(SlideError):
 def slide_id_for(path: str | Path) -> str:
     """The slide id used in stores, labels and reports: the file name without its extension."""
     name = Path(path).name
-    if Path(path).is_dir():  # a DICOM scan: the folder's name as it is
+    if not is_url(path) and Path(path).is_dir():  # a DICOM scan: the folder's name as it is
         return name
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):

@@ -61,6 +61,7 @@ from zarr.core.sync import sync
 
 from wsi.atomic import fsync_dir, fsync_file
 from wsi.codecs import CODEC_NAME, JpegCodec
+from wsi.objstore import is_url
 
 FORMAT_NAME = "wsi-pipeline.tile-store"
 FORMAT_VERSION = 2
@@ -93,7 +94,12 @@ DIMENSION_NAMES = {
 }
 
 
-def store_path_for(store_dir: str | Path, slide_id: str) -> Path:
+def store_path_for(store_dir: str | Path, slide_id: str) -> Path | str:
+    """``store_dir/<slide_id>.zarr``: a Path, or a URL string for a store folder on object storage."""
+    if is_url(store_dir):
+        from wsi.remote_store import store_url
+
+        return store_url(str(store_dir), slide_id)
     return Path(store_dir) / f"{slide_id}{STORE_SUFFIX}"
 
 
@@ -633,9 +639,13 @@ def verify_store(path: str | Path, attrs: dict | None = None, *, checksums: bool
     is there with its size (and, with ``checksums``, its crc32c). Each problem is a short phrase
     (``"tiles/c.3.0.0.0 is missing"``). A store made before stores recorded their files gets
     ``"it has no record of its files ..."`` and only the presence of its tile files is checked."""
-    path = Path(path)
     if attrs is None:
         attrs = read_store_attrs(path) or {}
+    if is_url(path):
+        from wsi.remote_store import verify_store as remote_verify
+
+        return remote_verify(str(path), attrs, checksums=checksums)
+    path = Path(path)
     record = (attrs.get("integrity") or {}).get("files")
     if not isinstance(record, dict):
         try:
@@ -807,6 +817,10 @@ def store_bytes(path: str | Path, sub: str = "tiles") -> int:
 
 def read_store_attrs(path: str | Path) -> dict | None:
     """A store's attributes, or None when there is no readable group there."""
+    if is_url(path):
+        from wsi.remote_store import read_store_attrs as remote_attrs
+
+        return remote_attrs(str(path))
     try:
         return dict(zarr.open_group(str(path), mode="r").attrs)
     except Exception:  # missing or not a zarr group: no store
@@ -819,7 +833,8 @@ class TileStore:
     Parameters
     ----------
     path : str or Path
-        ``<slide_id>.zarr`` directory written by ``wsi-pipeline tile``.
+        ``<slide_id>.zarr`` directory written by ``wsi-pipeline tile``, or its object storage URL
+        (``s3://bucket/stores/<slide_id>.zarr``, read through zarr's ``FsspecStore``; ``remote`` is True).
 
     Examples
     --------
@@ -831,11 +846,12 @@ class TileStore:
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
+        self.remote = is_url(path)
+        self.path = str(path).rstrip("/") if self.remote else Path(path)
+        if not self._exists():
             raise StoreError(f"{self.path}: no tile store here; run 'wsi-pipeline tile' first")
         try:
-            self._group = zarr.open_group(str(self.path), mode="r")
+            self._group = self._open_group()
         except Exception as exc:
             raise StoreError(f"{self.path}: not a readable Zarr group ({exc}); re-run 'wsi-pipeline tile'") from None
         attrs = dict(self._group.attrs)
@@ -861,6 +877,20 @@ class TileStore:
             self.tissue_fraction = np.asarray(self._group["tissue_fraction"][:], np.float32)
         except Exception as exc:
             raise self._damaged("its per-tile arrays", exc) from None
+
+    def _exists(self) -> bool:
+        if not self.remote:
+            return self.path.exists()
+        from wsi.remote_store import store_exists
+
+        return store_exists(self.path)
+
+    def _open_group(self):
+        if not self.remote:
+            return zarr.open_group(str(self.path), mode="r")
+        from wsi.remote_store import open_group
+
+        return open_group(self.path)
 
     def _slide_id_or_none(self) -> str | None:
         return (self.attrs.get("slide") or {}).get("slide_id")
@@ -980,6 +1010,9 @@ class FastTileReader:
     def __init__(self, store: TileStore):
         self.store = store
         self.T = store.tile_px
+        if getattr(store, "remote", False):  # object storage: read through zarr (FsspecStore)
+            self.fast = False
+            return
         arr = zarr.open_array(str(Path(store.path) / "tiles"), mode="r")
         meta = arr.metadata
         self._raw = RawChunks(Path(store.path) / "tiles", meta)
@@ -1013,7 +1046,12 @@ class FastTileReader:
 
 
 def list_stores(store_dir: str | Path) -> list[Path]:
-    """Complete-looking stores in a folder (temporary and hidden names excluded), sorted."""
+    """Complete-looking stores in a folder (temporary and hidden names excluded), sorted; URL strings for a
+    folder on object storage."""
+    if is_url(store_dir):
+        from wsi.remote_store import list_stores as remote_list
+
+        return remote_list(str(store_dir))
     d = Path(store_dir)
     if not d.is_dir():
         return []
@@ -1044,13 +1082,13 @@ FLOCK_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL
 _told_no_flock: set[str] = set()
 
 
-def _no_flock(store_dir: Path) -> None:
+def _no_flock(store_dir, why: str = "the file system does not support flock", level: int = logging.WARNING) -> None:
     """Say once per folder that its stores are read without the reader/writer lock."""
     if str(store_dir) not in _told_no_flock:
         _told_no_flock.add(str(store_dir))
-        logging.getLogger("wsi_pipeline").warning(
-            "%s: the file system does not support flock, so a tile run may swap a store while em-round or classify "
-            "reads it; run tile when nothing reads the stores", store_dir)
+        logging.getLogger("wsi_pipeline").log(level,
+            "%s: %s, so a tile run may swap a store while em-round or classify "
+            "reads it; run tile when nothing reads the stores", store_dir, why)
 
 
 @contextmanager
@@ -1065,6 +1103,10 @@ def stores_lock(store_dir: str | Path, *, exclusive: bool, on_wait=None) -> Iter
     """
     import fcntl
 
+    if is_url(store_dir):  # object storage has no locks: see docs/design.md, "Object storage"
+        _no_flock(store_dir, "object storage has no locks", logging.INFO)
+        yield False
+        return
     path = Path(store_dir) / STORES_LOCK
     try:
         fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666)
@@ -1082,7 +1124,7 @@ def stores_lock(store_dir: str | Path, *, exclusive: bool, on_wait=None) -> Iter
         except OSError as exc:
             if exc.errno not in FLOCK_UNSUPPORTED:
                 raise
-            _no_flock(Path(store_dir))
+            _no_flock(store_dir)
             yield False
             return
         try:
