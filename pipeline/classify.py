@@ -70,7 +70,7 @@ from pipeline.batch import (
     record_matches,
     utc_now,
 )
-from pipeline.config import Config
+from pipeline.config import ClusterConfig, Config
 from pipeline.leases import DEFAULT_TIMEOUT_S
 from pipeline.run import RunDir
 from wsi import __version__
@@ -492,6 +492,8 @@ def run_classify(
     workers: int | None = None,
     processes: bool | None = None,
     scheduler: str | None = None,
+    cluster: str = "local",
+    cluster_config: ClusterConfig | None = None,
     mpp_overrides: dict | None = None,
     assume_mpp: float | None = None,
     region_threshold: float = 0.5,
@@ -514,6 +516,10 @@ def run_classify(
     another live run holds is left to it (``"busy"``), and ``predictions.csv`` and
     ``report.html`` are rebuilt from every result under the folder's mutex.
 
+    Tiling runs as :func:`pipeline.tile.run_tile` runs it (``workers``, ``processes``, ``scheduler``,
+    ``cluster``); ``cluster="slurm"`` starts SLURM jobs of ``cluster_config`` (default: the cluster
+    section's defaults, never the run's: where to run belongs to this machine, not to the run).
+
     Raises
     ------
     UsageError
@@ -535,6 +541,8 @@ def run_classify(
     meta = run.read_meta()
     cfg = run.config(meta)
     tiling_cfg = _tiling_config(run, meta) if stores is None else None
+    if tiling_cfg is not None:
+        tiling_cfg.cluster = cluster_config if cluster_config is not None else ClusterConfig()
     if stores is not None:
         check_stores_batch(src, stores, meta.get("tiling") or {})
     bs = int(batch_size if batch_size is not None else cfg.em.predict_batch_size)
@@ -559,6 +567,7 @@ def run_classify(
         "loader_workers": lw,
         "workers": workers,
         "scheduler": scheduler,
+        "cluster": cluster,
         "out": str(out),
     }
     timeout = DEFAULT_TIMEOUT_S if lease_timeout is None else float(lease_timeout)
@@ -567,7 +576,7 @@ def run_classify(
         batch.clean(".", "slides", "heatmaps", "regions", "detections", "tiles")  # leftovers of an interrupted run (never stores/)
         run_fp = run.fingerprint(rm.round, meta)
         if stores is None:
-            todo = _tile_first(batch, src, out, tiling_cfg, dict(workers=workers, processes=processes, scheduler=scheduler,
+            todo = _tile_first(batch, src, out, tiling_cfg, dict(workers=workers, processes=processes, scheduler=scheduler, cluster=cluster,
                                mpp_overrides=mpp_overrides, assume_mpp=assume_mpp, quiet=quiet, progress=progress,
                                lease_timeout=timeout))
         else:
