@@ -17,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,9 +75,26 @@ def cluster_kwargs(c: ClusterConfig) -> dict:
     return kw
 
 
+def import_slurm_cluster() -> type:
+    """``dask_jobqueue.SLURMCluster``, importing the package without letting it take over Ctrl-C.
+
+    dask-jobqueue 0.9.0 sets a SIGINT handler that calls ``sys.exit()`` when it is imported
+    (dask/dask-jobqueue#696, fixed after 0.9.0): Ctrl-C would end the command with exit code 0
+    instead of interrupting it. The handler in place before the import is put back.
+    """
+    first = "dask_jobqueue" not in sys.modules
+    on_main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if on_main else None
+    from dask_jobqueue import SLURMCluster
+
+    if first and on_main and before is not None:
+        signal.signal(signal.SIGINT, before)
+    return SLURMCluster
+
+
 def _require_slurm() -> type:
     try:
-        from dask_jobqueue import SLURMCluster
+        SLURMCluster = import_slurm_cluster()
     except ImportError:
         raise UsageError("--cluster slurm needs dask-jobqueue: pip install 'wsi-pipeline[slurm]'") from None
     if shutil.which("sbatch") is None:
