@@ -6,6 +6,7 @@
 #   bench/slurm_local.sh status   # sinfo and `srun hostname`
 #   bench/slurm_local.sh stop     # stops the daemons this script started
 #   bench/slurm_local.sh env      # prints: export SLURM_CONF=...
+#   bench/slurm_local.sh running  # exit status 0 when slurmctld and slurmd of $WSI_SLURM_DIR run
 #
 # Needs root (SlurmUser=root; the daemons are started directly: no systemd) and Debian's
 # packages: apt-get install -y slurm-wlm munge. Everything it writes is under $WSI_SLURM_DIR
@@ -132,5 +133,6 @@ case ${1:-} in
     stop) stop ;;
     status) status ;;
     env) echo "export SLURM_CONF=$CONF" ;;
-    *) echo "usage: $0 start|status|stop|env" >&2; exit 2 ;;
+    running) alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" ;;
+    *) echo "usage: $0 start|status|stop|env|running" >&2; exit 2 ;;
 esac
