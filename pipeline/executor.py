@@ -121,6 +121,10 @@ class _DriverQueue:
             item.fn = item.args = item.kwargs = None
             self._running[item.future] = item
 
+    def backlog(self) -> int:
+        """Calls submitted and not finished yet: waiting in the queue or running."""
+        return len(self._queue) + len(self._running)
+
     def completed(self) -> Iterator[_Queued]:
         """Yield calls as they finish; calls submitted meanwhile are yielded too."""
         for fut in self._finished():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import shutil
 import signal
 import subprocess
@@ -24,9 +25,13 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
+
+from distributed.deploy import Adaptive
 
 from pipeline.batch import UsageError
 from pipeline.config import ClusterConfig
+from pipeline.executor import DaskExecutor
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -135,8 +140,6 @@ def slurm_executor(c: ClusterConfig, settings: dict, warm: tuple[str, ...] = ())
     import dask
     from distributed import Client
 
-    from pipeline.executor import DaskExecutor
-
     SLURMCluster = _require_slurm()
     _make_dirs(c)
     with dask.config.set(settings):
@@ -145,11 +148,8 @@ def slurm_executor(c: ClusterConfig, settings: dict, warm: tuple[str, ...] = ())
     try:
         check_job_script(cluster.job_script())
         client = Client(cluster)
-        ex = DaskExecutor(client, in_flight=c.maximum_jobs * c.cores)
-        ex.n_workers = c.maximum_jobs * c.cores  # tasks the cluster can run at once when fully scaled
-        ex.description = (f"dask-jobqueue SLURMCluster {cluster.scheduler_address} ({c.minimum_jobs}-{c.maximum_jobs} "
-                          f"jobs of {c.cores} cores{f', partition {c.queue}' if c.queue else ''})")
-        _first_worker(cluster, client, c)
+        ex = SlurmExecutor(client, cluster, c)
+        _first_worker(cluster, client, c, ex)
         ex.warm(warm)
         yield ex
     finally:
@@ -158,7 +158,41 @@ def slurm_executor(c: ClusterConfig, settings: dict, warm: tuple[str, ...] = ())
         cluster.close()
 
 
-def _first_worker(cluster, client, c: ClusterConfig) -> None:
+class SlurmExecutor(DaskExecutor):
+    """A :class:`~pipeline.executor.DaskExecutor` whose worker slots follow the SLURM workers present.
+
+    The driver's queue hands out as many calls as the connected workers have threads (read from
+    the scheduler, which runs in this process), so a job that joins takes the most urgent waiting
+    calls as others finish. Its size at start, ``maximum_jobs x cores``, is what callers plan for
+    (tile's bands per slide, slides claimed ahead): the cluster once fully scaled.
+    """
+
+    def __init__(self, client, cluster, c: ClusterConfig) -> None:
+        super().__init__(client, in_flight=c.maximum_jobs * c.cores)
+        self._scheduler = cluster.scheduler
+        self.n_workers = c.maximum_jobs * c.cores
+        self.description = (f"dask-jobqueue SLURMCluster {cluster.scheduler_address} ({c.minimum_jobs}-"
+                            f"{c.maximum_jobs} jobs of {c.cores} cores{f', partition {c.queue}' if c.queue else ''})")
+
+    def _pump(self) -> None:
+        self.in_flight = max(1, int(self._scheduler.total_nthreads))
+        super()._pump()
+
+
+class BacklogAdaptive(Adaptive):
+    """Dask's adaptive scaling with the target from the driver's backlog: one worker per
+    ``threads`` calls waiting or running. The scheduler's own estimate sees only the calls handed
+    out, which the driver limits to the threads present, so it would never ask for more jobs."""
+
+    def __init__(self, *args, backlog: Callable[[], int], threads: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._backlog, self._threads = backlog, max(1, int(threads))
+
+    async def target(self) -> int:
+        return math.ceil(self._backlog() / self._threads)
+
+
+def _first_worker(cluster, client, c: ClusterConfig, ex: SlurmExecutor) -> None:
     """Start ``max(1, minimum_jobs)`` jobs, wait for the first worker, then scale with the work."""
     cluster.scale(jobs=max(1, c.minimum_jobs))
     log.info("waiting for the first SLURM job of the cluster to start (at most %.0f s)", c.start_timeout_s)
@@ -167,4 +201,5 @@ def _first_worker(cluster, client, c: ClusterConfig) -> None:
     except (TimeoutError, asyncio.TimeoutError):
         raise UsageError(f"no SLURM worker job started within cluster.start_timeout_s={c.start_timeout_s:g} s "
                          "(squeue --me shows why; the jobs were cancelled)") from None
-    cluster.adapt(minimum_jobs=c.minimum_jobs, maximum_jobs=c.maximum_jobs)
+    cluster.adapt(minimum_jobs=c.minimum_jobs, maximum_jobs=c.maximum_jobs, Adaptive=BacklogAdaptive,
+                  backlog=ex.backlog, threads=c.cores // c.processes)
