@@ -141,6 +141,31 @@ def test_job_script_follows_the_cluster_section(tmp_path):
     assert "worker_extra_args" not in cluster_kwargs(short)  # too short to retire early
 
 
+def test_adaptive_scaling_follows_the_drivers_backlog():
+    # BacklogAdaptive on a real (in-process) LocalCluster: one worker per `threads` calls waiting or
+    # running in the driver, within minimum..maximum, and back down when the backlog is gone.
+    from distributed import LocalCluster
+
+    from pipeline.slurm import BacklogAdaptive
+
+    backlog = [7]
+    with LocalCluster(n_workers=0, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        cluster.adapt(Adaptive=BacklogAdaptive, backlog=lambda: backlog[0], threads=2, minimum=0, maximum=3,
+                      interval="100ms", wait_count=2)
+        _wait_for(lambda: len(cluster.scheduler.workers) == 3)  # ceil(7 / 2) = 4, at most 3
+        backlog[0] = 2
+        _wait_for(lambda: len(cluster.scheduler.workers) == 1)
+        backlog[0] = 0
+        _wait_for(lambda: len(cluster.scheduler.workers) == 0)
+
+
+def _wait_for(cond, timeout=20.0):
+    t = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t < timeout, "timed out"
+        time.sleep(0.05)
+
+
 # --------------------------------------------------------------------------- the command line
 
 
@@ -274,12 +299,18 @@ def test_templates_parse_and_use_options_that_exist():
     assert torchrun_opts and torchrun_opts <= known, sorted(torchrun_opts - known)
 
 
-def test_readme_and_design_point_at_the_templates():
+def test_readme_and_design_point_at_the_templates(tmp_path):
     readme = (ROOT / "README.md").read_text()
     design = (ROOT / "docs" / "design.md").read_text()
     for p in TEMPLATES:
         assert f"docs/slurm/{p.name}" in readme, p.name
     assert "--cluster slurm" in readme and "--cluster slurm" in design and "pip install 'wsi-pipeline[slurm]'" in readme
+    # the README's example cluster section is a valid one
+    block = re.search(r"```yaml\n(cluster:\n.*?)```", readme, re.S)
+    assert block, "README: the example cluster: section"
+    (tmp_path / "site.yaml").write_text(block.group(1))
+    c = load_cluster_config(tmp_path / "site.yaml")
+    assert (c.queue, c.account, c.job_extra_directives) == ("cpu", "lab42", ["--qos=normal"])
 
 
 # --------------------------------------------------------------------------- a real SLURM on this machine
