@@ -390,7 +390,8 @@ def test_tile_on_slurm_equals_one_thread(slurm, cohort, tmp_path):
 @pytest.mark.slow
 def test_a_job_that_cannot_start_times_out_and_ctrl_c_cancels_it(slurm, cohort, tmp_path):
     cpus = _sh("sinfo", "-h", "-o", "%c", env=slurm).stdout.split()[0]
-    r = _sh("sbatch", "--parsable", "-J", "wsi-blocker", "-c", cpus, "--wrap", "sleep 300", env=slurm)
+    r = _sh("sbatch", "--parsable", "-J", "wsi-blocker", "-c", cpus, "-o", "/dev/null", "--wrap", "sleep 300",
+            env=slurm)
     assert r.returncode == 0, r.stderr
     try:
         for _ in range(100):  # the node is full once the blocker runs
