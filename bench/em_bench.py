@@ -199,8 +199,60 @@ def _one(d: Path, mode: str, cfg, ann: list, rounds: int, out: Path, fresh: bool
     ev = run_evaluate(out / "classified" / "predictions.csv", d / "cohort" / "labels.csv", split="test",
                       masks=[d / "cohort" / "annotations"], config=cfg, out_dir=out / "classified")
     px = ev.get("pixel") or {}
-    return {"test_auc": ev.get("auc"), "test_spec100": (ev.get("at_full_sensitivity") or {}).get("specificity"),
+    rates = {}
+    if (d / "cohort" / "cohort.json").is_file():
+        for rnd in sorted(int(p.name.split("_")[1]) for p in (out / "run").glob("round_*") if (p / "DONE").is_file()):
+            rates[rnd] = tile_hit_rates(d, out / "run", rnd)
+            print(f"  round {rnd}: theta1 flags (max >= 0.5) "
+                  + ", ".join(f"{k} {v:.1%}" for k, v in rates[rnd].items()) + " of train/val tiles", flush=True)
+    best = rates.get(summary["best_round"]) or {}
+    return {"lesion_vs_normal": (best.get("lesion"), best.get("normal")),
+            "test_auc": ev.get("auc"), "test_spec100": (ev.get("at_full_sensitivity") or {}).get("specificity"),
             "test_dice": px.get("mean_dice_positive_slides"), "best_round": summary["best_round"], "minutes": minutes}
+
+
+def _tile_kinds(d: Path, slide: dict, xy: np.ndarray, tile_level0_px: float) -> np.ndarray:
+    """What each tile's centre lies on, from the cohort's ground truth: lesion, decoy, a confounder or normal tissue."""
+    import shapely
+
+    c = xy + tile_level0_px / 2
+    kind = np.full(len(xy), "normal", dtype=object)
+    for cf in slide["confounders"]:
+        if "bbox_level0_px" in cf and cf["kind"] != "stain_patch":  # stain patches cover most of a slide
+            x0, y0, x1, y1 = cf["bbox_level0_px"]
+            kind[(c[:, 0] >= x0) & (c[:, 0] < x1) & (c[:, 1] >= y0) & (c[:, 1] < y1)] = "confounder"
+    pts = shapely.points(c[:, 0], c[:, 1])
+    for b in slide["blobs"]:  # a tile whose centre is within half a tile of a blob shows part of it
+        kind[shapely.contains(shapely.Polygon(b["polygon_level0_px"]).buffer(tile_level0_px / 2), pts)] = b["kind"]
+    return kind
+
+
+def tile_hit_rates(d: Path, run: Path, rnd: int, cut: float = 0.5) -> dict:
+    """Share of train/val tiles whose maximum theta1 probability in round ``rnd`` is >= ``cut``, per kind of
+    tissue under them (realistic cohorts record the truth): a model that learned the lesions flags far more
+    lesion than normal, decoy or confounder tiles; one that learned nothing flags them all alike."""
+    import json
+
+    import zarr
+
+    from pipeline.probmaps import read_max_probs
+
+    cohort = json.loads((d / "cohort" / "cohort.json").read_text())
+    hits, total = {}, {}
+    for slide in cohort["slides"]:
+        if slide["split"] == "test":
+            continue
+        g = zarr.open_group(str(d / "stores" / f"{slide['slide_id']}.zarr"), mode="r")
+        xy = np.asarray(g["coords"][:], np.float64)
+        t = g.attrs["tiling"]
+        size = float(t["tile_px"] * t["downsample"])  # level-0 px
+        kind = _tile_kinds(d, slide, xy, size)
+        flagged = read_max_probs(run / f"round_{rnd}" / "probmaps.zarr", slide["slide_id"]) >= cut
+        for k in set(kind):
+            sel = kind == k
+            total[k] = total.get(k, 0) + int(sel.sum())
+            hits[k] = hits.get(k, 0) + int((flagged & sel).sum())
+    return {k: round(hits[k] / total[k], 3) for k in sorted(total) if total[k]}
 
 
 def _fmt(vals) -> str:
@@ -240,11 +292,13 @@ def bench_compare(args) -> None:
         rows.append((name, per))
     lines = [f"Cohort: {args.cohort} ({d.name}), config {args.config} {' '.join(args.set)}, {args.seeds} seed(s), "
              f"{args.rounds} round(s); test split, threshold-free metrics; mean ± sd over seeds.", "",
-             "| run | test AUC | specificity at 100 % sensitivity | pixel Dice (positive slides) | chosen round(s) | minutes |",
-             "|---|---|---|---|---|---|"]
+             "| run | test AUC | specificity at 100 % sensitivity | pixel Dice (positive slides) | chosen round(s) "
+             "| θ1 flags lesion / normal tiles | minutes |",
+             "|---|---|---|---|---|---|---|"]
     for name, per in rows:
         lines.append(f"| {name} | {_fmt([r['test_auc'] for r in per])} | {_fmt([r['test_spec100'] for r in per])} | "
                      f"{_fmt([r['test_dice'] for r in per])} | {', '.join(str(r['best_round']) for r in per)} | "
+                     f"{_fmt([r['lesion_vs_normal'][0] for r in per])} / {_fmt([r['lesion_vs_normal'][1] for r in per])} | "
                      f"{_fmt([r['minutes'] for r in per])} |")
     table = "\n".join(lines)
     path = OUT / f"em-compare-{args.cohort}-{tag}" / "comparison.md"

@@ -23,7 +23,10 @@ scoring runs in this process, one slide after another, with batched inference
 on the chosen device (CUDA when available) and ``--loader-workers`` DataLoader
 processes reading tiles. One GPU is kept busy this way; slides are small work
 units for a GPU, so spreading them over tiling workers would mostly duplicate the
-models in memory.
+models in memory. Under torchrun (``torchrun --nproc-per-node N wsi-pipeline classify ...``)
+rank 0 takes the folder's lock and tiles; every rank scores its share of the slides
+(balanced by tile count) on its own device and writes their files; rank 0 then gathers
+the outcomes and writes ``predictions.csv``, the report and the run report.
 
 Output folder ::
 
@@ -71,6 +74,7 @@ from pipeline.batch import (
     utc_now,
 )
 from pipeline.config import ClusterConfig, Config
+from pipeline.distributed import Dist, session
 from pipeline.leases import DEFAULT_TIMEOUT_S
 from pipeline.run import RunDir
 from wsi import __version__
@@ -549,52 +553,107 @@ def run_classify(
     lw = int(loader_workers if loader_workers is not None else cfg.runtime.loader_workers)
     if bs < 1 or lw < 0:
         raise UsageError("--batch-size must be >= 1 and --loader-workers >= 0")
-    rm = load_round(run_dir, which, device=device or "auto")
-    thr, thr_source = resolve_threshold(threshold, run, rm.round, rm.threshold_at_full_sensitivity)
-    out = ensure_writable_dir(out, "output folder")
-    show = progress and not quiet
-    settings = {
-        "input": str(src),
-        "input_kind": "stores" if stores is not None else "slides",
-        "run_dir": str(run_dir.resolve()),
-        "round": rm.round,
-        "round_requested": str(round_),
-        "threshold": thr,
-        "threshold_source": thr_source,
-        "region_threshold": region_threshold,
-        "device": str(rm.device),
-        "batch_size": bs,
-        "loader_workers": lw,
-        "workers": workers,
-        "scheduler": scheduler,
-        "cluster": cluster,
-        "out": str(out),
-    }
-    timeout = DEFAULT_TIMEOUT_S if lease_timeout is None else float(lease_timeout)
-    with BatchRun("classify", out, settings, progress=show, t0=t_run, lease_timeout=timeout) as batch:
-        report = batch.report
-        batch.clean(".", "slides", "heatmaps", "regions", "detections", "tiles")  # leftovers of an interrupted run (never stores/)
-        run_fp = run.fingerprint(rm.round, meta)
-        if stores is None:
-            todo = _tile_first(batch, src, out, tiling_cfg, dict(workers=workers, processes=processes, scheduler=scheduler, cluster=cluster,
-                               mpp_overrides=mpp_overrides, assume_mpp=assume_mpp, quiet=quiet, progress=progress,
-                               lease_timeout=timeout))
-        else:
-            from wsi.store import STORE_SUFFIX
+    with session(device or "auto", cfg.runtime.dist_timeout_s) as (d, dev):
+        rm = load_round(run_dir, which, device=dev)
+        thr, thr_source = resolve_threshold(threshold, run, rm.round, rm.threshold_at_full_sensitivity)
+        out = d.main_only(lambda: ensure_writable_dir(out, "output folder"))
+        show = progress and not quiet and d.is_main
+        settings = {
+            "input": str(src),
+            "input_kind": "stores" if stores is not None else "slides",
+            "run_dir": str(run_dir.resolve()),
+            "round": rm.round,
+            "round_requested": str(round_),
+            "threshold": thr,
+            "threshold_source": thr_source,
+            "region_threshold": region_threshold,
+            "device": str(rm.device),
+            "batch_size": bs,
+            "loader_workers": lw,
+            "workers": workers,
+            "scheduler": scheduler,
+            "cluster": cluster,
+            "out": str(out),
+        }
+        if d.enabled:
+            settings["world_size"] = d.world
+        timeout = DEFAULT_TIMEOUT_S if lease_timeout is None else float(lease_timeout)
+        job = _Job(src, stores, tiling_cfg, out, dict(workers=workers, processes=processes, scheduler=scheduler,
+                                                      cluster=cluster, mpp_overrides=mpp_overrides,
+                                                      assume_mpp=assume_mpp, quiet=quiet, progress=progress,
+                                                      lease_timeout=timeout))
 
-            todo = [(p.name[: -len(STORE_SUFFIX)], p, str(p)) for p in stores]
-        ctx = _Ctx(run_dir, meta, rm, run_fp, out, float(region_threshold), bool(geojson), bs, lw, show)
-        log.info("scoring %d slide(s) with round %d of %s on %s (threshold %.4f: %s)",
-                 len(todo), rm.round, run_dir, rm.device, thr, thr_source)
-        batch.start(len(todo))
-        _score_all(ctx, batch, todo)
-        report.slides.sort(key=lambda s: s.slide_id)
-        provenance = _provenance(run, meta, rm, thr, thr_source, round_)
-        if labels is not None:
-            provenance["labels"] = str(Path(labels).resolve())
-        with batch.mutex():  # the files of the whole folder, from every job's results: one job at a time
-            _write_folder_outputs(batch, out, run_fp, provenance, label_of)
-    return report
+        def new_batch(**kw):
+            return BatchRun("classify", out, settings, lease_timeout=timeout, **kw)
+
+        with d.held_by_main(lambda: new_batch(progress=show, t0=t_run)) as batch:
+            # other ranks claim their slides' leases (refreshed while they score) but are not a job of their own
+            batch = batch if d.is_main else new_batch(progress=False)
+            with contextlib.nullcontext() if d.is_main else batch.leases:
+                run_fp = run.fingerprint(rm.round, meta)
+                todo = d.main_only(lambda: _prepare(job, batch), what="rank 0 preparing the slides")
+                ctx = _Ctx(run_dir, meta, rm, run_fp, out, float(region_threshold), bool(geojson), bs, lw, show)
+                log.info("scoring %d slide(s) with round %d of %s on %s (threshold %.4f: %s)",
+                         len(todo), rm.round, run_dir, rm.device, thr, thr_source)
+                _score_shard(ctx, batch, todo, d)
+            d.main_only(lambda: _write_outputs(batch, run, meta, rm, thr, thr_source, round_, out, run_fp, labels,
+                                               label_of), what="rank 0 writing predictions.csv and the report")
+        return d.main_only(lambda: batch.report)
+
+
+@dataclass
+class _Job:
+    """What rank 0 needs to turn the input into stores to score."""
+
+    src: Path
+    stores: list[Path] | None
+    tiling_cfg: Config | None
+    out: Path
+    tile_options: dict
+
+
+def _prepare(job: _Job, batch: BatchRun) -> list[tuple[str, Path, str]]:
+    """Rank 0: clean what a stopped run left, tile slide input with the run's settings; the stores to score
+    as ``(slide_id, store, source)``."""
+    batch.clean(".", "slides", "heatmaps", "regions", "detections", "tiles")  # leftovers of an interrupted run (never stores/)
+    if job.stores is None:
+        return _tile_first(batch, job.src, job.out, job.tiling_cfg, job.tile_options)
+    from wsi.store import STORE_SUFFIX
+
+    return [(p.name[: -len(STORE_SUFFIX)], p, str(p)) for p in job.stores]
+
+
+def _tile_count(store_path: Path) -> int:
+    """A store's tile count, for sharing slides between ranks (0 when it cannot be read: it fails alone later)."""
+    from wsi.store import TileStore
+
+    try:
+        return len(TileStore(store_path))
+    except Exception:  # noqa: BLE001 -- a damaged store is reported by the rank that scores it
+        return 0
+
+
+def _score_shard(ctx: _Ctx, batch: BatchRun, todo: list[tuple[str, Path, str]], d: Dist) -> None:
+    """Score this rank's share of ``todo`` (all of it in one process); rank 0's report gets every outcome."""
+    mine = d.shard(todo, [_tile_count(sp) for _, sp, _ in todo] if d.enabled else None)
+    batch.start(len(mine))
+    with d.agree("scoring slides"):
+        _score_all(ctx, batch, mine)
+    others = d.gather([] if d.is_main else batch.report.slides)
+    if d.is_main:
+        for outcomes in others[1:]:
+            batch.report.slides.extend(outcomes)
+    batch.report.slides.sort(key=lambda s: s.slide_id)
+
+
+def _write_outputs(batch: BatchRun, run: RunDir, meta: dict, rm, thr: float, thr_source: str, round_, out: Path,
+                   run_fp: str, labels, label_of) -> None:
+    """Rank 0: the folder's files from every job's results, one job at a time."""
+    provenance = _provenance(run, meta, rm, thr, thr_source, round_)
+    if labels is not None:
+        provenance["labels"] = str(Path(labels).resolve())
+    with batch.mutex():
+        _write_folder_outputs(batch, out, run_fp, provenance, label_of)
 
 
 def _tile_first(batch: BatchRun, src: Path, out: Path, tiling_cfg: Config, options: dict) -> list[tuple[str, Path, str]]:

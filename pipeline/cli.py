@@ -202,6 +202,7 @@ def _handle_errors(fn):
     def wrapper(*args, **kwargs):
         from pipeline.batch import UsageError
         from pipeline.config import ConfigError
+        from pipeline.distributed import RankFailed
         from wsi.slide import SlideError
 
         try:
@@ -209,6 +210,9 @@ def _handle_errors(fn):
         except (UsageError, ConfigError, SlideError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except RankFailed as exc:  # torchrun: another rank failed and said why in its own output
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
         except ModuleNotFoundError as exc:
             missing = (exc.name or "").partition(".")[0]
             if missing not in TRAIN_MODULES:
@@ -458,6 +462,12 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
           --set em.epochs=10 --set stage2.top_k=8 --weights theta1.pt
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --tracker tensorboard
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --rounds 3 --allow-restore
+      torchrun --nproc-per-node 4 --no-python wsi-pipeline -- em-round --stores stores --labels labels.csv \\
+          --annotations ann/ --run run
+
+    Under torchrun every rank trains its slice of each batch (DistributedDataParallel) and
+    predicts its share of the slides; rank 0 writes the run directory and logs. The `--` keeps
+    torchrun from reading --run as its own --run-path.
     """
     from pipeline.batch import UsageError, setup_logging
     from pipeline.em import run_em
@@ -470,12 +480,14 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
         {"em.mode": mode, "model.seg_weights": str(weights.resolve()) if weights is not None else None,
          "em.val_fraction": val_fraction},
     )
+    from pipeline.distributed import is_main_process
     from pipeline.tracking import make_tracker
 
-    tracker_obj = make_tracker(tracker, run_dir)
+    tracker_obj = make_tracker(tracker, run_dir) if is_main_process() else None  # torchrun: rank 0 tracks
     try:
         summary = run_em(stores, labels_csv, run_dir, cfg, annotations=list(annotations), rounds=rounds,
-                         force=force, allow_restore=allow_restore, progress=not quiet, hooks=tracker_obj.hooks() if tracker_obj else None)
+                         force=force, allow_restore=allow_restore, progress=not quiet,
+                         hooks=tracker_obj.hooks() if tracker_obj else None)
     except StoreError as exc:
         raise UsageError(str(exc)) from None
     except KeyboardInterrupt:
@@ -484,6 +496,11 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
     finally:
         if tracker_obj is not None:
             tracker_obj.close()
+    if is_main_process():
+        _echo_em_summary(summary, run_dir)
+
+
+def _echo_em_summary(summary: dict, run_dir) -> None:
     rows = []
     for k in summary["rounds_completed"]:
         m = summary["rounds"].get(k, {})
@@ -566,6 +583,7 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
       wsi-pipeline classify slides.txt --run run --out results --scheduler tcp://head:8786
       wsi-pipeline classify slides/ --run run --out results --cluster slurm --cluster-config site.yaml
       wsi-pipeline classify slides/ --run run --out results --labels labels.csv --log-file classify.log
+      torchrun --nproc-per-node 4 --no-python wsi-pipeline -- classify stores/ --run run --out results
     """
     from pipeline.batch import setup_logging
     from pipeline.classify import run_classify
@@ -585,6 +603,10 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
     except KeyboardInterrupt:
         click.echo(f"interrupted; run the same command again: slides already scored in {out_dir} are skipped", err=True)
         sys.exit(130)
+    from pipeline.distributed import is_main_process
+
+    if not is_main_process():  # torchrun: rank 0 reports, every rank exits with the same code
+        sys.exit(0 if report.ok else 1)
     click.echo(report.summary(), err=True)
     s = report.settings
     click.echo(f"threshold {s['threshold']:.4f} ({s['threshold_source']}); round {s['round']}", err=True)

@@ -173,10 +173,15 @@ class RuntimeConfig:
     """Seconds without a refresh after which another job's lease on a slide is stale and taken over
     (``tile``/``classify`` on a shared folder; holders refresh theirs every 30 s, and a holder on this
     host that is gone is noticed at once)."""
+    dist_timeout_s: int = 1800
+    """Under torchrun: how long a collective (a barrier, a gradient all-reduce) waits for a rank
+    that stopped answering before every rank gives up (the process group's timeout)."""
 
     def validate(self) -> None:
         if not self.lease_timeout_s > 0:
             raise ConfigError(f"runtime.lease_timeout_s must be > 0 seconds, got {self.lease_timeout_s}")
+        if self.dist_timeout_s < 1:
+            raise ConfigError("runtime.dist_timeout_s must be >= 1 (seconds a rank waits for the others under torchrun)")
         if self.workers < -1:
             raise ConfigError("runtime.workers must be >= -1 (-1 = all cores, 0 = one task at a time in this thread)")
         if self.torch_threads < 0:
@@ -349,6 +354,11 @@ class EMConfig:
     """When fewer negative-slide tiles pass T than one batch's hard-negative share, add the
     highest-scoring negative-slide tiles below T (all truly negative), so hard negatives keep their
     share of every batch instead of repeating within it or handing their share to the other sources."""
+    min_pseudo_precision: float = 0.5
+    """Warn (log, metrics.json, classify's report) when the E-step's estimated share of lesion among
+    the pseudo-positives, 1 - (negative slides' kept share) / (positive slides' kept share), is below
+    this: theta1 then keeps tiles of positive slides no more often than of negative ones. Not a paper
+    value; a report knob, outside the run's identity."""
     val_fraction: float = 0.0
     """Without a 'val' split in labels.csv: the share of training patients (labels.csv 'patient_id', else
     each slide its own patient) moved to a validation split, per class, seeded by em.seed; 0 = none.
@@ -431,6 +441,8 @@ class EMConfig:
             raise ConfigError(f"em.val_fraction must be in [0, 0.9], got {self.val_fraction}")
         if not 0.0 <= self.negative_fpr < 1.0:
             raise ConfigError(f"em.negative_fpr must be in [0, 1), got {self.negative_fpr}")
+        if not 0.0 <= self.min_pseudo_precision <= 1.0:
+            raise ConfigError(f"em.min_pseudo_precision must be in [0, 1], got {self.min_pseudo_precision}")
         cap = self.max_positive_tiles_per_slide
         if cap is not None and not (0 < cap < 1 or (cap >= 1 and float(cap).is_integer())):
             raise ConfigError(f"em.max_positive_tiles_per_slide must be a share in (0, 1), a whole count >= 1 or "
@@ -749,7 +761,8 @@ class Config:
 
     TRAIN_SECTIONS = ("model", "em", "stage2")
     TRAIN_EXCLUDE = ("em.predict_batch_size", "em.heatmap_slides", "em.select_rounds", "em.select_by",
-                     "stage2.fit_warning_auc")
+                     "stage2.fit_warning_auc",
+                     "em.min_pseudo_precision")
 
     def train_hash(self, tiling_hash: str | None = None) -> str:
         """Hash of everything that changes what training produces: the model, em and stage2

@@ -464,13 +464,34 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
-def make_loader(dataset, batch_sampler, *, loader_workers: int, device) -> "torch.utils.data.DataLoader":
+class PositionedDataset(Dataset):
+    """A dataset read with keys ``(index, seed, pos, size)`` (:class:`pipeline.distributed.ShardedBatches`):
+    its item for ``(index, seed)`` plus ``pos`` (the item's place in the global batch, -1 for the
+    stand-in of an empty slice) and ``total`` (the global batch's size)."""
+
+    def __init__(self, inner: Dataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key):
+        index, seed, pos, total = key
+        return {**self.inner[(index, seed)], "pos": int(pos), "total": int(total)}
+
+
+def make_loader(dataset, batch_sampler, *, loader_workers: int, device, dist=None) -> "torch.utils.data.DataLoader":
     """The training DataLoader: ``loader_workers`` seeded worker processes (0 = in this process),
-    this module's collate, pinned memory on CUDA."""
+    this module's collate, pinned memory on CUDA. Under torchrun (``dist.world > 1``) it loads only
+    this rank's slice of every global batch, each item with its position (:class:`PositionedDataset`)."""
     from torch.utils.data import DataLoader
 
     import models
 
+    if dist is not None and dist.enabled:
+        from pipeline.distributed import ShardedBatches
+
+        dataset, batch_sampler = PositionedDataset(dataset), ShardedBatches(batch_sampler, dist.rank, dist.world)
     w = int(loader_workers)
     return DataLoader(
         dataset,

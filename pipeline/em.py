@@ -38,13 +38,15 @@ training checkpoints after every epoch (``state/seg_train.pt``,
 ``state/cls_train.pt``), predictions per slide. A re-run resumes at the last
 checkpoint and reproduces, on CPU, exactly what an uninterrupted run gives.
 
-Scaling out (not implemented, the shapes allow it): *E-step / predictions* --
-each torchrun rank takes ``slides[rank::world]`` (:func:`write_probmaps` works
-per slide and each slide is its own Zarr group), rank 0 renames the Zarr when
-all ranks are done. *M-step / stage 2* -- wrap the model in
-``DistributedDataParallel`` inside the trainer and give each rank the slice
-``batch[rank::world]`` of every batch from the same seeded batch sampler (the
-2:1:7 mix then holds per global batch); rank 0 writes checkpoints.
+Under torchrun (:mod:`pipeline.distributed`): every rank runs this same code.
+*Predictions* (maps of train and val slides, validation, stage-2 loss, MIL ranking)
+are sharded by slide; *training* runs in ``DistributedDataParallel`` on each rank's
+slice of every global batch of the one seeded sampler (the 2:1:7 mix holds per global
+batch); rank 0 alone writes ``run.json``, ``best``, checkpoints, maps' renames,
+heatmaps and ``metrics.json`` and makes every decision read from the run directory
+(:meth:`~pipeline.distributed.Dist.main_only`), so the ranks never disagree about
+where a run stands. Checkpoints hold no trace of the world size: a run resumes with
+any number of ranks.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from typing import Callable, Sequence
 
 from pipeline.batch import RunLock, UsageError, ensure_writable_dir, utc_now
 from pipeline.config import Config, ConfigError
+from pipeline.distributed import SINGLE, Dist, session
 from pipeline.labels import Cohort, SlideEntry, load_cohort
 from pipeline.run import RunDir, load_weights, new_model, run_identity
 from wsi import __version__
@@ -104,6 +107,7 @@ class RoundContext:
     hooks: EMHooks
     train: list[SlideEntry] = field(default_factory=list)
     val: list[SlideEntry] = field(default_factory=list)
+    dist: Dist = SINGLE
 
     @property
     def mode(self) -> str:
@@ -181,6 +185,12 @@ def _splits(cfg: Config, cohort: Cohort, annotated: set[str]) -> tuple[list[Slid
     return [s for s in train if s.slide_id not in ids], val
 
 
+def _check_distributed(cfg: Config, d: Dist) -> None:
+    if d.enabled and (cfg.model.seg_mix or cfg.model.cls_mix):
+        raise ConfigError("model.seg_mix / model.cls_mix: batch mixers mix items across the whole batch, and under "
+                          "torchrun each rank holds a slice of it; run em-round with mixers in one process, or drop them")
+
+
 def _train_annotations(ann_all: dict, train: Sequence[SlideEntry], cohort: Cohort, mode: str) -> dict:
     """Only train slides' annotations train theta1; say which were left out."""
     if mode == "image":
@@ -232,8 +242,6 @@ def run_em(
     """
     import torch
 
-    from pipeline.inference import resolve_device
-
     cfg = config
     cfg.validate()
     if rounds < 1:
@@ -249,14 +257,18 @@ def run_em(
     if cfg.runtime.torch_threads > 0:
         torch.set_num_threads(cfg.runtime.torch_threads)
     run = RunDir(run_dir)
-    ctx = RoundContext(cfg, cohort, run, ann, resolve_device(cfg.runtime.device), progress, hooks or EMHooks(),
-                       train=train, val=val)
-    ensure_writable_dir(run.path, "run directory", "--run")
-    with RunLock(run.path, "em-round"), stores_lock(cohort.stores_dir, exclusive=False):
-        return _run_rounds(ctx, rounds, force, allow_restore)
+    with session(cfg.runtime.device, cfg.runtime.dist_timeout_s) as (d, device):
+        _check_distributed(cfg, d)
+        ctx = RoundContext(cfg, cohort, run, ann, device, progress and d.is_main,
+                           (hooks or EMHooks()) if d.is_main else EMHooks(), train=train, val=val, dist=d)
+        ensure_writable_dir(run.path, "run directory", "--run")
+        with d.held_by_main(lambda: RunLock(run.path, "em-round")), stores_lock(cohort.stores_dir, exclusive=False):
+            return _run_rounds(ctx, rounds, force, allow_restore)
 
 
-def _run_rounds(ctx: RoundContext, rounds: int, force: bool, allow_restore: bool = False) -> dict:
+def _open_run(ctx: RoundContext, force: bool, allow_restore: bool = False) -> dict:
+    """run.json: created, or checked against this call's inputs; ``--force`` clears the rounds and
+    ``--allow-restore`` the rounds trained on stores that changed since."""
     cfg, run = ctx.cfg, ctx.run
     ident = run_identity(cfg, ctx.cohort, ctx.annotations, ctx.train, ctx.val)
     if run.exists():
@@ -268,7 +280,12 @@ def _run_rounds(ctx: RoundContext, rounds: int, force: bool, allow_restore: bool
         meta = run.create(ident)
     if force:
         meta = run.clear_rounds(meta)
-    meta = run.select_best(meta, cfg)  # the rule may have changed since the last call: re-sync run.json and best
+    return run.select_best(meta, cfg)  # the rule may have changed since the last call: re-sync run.json and best
+
+
+def _run_rounds(ctx: RoundContext, rounds: int, force: bool, allow_restore: bool = False) -> dict:
+    cfg, run, d = ctx.cfg, ctx.run, ctx.dist
+    meta = d.main_only(lambda: _open_run(ctx, force, allow_restore), what="rank 0 opening the run")
     target = 1 if cfg.em.mode == "pixel" else rounds
     if cfg.em.mode == "pixel" and rounds > 1:
         log.warning("--mode pixel has a single round (theta1 from the annotations, no EM); running round 0 only")
@@ -276,23 +293,29 @@ def _run_rounds(ctx: RoundContext, rounds: int, force: bool, allow_restore: bool
              run.path, cfg.em.mode, len(ctx.train), len(ctx.annotations), len(ctx.val), ctx.device)
     summary = {"run_dir": str(run.path), "mode": cfg.em.mode, "rounds_run": [], "rounds_skipped": []}
     for k in range(target):
-        if run.is_done(k):
+        if d.main_only(lambda: run.is_done(k)):
             summary["rounds_skipped"].append(k)
             if k not in meta.get("rounds_completed", []):  # finished just before a crash: record it now
-                meta = run.record_round(meta, k, run.metrics(k, required=False), cfg)
+                meta = d.main_only(lambda: run.record_round(meta, k, run.metrics(k, required=False), cfg))
             log.info("round %d is complete; skipped (--force re-runs it)", k)
             continue
-        meta = run.record_round(meta, k, metrics := _run_round(ctx, k), cfg)
-        ctx.hooks.round_end(k, metrics)
+        metrics = _run_round(ctx, k)
+        meta = d.main_only(lambda: _record(ctx, meta, k, metrics), what="rank 0 recording the round")
         summary["rounds_run"].append(k)
-    run.empty_trash()  # rounds an earlier --force / --allow-restore moved aside: the new ones are complete now
+    d.main_only(run.empty_trash)  # rounds an earlier --force / --allow-restore moved aside: the new ones are complete
     summary.update({
         "rounds_completed": meta["rounds_completed"],
         "best_round": meta["best_round"],
         "round_losses": meta["round_losses"],
-        "rounds": {int(k): run.metrics(int(k), required=False) for k in meta["rounds_completed"]},
+        "rounds": d.main_only(lambda: {int(k): run.metrics(int(k), required=False) for k in meta["rounds_completed"]}),
     })
     return summary
+
+
+def _record(ctx: RoundContext, meta: dict, k: int, metrics: dict) -> dict:
+    meta = ctx.run.record_round(meta, k, metrics, ctx.cfg)
+    ctx.hooks.round_end(k, metrics)
+    return meta
 
 
 # --------------------------------------------------------------------------- one round
@@ -301,8 +324,8 @@ def _run_rounds(ctx: RoundContext, rounds: int, force: bool, allow_restore: bool
 class _Progress:
     """A round's in-progress record (``state/progress.json``): step results and time per step."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, dist: Dist = SINGLE):
+        self.path, self.dist = path, dist
         try:
             self.data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -314,7 +337,7 @@ class _Progress:
         t0 = time.perf_counter()
         self.data[step] = fn()
         self.add_time(timing, t0)
-        atomic_write_json(self.path, self.data)
+        self.dist.main_only(lambda: atomic_write_json(self.path, self.data), what="rank 0 saving progress")
 
     def add_time(self, step: str, t0: float) -> None:
         times = self.data["time_s"]
@@ -334,21 +357,20 @@ def _run_round(ctx: RoundContext, k: int) -> dict:
     from pipeline.run import model_from_checkpoint
     from pipeline.stage2 import train_theta2, validate_round
 
-    run = ctx.run
-    run.state_dir(k).mkdir(parents=True, exist_ok=True)
-    prog = _Progress(run.state_dir(k) / "progress.json")
+    run, d = ctx.run, ctx.dist
+    d.main_only(lambda: run.state_dir(k).mkdir(parents=True, exist_ok=True))
+    prog = _Progress(run.state_dir(k) / "progress.json", d)
     t_round = time.perf_counter()
-    resuming = any(p.exists() for p in (run.checkpoint(k, "seg"), run.checkpoint(k, "cls"),
-                                        run.state_dir(k) / "seg_train.pt", run.probmaps(k).with_name(".probmaps.zarr.partial")))
-    log.info("round %d (%s): %s", k, ctx.mode, "resuming" if resuming else "start")
+    have = d.main_only(lambda: _round_state(run, k))
+    log.info("round %d (%s): %s", k, ctx.mode, "resuming" if have["resuming"] else "start")
 
-    if not run.checkpoint(k, "seg").is_file():
+    if not have["seg"]:
         prog.record("seg", "m_step" if k else "round0_train", lambda: train_theta1(ctx, k))
     seg_model, seg_ck = model_from_checkpoint(run.checkpoint(k, "seg"), ctx.device)
     prog.data.setdefault("seg", {**seg_ck.get("train_info", {}), "epochs": seg_ck.get("history", [])})
-    if not run.probmaps(k).is_dir():
+    if not have["maps"]:
         prog.record("predict", "predict", lambda: _predict_round(ctx, k, seg_model))
-    if not run.checkpoint(k, "cls").is_file():
+    if not have["cls"]:
         prog.record("stage2", "stage2", lambda: train_theta2(ctx, k))
     cls_model, cls_ck = model_from_checkpoint(run.checkpoint(k, "cls"), ctx.device)
     prog.data.setdefault("stage2", {**cls_ck.get("train_info", {}), "epochs": cls_ck.get("history", [])})
@@ -358,17 +380,34 @@ def _run_round(ctx: RoundContext, k: int) -> dict:
     prog.add_time("validation", t0)
     t0 = time.perf_counter()
     heat_dir = run.round_dir(k) / "heatmaps"
-    heatmaps = write_round_heatmaps(ctx.val + ctx.train, run.probmaps(k), heat_dir, ctx.cfg.em.heatmap_slides)
+    heatmaps = d.main_only(lambda: write_round_heatmaps(ctx.val + ctx.train, run.probmaps(k), heat_dir,
+                                                        ctx.cfg.em.heatmap_slides), what="rank 0 writing heatmaps")
     prog.add_time("heatmaps", t0)
     metrics = _round_metrics(ctx, k, prog, val, [str(p.relative_to(run.round_dir(k))) for p in heatmaps], t_round)
-    run.finish_round(k, metrics)
+    d.main_only(lambda: run.finish_round(k, metrics), what="rank 0 finishing the round")
     vtxt = f", val AUC {val['auc']:.3f}" if val and val.get("auc") is not None else ""
     log.info("round %d done: stage-2 loss %.4f%s (%.0f s)", k, metrics["stage2_loss"] or float("nan"), vtxt,
              time.perf_counter() - t_round)
     return metrics
 
 
+def _round_state(run: RunDir, k: int) -> dict:
+    """Which steps of round k are on disk (rank 0 reads it; every rank acts on the same answer)."""
+    partial = run.probmaps(k).with_name(".probmaps.zarr.partial")
+    have = {"seg": run.checkpoint(k, "seg").is_file(), "maps": run.probmaps(k).is_dir(),
+            "cls": run.checkpoint(k, "cls").is_file()}
+    started = (run.checkpoint(k, "seg"), run.checkpoint(k, "cls"), run.state_dir(k) / "seg_train.pt", partial)
+    return {**have, "resuming": any(p.exists() for p in started)}
+
+
 def _round_metrics(ctx: RoundContext, k: int, prog: _Progress, val, heatmaps: list[str], t_round: float) -> dict:
+    out = _metrics_record(ctx, k, prog, val, heatmaps, t_round)
+    if ctx.dist.enabled:
+        out["distributed"] = ctx.dist.describe()
+    return out
+
+
+def _metrics_record(ctx: RoundContext, k: int, prog: _Progress, val, heatmaps: list[str], t_round: float) -> dict:
     d = prog.data
     return {
         "round": k,
@@ -383,7 +422,8 @@ def _round_metrics(ctx: RoundContext, k: int, prog: _Progress, val, heatmaps: li
         "stage2": d.get("stage2", {}),
         "stage2_loss": d.get("stage2", {}).get("stage2_loss"),
         "val": val,
-        "warnings": d.get("stage2", {}).get("warnings", []) + ((val or {}).get("warnings") or []),
+        "warnings": (((d.get("seg", {}).get("e_step") or {}).get("warnings") or [])
+                     + d.get("stage2", {}).get("warnings", []) + ((val or {}).get("warnings") or [])),
         "heatmaps": heatmaps,
         "time_s": prog.total(t_round),
     }
@@ -399,5 +439,5 @@ def _predict_round(ctx: RoundContext, k: int, seg_model) -> dict:
         map_stride_px=cfg.model.map_stride_px, batch_size=cfg.em.predict_batch_size, device=ctx.device,
         loader_workers=cfg.runtime.loader_workers, amp=ctx.amp, progress=ctx.progress, desc=f"round {k} predict",
         attrs={"round": k, "seg_arch": cfg.model.seg_arch},
-        on_slide=lambda n: ctx.hooks.checkpoint(k, "predict", n),
+        on_slide=lambda n: ctx.hooks.checkpoint(k, "predict", n), dist=ctx.dist,
     )

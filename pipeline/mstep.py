@@ -9,7 +9,8 @@
   slide that theta1 ranks highest with the slide label (top-K MIL, Campanella et al. 2019).
 
 Training checkpoints after every epoch (``state/seg_train.pt``) and resumes from there;
-the finished model goes to ``round_k/seg.pt``.
+the finished model goes to ``round_k/seg.pt``. Under torchrun every rank trains its slice
+of each batch (:mod:`pipeline.distributed`) and rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def seg_trainer(ctx, model, k: int, epochs: int):
         ctx.cfg.model.seg_trainer, model, device=ctx.device, lr=e.lr, weight_decay=e.weight_decay, epochs=epochs,
         lr_schedule=e.lr_schedule, optimizer=e.optimizer, amp=ctx.amp, jitter=jitter if jitter.active else None,
         seed=round_seed(e.seed, k, 11), progress=ctx.progress,
-        mixers=[create_mixer(**m) for m in ctx.cfg.model.seg_mix], desc=f"round {k} theta1",
+        mixers=[create_mixer(**m) for m in ctx.cfg.model.seg_mix], desc=f"round {k} theta1", dist=ctx.dist,
     )
 
 
@@ -61,13 +62,17 @@ def train_theta1(ctx, k: int) -> dict:
     model, init = _initial_model(ctx, k)
     trainer = seg_trainer(ctx, model, k, epochs)
     ckpt_path = ctx.run.state_dir(k) / "seg_train.pt"
-    if ckpt_path.is_file():
+    d = ctx.dist
+    if d.main_only(ckpt_path.is_file):
         trainer.load_state_dict(load_checkpoint(ckpt_path))
         log.info("round %d: resuming theta1 training after epoch %d/%d", k, trainer.epoch, epochs)
 
     def save(tr):
-        save_checkpoint(checkpoint_payload(tr.model, tr, cfg, k, "seg"), ckpt_path)
-        ctx.hooks.checkpoint(k, "seg", tr.epoch)
+        def write():
+            save_checkpoint(checkpoint_payload(tr.model, tr, cfg, k, "seg"), ckpt_path)
+            ctx.hooks.checkpoint(k, "seg", tr.epoch)
+
+        d.main_only(write, what="rank 0 saving the theta1 checkpoint")
 
     info: dict = {"init": init, "epochs_planned": epochs, "trainer": cfg.model.seg_trainer}
     plan = _mil_epochs if ctx.mode == "image" else _mixed_epochs
@@ -77,8 +82,12 @@ def train_theta1(ctx, k: int) -> dict:
     info["epochs"] = trainer.history
     final = checkpoint_payload(trainer.model, trainer, cfg, k, "seg")
     final["train_info"] = {kk: v for kk, v in info.items() if kk != "epochs"}
-    save_checkpoint(final, ctx.run.checkpoint(k, "seg"))
-    ckpt_path.unlink(missing_ok=True)
+
+    def finish():
+        save_checkpoint(final, ctx.run.checkpoint(k, "seg"))
+        ckpt_path.unlink(missing_ok=True)
+
+    d.main_only(finish, what="rank 0 saving theta1")
     return info
 
 
@@ -151,7 +160,8 @@ def _mixed_epochs(ctx, k: int, trainer):
 
     def batches_for_epoch(epoch: int):
         batches = SeededBatches(flat, round_seed(e.seed, k, 3), epoch, augment=augment)
-        return make_loader(dataset, batches, loader_workers=ctx.cfg.runtime.loader_workers, device=ctx.device)
+        return make_loader(dataset, batches, loader_workers=ctx.cfg.runtime.loader_workers, device=ctx.device,
+                           dist=ctx.dist)
 
     return batches_for_epoch, {
         "e_step": est.stats,
@@ -176,14 +186,18 @@ def _mil_epochs(ctx, k: int, trainer):
     labels = np.array([s.label for s in ctx.train])
     selections: list[dict] = []
 
-    def batches_for_epoch(epoch: int):
-        maxp = [np.zeros(s.n_tiles, np.float32) for s in ctx.train]
+    def rank(slides: list[int]) -> list[np.ndarray]:
+        maxp = [np.zeros(ctx.train[i].n_tiles, np.float32) for i in slides]
         for si, idx, mp, _ in iter_predictions(
-            trainer.model, [(p, None) for p in paths], batch_size=e.predict_batch_size, device=ctx.device,
+            trainer.model, [(paths[i], None) for i in slides], batch_size=e.predict_batch_size, device=ctx.device,
             loader_workers=cfg.runtime.loader_workers, out_stride=cfg.model.map_stride_px, amp=ctx.amp,
             with_maps=False, progress=ctx.progress, desc=f"round {k} MIL ranking",
         ):
             maxp[si][idx] = mp
+        return maxp
+
+    def batches_for_epoch(epoch: int):
+        maxp = ctx.dist.map_shards(list(range(len(paths))), rank, [s.n_tiles for s in ctx.train], what="MIL ranking")
         items = TileItems.concat([TileItems.make(i, topk_tiles(maxp[i], e.mil_top_k), SOURCE_CONSTANT, float(labels[i]))
                                   for i in range(len(ids))])
         selections.append({"epoch": epoch + 1, "tiles": len(items)})
@@ -193,6 +207,6 @@ def _mil_epochs(ctx, k: int, trainer):
         if e.batches_per_epoch is not None:
             batches = batches[: e.batches_per_epoch]
         seeded = SeededBatches(batches, round_seed(e.seed, k, 3), epoch, augment=_augments(e, trainer))
-        return make_loader(ds, seeded, loader_workers=cfg.runtime.loader_workers, device=ctx.device)
+        return make_loader(ds, seeded, loader_workers=cfg.runtime.loader_workers, device=ctx.device, dist=ctx.dist)
 
     return batches_for_epoch, {"mil_top_k": e.mil_top_k, "mil_selections": selections}

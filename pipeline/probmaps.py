@@ -10,6 +10,11 @@ Layout of ``round_k/probmaps.zarr`` (Zarr v3)::
 The Zarr is built as ``.probmaps.zarr.partial`` beside its final name; slides
 already complete there are kept (resume per slide), and it is renamed into
 place when every slide is done.
+
+Under torchrun each rank predicts its share of the slides still to do (balanced by
+tile count, :meth:`pipeline.distributed.Dist.shard`) and writes their groups into the
+one ``.partial`` Zarr (sibling groups: no two ranks write the same file); rank 0
+creates the root before and renames it into place after every rank is done.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pipeline.distributed import SINGLE, Dist
 from pipeline.labels import SlideEntry
 from wsi.atomic import fsync_dir
 
@@ -169,52 +175,80 @@ def write_probmaps(
     desc: str = "predict",
     attrs: dict | None = None,
     on_slide: Callable[[int], None] | None = None,
+    dist: Dist = SINGLE,
 ) -> dict:
     """The E-step's prediction pass: theta1 maps of every tile of ``slides`` into ``out`` (layout above).
 
     Forward passes overlap the Zarr writes (one background thread). ``on_slide(n_done)``
-    runs after each slide is on disk. Returns timing figures for ``metrics.json``.
+    runs after each slide is on disk. Returns timing figures for ``metrics.json``. Under
+    torchrun (``dist``) every rank calls it with the same arguments and predicts its share.
     """
     import zarr
 
-    from pipeline.inference import iter_predictions
-
     out = Path(out)
     part = out.with_name(f".{out.name}.partial")
-    root = zarr.open_group(str(part), mode="a", zarr_format=3)
-    if not root.attrs.get("format"):
-        root.attrs.update({"format": PROBMAPS_FORMAT, "format_version": 1, "tile_px": tile_px,
-                           "map_stride_px": map_stride_px, "complete": False, **(attrs or {})})
     todo = [s for s in slides if not _group_complete(part / s.slide_id)]
-    active = [s for s in todo if s.n_tiles]
+    root_attrs = {"format": PROBMAPS_FORMAT, "format_version": 1, "tile_px": tile_px,
+                  "map_stride_px": map_stride_px, "complete": False, **(attrs or {})}
+    dist.main_only(lambda: _open_root(part, root_attrs), what="creating the maps' Zarr")  # after every rank read todo
+    root = zarr.open_group(str(part), mode="a", zarr_format=3)
+    mine = dist.shard(todo, [s.n_tiles for s in todo])
     t0 = time.perf_counter()
-    writer = _MapWriter(root, part, tile_px // map_stride_px, on_slide, len(slides) - len(todo))
-    ok = False
-    try:
-        for s in todo:
-            writer.begin(s)
-        for si, idx, mp, maps in iter_predictions(
-            seg_model, [(s.store_path, None) for s in active], batch_size=batch_size, device=device,
-            loader_workers=loader_workers, out_stride=map_stride_px, amp=amp, progress=progress, desc=desc,
-        ):
-            writer.add(active[si], idx, mp, maps)
-        ok = True
-    finally:
-        writer.close(ok)
+    with dist.agree("predicting probability maps"):
+        _predict_into(root, part, seg_model, mine, tile_px // map_stride_px, on_slide, len(slides) - len(todo),
+                      batch_size=batch_size, device=device, loader_workers=loader_workers, out_stride=map_stride_px,
+                      amp=amp, progress=progress, desc=desc)
     secs = time.perf_counter() - t0
-    root.attrs.update({"complete": True})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(part, out)
-    fsync_dir(out.parent)
+    ranks = dist.gather({"tiles": sum(s.n_tiles for s in mine), "seconds": round(secs, 3)})
+    dist.main_only(lambda: _finish(root, part, out), what="renaming the maps' Zarr")
     n_tiles = sum(s.n_tiles for s in todo)
-    return {
+    secs = max(r["seconds"] for r in ranks) if dist.enabled else secs
+    res = {
         "slides": len(slides),
         "tiles": n_tiles,
         "seconds": round(secs, 3),
         "tiles_per_s": round(n_tiles / secs, 1) if secs > 0 and n_tiles else None,
         "map_px": tile_px // map_stride_px,
     }
+    if dist.enabled:
+        res["ranks"] = ranks
+    return res
+
+
+def _open_root(part: Path, attrs: dict) -> None:
+    import zarr
+
+    root = zarr.open_group(str(part), mode="a", zarr_format=3)
+    if not root.attrs.get("format"):
+        root.attrs.update(attrs)
+
+
+def _predict_into(root, part: Path, seg_model, todo: Sequence[SlideEntry], h: int, on_slide, done: int, *,
+                  desc: str, **predict) -> None:
+    """theta1 on every tile of ``todo``; each slide's group written (and marked complete) in ``root``."""
+    from pipeline.inference import iter_predictions
+
+    active = [s for s in todo if s.n_tiles]
+    writer = _MapWriter(root, part, h, on_slide, done)
+    ok = False
+    try:
+        for s in todo:
+            writer.begin(s)
+        for si, idx, mp, maps in iter_predictions(seg_model, [(s.store_path, None) for s in active], desc=desc,
+                                                  **predict):
+            writer.add(active[si], idx, mp, maps)
+        ok = True
+    finally:
+        writer.close(ok)
+
+
+def _finish(root, part: Path, out: Path) -> None:
+    """Mark the Zarr complete and rename it into place."""
+    root.attrs.update({"complete": True})
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(part, out)
+    fsync_dir(out.parent)
 
 
 def _heatmap_choice(slides: Sequence[SlideEntry], n: int) -> list[SlideEntry]:

@@ -23,11 +23,14 @@ default) through one :class:`PseudoTargets`, which the E-step hands to the M-ste
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+log = logging.getLogger("wsi_pipeline")
 
 __all__ = [
     "PseudoTargets",
@@ -333,4 +336,38 @@ def e_step(prev_maps: str | Path, train: Sequence, annotated: Sequence[str], em_
     stats["hard_negative_tiles"] = len(result.hard_negative)
     stats["pseudo_positive_pixel_fraction"] = nonzero / all_pixels if all_pixels else 0.0
     stats["pseudo_positive_mean_target"] = target_sum / all_pixels if all_pixels else 0.0
+    stats["pseudo_positive_precision_estimate"] = pseudo_precision_estimate(
+        stats["positive_slides"]["kept_share"], stats["negative_slides"]["kept_share"])
+    stats["warnings"] = e_step_warnings(stats, em_cfg.min_pseudo_precision)
+    for w in stats["warnings"]:
+        log.warning("%s", w)
     return result
+
+
+def pseudo_precision_estimate(positive_share: float, negative_share: float) -> float | None:
+    """Share of the positive slides' kept tiles that are lesion, estimated from the negative slides.
+
+    Positive and negative slides carry the same normal tissue, decoys and artefacts, so theta1 keeps
+    about ``negative_share`` of a positive slide's tiles for the same wrong reasons; what it keeps
+    beyond that is lesion: ``1 - negative_share / positive_share`` (clipped at 0; None when nothing
+    was kept). Near 0, the pseudo-positives are as much noise as the tiles of negative slides.
+    """
+    if positive_share <= 0:
+        return None
+    return max(0.0, 1.0 - negative_share / positive_share)
+
+
+def e_step_warnings(stats: dict, min_precision: float) -> list[str]:
+    """The E-step's own warnings: no pseudo-positives at all, or pseudo-positives that are mostly noise."""
+    pos, neg = stats["positive_slides"], stats["negative_slides"]
+    if pos["tiles"] and not pos["kept"]:
+        return [f"E-step: theta1 kept no tile of the {pos['slides']} positive slide(s) at T={stats['threshold_T']:.3g}: "
+                "this round learns nothing from them (lower em.threshold_T or train round 0 longer)"]
+    est = stats.get("pseudo_positive_precision_estimate")
+    if est is None or est >= min_precision:
+        return []
+    return [f"E-step: theta1 kept {pos['kept_share']:.1%} of the positive slides' tiles and {neg['kept_share']:.1%} of "
+            f"the negative slides': an estimated {est:.0%} of the pseudo-positives are lesion (below "
+            f"em.min_pseudo_precision={min_precision:g}); theta1 does not yet tell lesions from the rest, so the EM "
+            "rounds train on noise: annotate more regions, train round 0 longer, or try em.threshold_mode: negative_fpr "
+            "with em.max_positive_tiles_per_slide"]

@@ -49,7 +49,7 @@ def _cls_trainer(ctx, model, k: int):
         lr_schedule=e.lr_schedule, optimizer=s2.optimizer, amp=ctx.amp,
         jitter=jitter if jitter is not None and jitter.active else None,
         seed=round_seed(e.seed, 0, 12), progress=ctx.progress,
-        mixers=[create_mixer(**m) for m in ctx.cfg.model.cls_mix], desc=f"round {k} theta2",
+        mixers=[create_mixer(**m) for m in ctx.cfg.model.cls_mix], desc=f"round {k} theta2", dist=ctx.dist,
     )
 
 
@@ -67,11 +67,12 @@ def _stage2_loss(ctx, model, slides, topk, labels) -> tuple[float, np.ndarray]:
     """The paper's round criterion: class-balanced BCE of the final theta2 on the training slides."""
     from pipeline.inference import classify_tiles
 
-    probs = np.array([
-        float(classify_tiles(model, s.store_path, t, batch_size=ctx.cfg.em.predict_batch_size, device=ctx.device,
-                             amp=ctx.amp).mean())
-        for s, t in zip(slides, topk)
-    ])
+    def score(part: list) -> list[float]:
+        return [float(classify_tiles(model, s.store_path, t, batch_size=ctx.cfg.em.predict_batch_size,
+                                     device=ctx.device, amp=ctx.amp).mean()) for s, t in part]
+
+    probs = np.array(ctx.dist.map_shards(list(zip(slides, topk)), score, [len(t) for t in topk],
+                                         what="the stage-2 loss"))
     return balanced_mean(slide_bce(probs, labels), labels), probs
 
 
@@ -108,7 +109,8 @@ def train_theta2(ctx, k: int) -> dict:
     init = load_weights(model, cfg.model.cls_weights, "theta2") if cfg.model.cls_weights else "random"
     trainer = _cls_trainer(ctx, model, k)
     ckpt_path = ctx.run.state_dir(k) / "cls_train.pt"
-    if ckpt_path.is_file():
+    d = ctx.dist
+    if d.main_only(ckpt_path.is_file):
         trainer.load_state_dict(load_checkpoint(ckpt_path))
         log.info("round %d: resuming theta2 training after epoch %d/%d", k, trainer.epoch, s2.epochs)
     flip, rot = (e.flip, e.rotate90) if s2.augment else (False, False)
@@ -121,11 +123,14 @@ def train_theta2(ctx, k: int) -> dict:
         order = balanced_slide_sampler(labels, n_per_epoch, seed=round_seed(e.seed, 0, 6) + epoch)
         batches = [order[a : a + s2.batch_slides].tolist() for a in range(0, len(order), s2.batch_slides)]
         seeded = SeededBatches(batches, round_seed(e.seed, 0, 7), epoch, augment=augment)
-        return make_loader(ds, seeded, loader_workers=cfg.runtime.loader_workers, device=ctx.device)
+        return make_loader(ds, seeded, loader_workers=cfg.runtime.loader_workers, device=ctx.device, dist=d)
 
     def save(tr):
-        save_checkpoint(checkpoint_payload(tr.model, tr, cfg, k, "cls"), ckpt_path)
-        ctx.hooks.checkpoint(k, "cls", tr.epoch)
+        def write():
+            save_checkpoint(checkpoint_payload(tr.model, tr, cfg, k, "cls"), ckpt_path)
+            ctx.hooks.checkpoint(k, "cls", tr.epoch)
+
+        d.main_only(write, what="rank 0 saving the theta2 checkpoint")
 
     trainer.fit(batches_for_epoch, checkpoint=save)
     loss, probs = _stage2_loss(ctx, trainer.model, slides, topk, labels)
@@ -148,8 +153,12 @@ def train_theta2(ctx, k: int) -> dict:
         log.warning("%s", w)
     final = checkpoint_payload(trainer.model, trainer, cfg, k, "cls")
     final["train_info"] = {kk: v for kk, v in info.items() if kk != "epochs"}
-    save_checkpoint(final, ctx.run.checkpoint(k, "cls"))
-    ckpt_path.unlink(missing_ok=True)
+
+    def finish():
+        save_checkpoint(final, ctx.run.checkpoint(k, "cls"))
+        ckpt_path.unlink(missing_ok=True)
+
+    d.main_only(finish, what="rank 0 saving theta2")
     return info
 
 
@@ -164,9 +173,18 @@ def validate_round(ctx, k: int, seg_model, cls_model) -> dict:
     for s in ctx.val:
         if s.n_tiles == 0:
             log.warning("val slide %s has no tissue tiles; left out of the validation metrics", s.slide_id)
-            continue
-        r = score_slide(rm, s.store_path, batch_size=cfg.em.predict_batch_size,
-                        tile_max_probs=read_max_probs(ctx.run.probmaps(k), s.slide_id, s.n_tiles))
+    slides = [s for s in ctx.val if s.n_tiles]
+
+    def score(part: list) -> list[dict]:
+        out = []
+        for s in part:
+            r = score_slide(rm, s.store_path, batch_size=cfg.em.predict_batch_size,
+                            tile_max_probs=read_max_probs(ctx.run.probmaps(k), s.slide_id, s.n_tiles))
+            out.append({"probability": r["probability"], "slide_scores": r["slide_scores"]})
+        return out
+
+    for s, r in zip(slides, ctx.dist.map_shards(slides, score, [min(s.n_tiles, cfg.stage2.top_k) for s in slides],
+                                                 what="validation")):
         ys.append(s.label)
         ps.append(r["probability"])
         per[s.slide_id] = {"label": s.label, "probability": r["probability"], "scores": r["slide_scores"]}

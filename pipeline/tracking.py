@@ -11,9 +11,10 @@ and logs every number in it:
 
 TensorBoard writes event files into ``RUN/tensorboard`` (``torch.utils.tensorboard``,
 which needs the ``tensorboard`` package: ``pip install 'wsi-pipeline[tensorboard]'``);
-MLflow logs to the tracking URI MLflow is configured with (``MLFLOW_TRACKING_URI``,
-default ``./mlruns``; ``pip install 'wsi-pipeline[mlflow]'``), one MLflow run per call
-named after the run directory. Neither is needed for anything else.
+MLflow logs to the tracking URI MLflow is configured with (``MLFLOW_TRACKING_URI``;
+MLflow 3's default is ``sqlite:///mlflow.db`` in the working directory, and its plain-folder
+store needs ``MLFLOW_ALLOW_FILE_STORE=true``; ``pip install 'wsi-pipeline[mlflow]'``), one
+MLflow run per call named after the run directory; a backend MLflow cannot open is one line. Neither is needed for anything else.
 """
 
 from __future__ import annotations
@@ -111,7 +112,13 @@ class MLflowTracker(Tracker):
         import mlflow
 
         self.mlflow = mlflow
-        self.run = mlflow.start_run(run_name=Path(run_dir).resolve().name)
+        try:
+            self.run = mlflow.start_run(run_name=Path(run_dir).resolve().name)
+        except Exception as exc:  # MLflow raises its own and its backends' errors (no database driver, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"--tracker mlflow: cannot start an MLflow run at {mlflow.get_tracking_uri()} ({first}); "
+                             "set MLFLOW_TRACKING_URI to a server or database you can write "
+                             "(e.g. sqlite:///mlflow.db with the full mlflow package)") from None
         mlflow.set_tag("wsi_pipeline.run_dir", str(Path(run_dir).resolve()))
 
     def scalar(self, tag, value, step):

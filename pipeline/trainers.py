@@ -146,21 +146,28 @@ class ColorJitter:
     def active(self) -> bool:
         return any(v > 0 for v in (self.b, self.c, self.s, self.h))
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, rows: tuple | None = None) -> torch.Tensor:
+        """Jitter ``x``; ``rows = (positions, size)``: ``x`` holds these rows of a global batch of
+        ``size`` images (a torchrun rank's slice), which get exactly the draws they get in the whole batch."""
         if not self.active:
             return x
         with torch.autocast(device_type=x.device.type, enabled=False):  # colour maths in float32
-            return self._jitter(x.float(), generator)
+            return self._jitter(x.float(), generator, rows)
 
-    def _jitter(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _jitter(self, x: torch.Tensor, generator: torch.Generator, rows: tuple | None = None) -> torch.Tensor:
         n = x.shape[0]
 
+        def draw() -> torch.Tensor:
+            if rows is None:
+                return torch.rand(n, generator=generator)
+            return torch.rand(int(rows[1]), generator=generator)[rows[0]]
+
         def factors(r: float) -> torch.Tensor:
-            u = torch.rand(n, generator=generator) * 2 - 1
+            u = draw() * 2 - 1
             return (1 + r * u).to(x.device, x.dtype).view(n, 1, 1, 1)
 
         fb, fc, fs = factors(self.b), factors(self.c), factors(self.s)
-        theta = ((torch.rand(n, generator=generator) * 2 - 1) * self.h * 2 * math.pi).to(x.device, x.dtype)
+        theta = ((draw() * 2 - 1) * self.h * 2 * math.pi).to(x.device, x.dtype)
         w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         x = x * fb
         grey = (x * w).sum(1, keepdim=True)
@@ -208,6 +215,11 @@ class Trainer:
     mixers : sequence of pipeline.mixers.BatchMixer
         Batch mixers applied in order after colour jitter (a ConfigError when one cannot
         label this trainer's ``target_kind`` exactly).
+    dist : pipeline.distributed.Dist, optional
+        Under torchrun (``dist.world > 1``): the model is wrapped in ``DistributedDataParallel``
+        (``self.net``; ``self.model`` stays the bare module, so state dicts do not depend on the
+        world size), batches are this rank's slice of each global batch
+        (:class:`pipeline.distributed.ShardedBatches`), and each step is :meth:`_step_distributed`.
     """
 
     name = "base"
@@ -231,9 +243,14 @@ class Trainer:
         progress: bool = True,
         desc: str = "train",
         mixers: Sequence = (),
+        dist=None,
     ):
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        self.dist = dist if dist is not None and dist.enabled else None
+        if self.dist is not None and mixers:
+            raise ValueError(f"{desc}: batch mixers mix items across the whole batch, and under torchrun each rank "
+                             "holds a slice of it; train with mixers in one process (model.seg_mix / model.cls_mix)")
+        self.model = model.to(self.device) if self.dist is None else self.dist.prepare_model(model.to(self.device))
         self.epochs = int(epochs)
         self.amp = bool(amp) and self.device.type == "cuda"
         self.jitter = jitter
@@ -254,18 +271,39 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict] = []
         self.mixers = [m.setup(self.target_kind, self.epochs, self.model) for m in mixers]
+        self.net = self.model if self.dist is None else self.dist.wrap(self.model)
+        """What ``compute_loss`` calls: the model, or its ``DistributedDataParallel`` wrapper."""
 
     # -- what subclasses provide ----------------------------------------------
     def compute_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, int]:
         """(mean loss of the batch, number of items)."""
         raise NotImplementedError
 
+    def loss_terms(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under torchrun: ``(sum, count)`` of this rank's slice such that the loss of the global batch
+        is ``sum over ranks of sum / sum over ranks of count`` (what :meth:`compute_loss` gives for
+        the whole batch in one process). Items of weight 0 (:meth:`item_weights`) count for nothing."""
+        raise NotImplementedError(f"trainer {self.name!r} cannot train under torchrun (no loss_terms)")
+
+    def item_weights(self, batch: dict) -> torch.Tensor:
+        """(B,) float: 1 for this rank's items, 0 for the stand-in item of an empty slice."""
+        return (batch["pos"] >= 0).to(self.device, torch.float32)
+
+    def jitter_rows(self, batch: dict, per_item: int = 1) -> tuple | None:
+        """``(positions, size)`` of this slice's images in the global batch (``per_item`` images per
+        item), for :class:`ColorJitter`; None in one process."""
+        if "pos" not in batch:
+            return None
+        pos = batch["pos"].clamp_min(0).to(torch.int64)
+        rows = (pos[:, None] * per_item + torch.arange(per_item)).reshape(-1)
+        return rows, int(batch["total"][0]) * per_item
+
     def image_batch(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images, targets)`` of a one-image-per-item batch on the device: floats in [0, 1], colour
         jitter, then the batch mixers (every draw from ``generator``)."""
         x = images_to_float(batch["image"], self.device)
         if self.jitter is not None:
-            x = self.jitter(x, generator)
+            x = self.jitter(x, generator, self.jitter_rows(batch))
         y = batch["target"].to(self.device, non_blocking=True).float()
         if self.mixers:
             x, y = self.mix(x, y, generator)
@@ -297,7 +335,7 @@ class Trainer:
     def train_epoch(self, batches: Iterable[dict]) -> dict:
         from tqdm.auto import tqdm
 
-        self.model.train()
+        self.net.train()
         t0 = time.perf_counter()
         total, n_items, n_batches = 0.0, 0, 0
         bar = tqdm(
@@ -308,17 +346,13 @@ class Trainer:
             disable=True if not self.progress else None,
             leave=False,
         )
-        for b, batch in enumerate(bar):
+        for b, (batch, failure) in enumerate(self._batches(bar)):
             g = self._generator(self.epoch, b)
-            self.optimizer.zero_grad(set_to_none=True)
-            with autocast(self.device, self.amp):
-                loss, n = self.compute_loss(batch, g)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.desc}: the loss became {loss.item()} in epoch {self.epoch + 1}, batch {b}")
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            total += float(loss.detach()) * n
+            if self.dist is None:
+                loss, n = self._step(batch, g, b)
+            else:
+                loss, n = self._step_distributed(batch, g, b, failure)
+            total += loss * n
             n_items += n
             n_batches += 1
             bar.set_postfix_str(f"loss {total / max(n_items, 1):.4f}")
@@ -338,6 +372,85 @@ class Trainer:
                  f"{rec['loss']:.4f}" if rec["loss"] is not None else "n/a", n_items, rec["seconds"])
         return rec
 
+    def _batches(self, bar):
+        """``(batch, None)`` per batch; under torchrun a batch that fails to load gives
+        ``(None, error)`` and ends the epoch, so the step can tell every rank before raising."""
+        if self.dist is None:
+            for batch in bar:
+                yield batch, None
+            return
+        it = iter(bar)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 -- raised by the step, after every rank knows
+                yield None, exc
+                return
+            yield batch, None
+
+    def _step(self, batch: dict, g: torch.Generator, b: int) -> tuple[float, int]:
+        """One optimiser step in one process; (loss of the batch, items)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.amp):
+            loss, n = self.compute_loss(batch, g)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.desc}: the loss became {loss.item()} in epoch {self.epoch + 1}, batch {b}")
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach()), n
+
+    def _step_distributed(self, batch, g: torch.Generator, b: int, failure: BaseException | None) -> tuple[float, int]:
+        """One optimiser step of one rank; (loss of the global batch, its items).
+
+        Every rank first says whether its slice loaded (DDP's forward pass holds collectives of its
+        own -- buffer broadcasts, bucket rebuilds -- so no rank may enter it alone). Then one all-reduce
+        before the backward pass carries the slice's loss sum, its count, its items and an error flag.
+        The backward pass runs on ``sum * world / global count``: DDP averages the ranks' gradients, so
+        the gradient is that of the global batch's mean loss, whatever the slices' sizes. A rank whose
+        batch failed (or a non-finite global loss) stops every rank at this step.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self._agree_step(failure, b, "load its batch")
+        part = None
+        try:
+            with autocast(self.device, self.amp):
+                part, count = self.loss_terms(batch, g)
+            n = int((batch["pos"] >= 0).sum())
+        except Exception as exc:  # noqa: BLE001 -- raised below, after every rank knows
+            failure = exc
+        stats = torch.zeros(4, dtype=torch.float64, device=self.dist.device)
+        if failure is None:
+            stats[0], stats[1], stats[2] = part.detach().double(), count.detach().double(), float(n)
+        else:
+            stats[3] = 1.0
+        self.dist.all_reduce_sum(stats)
+        self._raise_if_failed(failure, float(stats[3]), b, "compute its loss")
+        den = max(float(stats[1]), torch.finfo(torch.float32).tiny)
+        loss = float(stats[0]) / den
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{self.desc}: the loss became {loss} in epoch {self.epoch + 1}, batch {b}")
+        self.scaler.scale(part * (self.dist.world / den)).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, int(stats[2])
+
+    def _agree_step(self, failure: BaseException | None, b: int, what: str) -> None:
+        flag = torch.tensor([0.0 if failure is None else 1.0], dtype=torch.float64, device=self.dist.device)
+        self.dist.all_reduce_sum(flag)
+        self._raise_if_failed(failure, float(flag[0]), b, what)
+
+    def _raise_if_failed(self, failure: BaseException | None, failed_ranks: float, b: int, what: str) -> None:
+        from pipeline.distributed import RankFailed
+
+        if failure is not None:
+            raise failure
+        if failed_ranks > 0:
+            raise RankFailed(f"{self.desc}: another rank could not {what} in epoch {self.epoch + 1}, batch {b} (its "
+                             "log says why); this rank stops too")
+
     def fit(
         self,
         batches_for_epoch: Callable[[int], Iterable[dict]],
@@ -346,6 +459,8 @@ class Trainer:
         """Run epochs ``self.epoch .. self.epochs - 1``; after each, :meth:`on_epoch_end`, then ``checkpoint``."""
         while self.epoch < self.epochs:
             record = self.train_epoch(batches_for_epoch(self.epoch))
+            if self.dist is not None:
+                self.dist.sync_buffers(self.model)  # every rank holds the model rank 0 checkpoints
             if self.mixers:
                 record["mix"] = [m.end_epoch(record["loss"]) for m in self.mixers]
             self.on_epoch_end(record)
@@ -403,15 +518,25 @@ class SoftBCESegTrainer(Trainer):
 
     target_kind = "dense"
 
-    def compute_loss(self, batch, generator):
+    def _logits(self, batch, generator):
         x, y = self.image_batch(batch, generator)
-        logits = self.model(x)
+        logits = self.net(x)
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        return x, y, logits
+
+    def compute_loss(self, batch, generator):
+        x, y, logits = self._logits(batch, generator)
         unlabelled = torch.isnan(y)
         if bool(unlabelled.any()):
             return soft_bce_with_logits(logits, y.nan_to_num(0.0), (~unlabelled).float()), int(x.shape[0])
         return soft_bce_with_logits(logits, y), int(x.shape[0])
+
+    def loss_terms(self, batch, generator):
+        """Sum and count of the labelled pixels' BCE (the weighted mean over the global batch)."""
+        _, y, logits = self._logits(batch, generator)
+        w = (~torch.isnan(y)).float() * self.item_weights(batch)[:, None, None]
+        return soft_bce_with_logits(logits, y.nan_to_num(0.0), w, reduction="sum"), w.sum()
 
 
 @register_trainer("topk_mean")
@@ -423,12 +548,12 @@ class TopKMeanSlideTrainer(Trainer):
 
     target_kind = "bag"
 
-    def compute_loss(self, batch, generator):
+    def _logits(self, batch, generator):
         tiles = batch["tiles"]
         b, k = tiles.shape[:2]
         x = images_to_float(tiles.reshape(b * k, *tiles.shape[2:]), self.device)
         if self.jitter is not None:
-            x = self.jitter(x, generator)
+            x = self.jitter(x, generator, self.jitter_rows(batch, per_item=k))
         mask = batch["mask"].to(self.device)
         y = batch["label"].to(self.device).float()
         if self.mixers:
@@ -436,8 +561,16 @@ class TopKMeanSlideTrainer(Trainer):
 
             bag, _ = self.mix(x.reshape(b, k, *x.shape[1:]), BagTargets(y, mask), generator)
             x = bag.reshape(b * k, *x.shape[1:])
-        logits = self.model(x).reshape(b, k)
-        return topk_mean_bce(logits, y, mask=mask), int(b)
+        return self.net(x).reshape(b, k), y, mask
+
+    def compute_loss(self, batch, generator):
+        logits, y, mask = self._logits(batch, generator)
+        return topk_mean_bce(logits, y, mask=mask), int(logits.shape[0])
+
+    def loss_terms(self, batch, generator):
+        logits, y, mask = self._logits(batch, generator)
+        w = self.item_weights(batch)
+        return (topk_mean_bce(logits, y, mask=mask, reduction="none") * w).sum(), w.sum()
 
 
 @register_trainer("soft_ce")
@@ -453,12 +586,22 @@ class SoftCETrainer(Trainer):
 
     target_kind = "label"
 
-    def compute_loss(self, batch, generator):
+    def _logits(self, batch, generator):
         x, y = self.image_batch(batch, generator)
-        logits = self.model(x)
+        logits = self.net(x)
         if logits.dim() != 2 or logits.shape != y.shape:
             raise ValueError(f"{self.desc}: the model gives logits of shape {tuple(logits.shape)} for targets of shape "
                              f"{tuple(y.shape)}; build it with num_classes={y.shape[-1]}")
+        return x, y, logits
+
+    def compute_loss(self, batch, generator):
+        x, y, logits = self._logits(batch, generator)
         with torch.autocast(device_type=x.device.type, enabled=False):
             loss = torch.sum(-y * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         return loss, int(x.shape[0])
+
+    def loss_terms(self, batch, generator):
+        x, y, logits = self._logits(batch, generator)
+        w = self.item_weights(batch)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return (torch.sum(-y * F.log_softmax(logits.float(), dim=-1), dim=-1) * w).sum(), w.sum()

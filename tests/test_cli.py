@@ -29,12 +29,15 @@ def _help(args: list[str]) -> str:
 
 def help_examples() -> list[tuple[str, str]]:
     """``(where, command line)`` of every example in the top-level and every command's --help
-    (lines starting ``wsi-pipeline``, with ``\\`` continuations joined)."""
+    (lines starting ``wsi-pipeline``, or the ``wsi-pipeline`` part of a ``torchrun`` line, with ``\\``
+    continuations joined)."""
     out = []
     for args in ([], *([name] for name in sorted(main.commands))):
         lines = iter(_help(args).splitlines())
         for line in lines:
             line = line.strip()
+            if line.startswith("torchrun ") and " wsi-pipeline -- " in line:  # the command torchrun starts
+                line = "wsi-pipeline " + line[line.index(" wsi-pipeline -- ") + len(" wsi-pipeline -- "):]
             if not line.startswith("wsi-pipeline "):
                 continue
             while line.endswith("\\"):

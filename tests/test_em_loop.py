@@ -94,6 +94,32 @@ def test_threshold_from_the_negatives_and_the_positive_cap(cohort_maps):
     assert 0 < est.stats["positive_slides"]["kept_share"] < 0.05
 
 
+def test_the_e_step_estimates_pseudo_positive_precision_and_warns_when_it_is_noise(cohort_maps, tmp_path, caplog):
+    from pipeline.pseudolabels import pseudo_precision_estimate
+
+    pm, train, _ = cohort_maps
+    est = e_step(pm, train, [], _cfg(), min_hard_negatives=0)  # 7 of 100 positive tiles kept, 1 of 100 negative
+    assert est.stats["pseudo_positive_precision_estimate"] == pytest.approx(1 - 0.01 / 0.07)
+    assert est.stats["warnings"] == []
+    assert pseudo_precision_estimate(0.14, 0.133) == pytest.approx(0.05, abs=1e-3)
+    assert pseudo_precision_estimate(0.05, 0.2) == 0.0 and pseudo_precision_estimate(0.0, 0.1) is None
+    # a theta1 that keeps tiles of both classes alike: the round's pseudo-positives are noise, and it says so
+    rng = np.random.default_rng(1)
+    same = {sid: rng.uniform(0, 1, n) for sid, n in (("pos1", 50), ("pos2", 50), ("neg1", 60), ("neg2", 40))}
+    _maps(tmp_path / "same.zarr", same)
+    with caplog.at_level("WARNING", logger="wsi_pipeline"):
+        noisy = e_step(tmp_path / "same.zarr", train, [], _cfg(), min_hard_negatives=0)
+    assert noisy.stats["pseudo_positive_precision_estimate"] < 0.5
+    assert len(noisy.stats["warnings"]) == 1 and "em.min_pseudo_precision=0.5" in noisy.stats["warnings"][0]
+    assert noisy.stats["warnings"][0] in caplog.text
+    assert e_step(tmp_path / "same.zarr", train, [], _cfg(min_pseudo_precision=0.0)).stats["warnings"] == []
+    # nothing kept on the positive slides: a warning of its own
+    _maps(tmp_path / "none.zarr", {sid: np.full(n, 0.1) for sid, n in (("pos1", 50), ("pos2", 50), ("neg1", 60),
+                                                                      ("neg2", 40))})
+    w = e_step(tmp_path / "none.zarr", train, [], _cfg()).stats["warnings"]
+    assert len(w) == 1 and "kept no tile of the 2 positive slide(s)" in w[0]
+
+
 def test_the_e_step_reads_maps_only_of_kept_positive_tiles(cohort_maps, monkeypatch):
     import pipeline.probmaps as probmaps
 

@@ -138,6 +138,40 @@ def test_tensorboard_tracker_writes_events(tmp_path):
     assert [e.value for e in acc.Scalars("val/auc")] == [pytest.approx(0.75)]
 
 
+def test_mlflow_tracker_logs_round_and_epoch_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow not installed (pip install 'wsi-pipeline[mlflow]')")
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import make_tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the folder store for opt-in use
+    t = make_tracker("mlflow", tmp_path / "run")
+    t.log_round(0, {"stage2_loss": 0.25, "val": {"auc": 0.75}, "seg": {"epochs": [{"epoch": 0, "loss": 1.0},
+                                                                                  {"epoch": 1, "loss": 0.5}]}})
+    t.log_round(1, {"stage2_loss": 0.2, "val": {"auc": 0.8}})
+    run_id = t.run.info.run_id
+    t.close()
+    c = MlflowClient()
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "val/auc")] == [(0, 0.75), (1, 0.8)]
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "round_0/seg/loss")] == [(0, 1.0), (1, 0.5)]
+    run = c.get_run(run_id)
+    assert run.info.run_name == "run" and run.data.tags["wsi_pipeline.run_dir"] == str((tmp_path / "run").resolve())
+    assert run.info.status == "FINISHED"
+
+
+def test_mlflow_backend_that_cannot_open_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow not installed (pip install 'wsi-pipeline[mlflow]')")
+    from pipeline.tracking import make_tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "false")
+    with pytest.raises(UsageError, match=r"--tracker mlflow: cannot start an MLflow run at file:.*MLFLOW_TRACKING_URI") as ei:
+        make_tracker("mlflow", tmp_path / "run")
+    assert "\n" not in str(ei.value)
+
+
 def test_missing_tracker_package_is_a_usage_error(tmp_path, monkeypatch):
     import importlib.util
 

@@ -391,69 +391,22 @@ def load_geojson(
     found: dict[str, list] = {"positive": [], "negative": [], "region": []}
     for i, feat in enumerate(feats):
         props = feat.get("properties") or {}
-        if not isinstance(props, Mapping):
-            props = {}
-        name = _class_name(props)
+        name = _class_name(props if isinstance(props, Mapping) else {})
         class_counts[name] += 1
         if name is None:
             role = "positive" if unclassified_positive else None
-        elif is_pos(name):
-            role = "positive"
-        elif is_neg(name):
-            role = "negative"
-        elif is_reg(name):
-            role = "region"
         else:
-            role = None
+            role = next((r for r, match in (("positive", is_pos), ("negative", is_neg), ("region", is_reg))
+                         if match(name)), None)
         if role is None:
             continue
-
-        label = f"{src}: feature #{i}"
-        if feat.get("id") is not None:
-            label += f" (id {feat.get('id')})"
-        label += f" (class {name!r})"
-
-        gj = feat.get("geometry")
-        if gj is None:
-            warnings.warn(f"{label}: no geometry, skipped", stacklevel=2)
-            continue
-        try:
-            geom = _shape_from_geojson(gj)
-        except Exception as exc:  # shapely raises several types for bad GeoJSON
-            raise AnnotationError(f"{label}: cannot parse geometry ({exc})") from exc
-
-        xy = shapely.get_coordinates(geom)
-        if xy.size and not np.all(np.isfinite(xy)):
-            raise AnnotationError(f"{label}: geometry has non-finite coordinates")
-
-        if not geom.is_valid:
-            reason = shapely.is_valid_reason(geom)
-            fixed = _polygonal_part(shapely.make_valid(geom))
-            if fixed is None or fixed.is_empty or fixed.area <= 0:
-                raise AnnotationError(
-                    f"{label}: invalid {geom.geom_type} ({reason}) that make_valid could not "
-                    "repair into a polygon with non-zero area")
-            log.info("%s: repaired invalid geometry (%s)", label, reason)
-            geom = fixed
-        poly = _polygonal_part(geom)
+        label = f"{src}: feature #{i}" + (f" (id {feat.get('id')})" if feat.get("id") is not None else "") \
+            + f" (class {name!r})"
+        poly = _feature_polygon(feat.get("geometry"), label)
         if poly is None:
-            warnings.warn(f"{label}: {geom.geom_type} has no area, skipped", stacklevel=2)
             continue
-        if poly.is_empty or poly.area <= 0:
-            warnings.warn(f"{label}: polygon with zero area, skipped", stacklevel=2)
-            continue
-
         if slide_dimensions is not None:
-            w, h = slide_dimensions
-            minx, miny, maxx, maxy = poly.bounds
-            tol = float(outside_tolerance_px)
-            if minx < -tol or miny < -tol or maxx > w + tol or maxy > h + tol:
-                raise AnnotationError(
-                    f"{label}: polygon bounds x=[{minx:.1f}, {maxx:.1f}], y=[{miny:.1f}, {maxy:.1f}] "
-                    f"lie outside the slide of {w} x {h} level-0 pixels (tolerance {tol:g} px); "
-                    "annotation coordinates must be level-0 pixels (QuPath export of the full-"
-                    "resolution image, not a downsampled image or micrometres)")
-
+            _check_inside(poly, label, slide_dimensions, float(outside_tolerance_px))
         found[role].append(poly)
 
     if not any(found.values()) and not allow_empty:
@@ -470,6 +423,49 @@ def load_geojson(
 
     return Annotations(positive=union(found["positive"]), negative=union(found["negative"]), source=src,
                        class_counts=dict(class_counts), regions=union(found["region"]))
+
+
+def _feature_polygon(gj, label: str):
+    """A feature's geometry as a valid (Multi)Polygon with area, or None (skipped with a warning)."""
+    if gj is None:
+        warnings.warn(f"{label}: no geometry, skipped", stacklevel=3)
+        return None
+    try:
+        geom = _shape_from_geojson(gj)
+    except Exception as exc:  # shapely raises several types for bad GeoJSON
+        raise AnnotationError(f"{label}: cannot parse geometry ({exc})") from exc
+    xy = shapely.get_coordinates(geom)
+    if xy.size and not np.all(np.isfinite(xy)):
+        raise AnnotationError(f"{label}: geometry has non-finite coordinates")
+    if not geom.is_valid:
+        reason = shapely.is_valid_reason(geom)
+        fixed = _polygonal_part(shapely.make_valid(geom))
+        if fixed is None or fixed.is_empty or fixed.area <= 0:
+            raise AnnotationError(
+                f"{label}: invalid {geom.geom_type} ({reason}) that make_valid could not "
+                "repair into a polygon with non-zero area")
+        log.info("%s: repaired invalid geometry (%s)", label, reason)
+        geom = fixed
+    poly = _polygonal_part(geom)
+    if poly is None:
+        warnings.warn(f"{label}: {geom.geom_type} has no area, skipped", stacklevel=3)
+        return None
+    if poly.is_empty or poly.area <= 0:
+        warnings.warn(f"{label}: polygon with zero area, skipped", stacklevel=3)
+        return None
+    return poly
+
+
+def _check_inside(poly, label: str, slide_dimensions: tuple[int, int], tol: float) -> None:
+    """A polygon must lie on the slide (level-0 px, up to ``tol``): the usual mistake is another frame."""
+    w, h = slide_dimensions
+    minx, miny, maxx, maxy = poly.bounds
+    if minx < -tol or miny < -tol or maxx > w + tol or maxy > h + tol:
+        raise AnnotationError(
+            f"{label}: polygon bounds x=[{minx:.1f}, {maxx:.1f}], y=[{miny:.1f}, {maxy:.1f}] "
+            f"lie outside the slide of {w} x {h} level-0 pixels (tolerance {tol:g} px); "
+            "annotation coordinates must be level-0 pixels (QuPath export of the full-"
+            "resolution image, not a downsampled image or micrometres)")
 
 
 # --------------------------------------------------------------------------

@@ -1692,28 +1692,18 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
     out = Path(out_dir)
     if n_positive < 0 or n_negative < 0 or n_positive + n_negative == 0:
         raise ValueError("need at least one slide")
-    if isinstance(split, dict):
-        split_names = list(split.keys())
-        fracs = [float(split[s]) for s in split_names]
-    else:
-        split_names = ["train", "val", "test"][: len(split)]
-        fracs = [float(s) for s in split]
-    if len(fracs) != len(split_names) or min(fracs) < 0 or sum(fracs) <= 0:
-        raise ValueError("invalid split fractions")
+    split_names, fracs = _split_fractions(split)
     lo, hi = int(lesions_per_slide[0]), int(lesions_per_slide[1])
     if lo < 1 or hi < lo:
         raise ValueError("lesions_per_slide must be (min, max) with 1 <= min <= max")
-
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
     labels, splits, annotated, n_les = _cohort_plan(n_positive, n_negative, seed, split_names, fracs,
                                                     int(annotate), (lo, hi))
-    n = len(labels)
-
     out.mkdir(parents=True, exist_ok=True)
     ann_dir = out / "annotations"
+    written = on_slide or (lambda entry: None)
     extra = {}
-    slides = []
     if difficulty == "realistic":
         if mpp is None:
             raise ValueError("a realistic cohort needs mpp")
@@ -1721,49 +1711,72 @@ def make_cohort(out_dir, *, n_positive: int, n_negative: int, width_px: int, hei
         plan = _realistic_plan(labels, splits, annotated, seed, (lo, hi), split_names[-1])
         jobs = [(sl, out, ann_dir, out / "region_annotations", int(width_px), int(height_px), float(mpp),
                  tile_px, levels, jpeg_quality, photometric, mask_downsample, texture) for sl in plan]
-        nw = max(1, min(int(workers or os.cpu_count() or 1), n))
-        for entry in _ordered_map(_realistic_slide, jobs, nw, ahead=nw):
-            slides.append(entry)
-            if on_slide is not None:
-                on_slide(entry)
+        nw = max(1, min(int(workers or os.cpu_count() or 1), len(labels)))
+        slides = [_report(written, e) for e in _ordered_map(_realistic_slide, jobs, nw, ahead=nw)]
         extra["region_annotations_dir"] = str(out / "region_annotations")
         extra["blob_param_ranges"] = {g: {k: list(v) for k, v in r.items()} for g, r in BLOB_PARAM_RANGES.items()}
         extra["lesion_kind_bands"] = {g: [list(b) for b in bands] for g, bands in LESION_KIND_BANDS.items()}
-    for i in range(n if difficulty == "easy" else 0):
-        sid = f"slide_{i:03d}"
-        slide_seed = int(_hash(_subkey(seed, "cohort"), i))
-        spec = write_slide(out / f"{sid}.tif", width_px, height_px, mpp=mpp, tile_px=tile_px,
-                           levels=levels, jpeg_quality=jpeg_quality, seed=slide_seed, tissue="normal",
-                           lesions=int(n_les[i]) if labels[i] == 1 else 0, photometric=photometric,
-                           stain_jitter=stain_jitter, annotations_dir=ann_dir,
-                           mask_downsample=mask_downsample, workers=workers)
-        if labels[i] == 1 and spec.n_lesions == 0:
-            raise RuntimeError(f"could not place a lesion on {sid}")
-        slides.append({
-            "slide_id": sid, "label": int(labels[i]), "split": splits[i], "path": spec.path,
-            "pixel_annotated": i in annotated, "geojson": spec.geojson_path, "mask": spec.mask_path,
-            "mask_downsample": spec.mask_downsample, "n_lesions": spec.n_lesions, "seed": slide_seed,
-            "spec": spec.to_dict(),
-        })
-        if on_slide is not None:
-            on_slide(slides[-1])
-
-    labels_csv = out / "labels.csv"
-    with open(labels_csv, "w", newline="") as fh:
-        wr = csv.writer(fh, lineterminator="\n")
-        wr.writerow(["slide_id", "label", "split"])
-        for s in slides:
-            wr.writerow([s["slide_id"], s["label"], s["split"]])
-    pix = [s["slide_id"] for s in slides if s["pixel_annotated"]]
-    (out / "pixel_annotated.txt").write_text("".join(f"{p}\n" for p in pix))
+    else:
+        kw = dict(width_px=width_px, height_px=height_px, mpp=mpp, tile_px=tile_px, levels=levels,
+                  jpeg_quality=jpeg_quality, photometric=photometric, stain_jitter=stain_jitter,
+                  annotations_dir=ann_dir, mask_downsample=mask_downsample, workers=workers)
+        slides = [_report(written, _easy_slide(out, i, seed, labels[i], splits[i], i in annotated, int(n_les[i]), kw))
+                  for i in range(len(labels))]
     result = {
-        "out_dir": str(out), "labels_csv": str(labels_csv), "annotations_dir": str(ann_dir),
-        "pixel_annotated": pix, "pixel_annotated_txt": str(out / "pixel_annotated.txt"),
+        "out_dir": str(out), "labels_csv": str(out / "labels.csv"), "annotations_dir": str(ann_dir),
+        "pixel_annotated": [s["slide_id"] for s in slides if s["pixel_annotated"]],
+        "pixel_annotated_txt": str(out / "pixel_annotated.txt"),
         "seed": int(seed), "mpp": mpp, "width_px": int(width_px), "height_px": int(height_px),
         "split_fractions": dict(zip(split_names, fracs)), "difficulty": difficulty, **extra, "slides": slides,
     }
-    (out / "cohort.json").write_text(json.dumps(result, indent=1))
+    _write_cohort_files(out, result)
     return result
+
+
+def _split_fractions(split) -> tuple[list, list]:
+    """(split names, fractions) from a tuple of (train, val, test) fractions or a {name: fraction} dict."""
+    if isinstance(split, dict):
+        names = list(split.keys())
+        fracs = [float(split[s]) for s in names]
+    else:
+        names = ["train", "val", "test"][: len(split)]
+        fracs = [float(s) for s in split]
+    if len(fracs) != len(names) or min(fracs) < 0 or sum(fracs) <= 0:
+        raise ValueError("invalid split fractions")
+    return names, fracs
+
+
+def _report(callback, entry: dict) -> dict:
+    callback(entry)
+    return entry
+
+
+def _easy_slide(out: Path, i: int, seed: int, label: int, split: str, annotated: bool, n_lesions: int,
+                kw: dict) -> dict:
+    """Write slide ``i`` of an easy cohort; its entry in ``cohort.json``."""
+    sid = f"slide_{i:03d}"
+    slide_seed = int(_hash(_subkey(seed, "cohort"), i))
+    spec = write_slide(out / f"{sid}.tif", seed=slide_seed, tissue="normal", lesions=n_lesions if label == 1 else 0,
+                       **kw)
+    if label == 1 and spec.n_lesions == 0:
+        raise RuntimeError(f"could not place a lesion on {sid}")
+    return {
+        "slide_id": sid, "label": int(label), "split": split, "path": spec.path,
+        "pixel_annotated": annotated, "geojson": spec.geojson_path, "mask": spec.mask_path,
+        "mask_downsample": spec.mask_downsample, "n_lesions": spec.n_lesions, "seed": slide_seed,
+        "spec": spec.to_dict(),
+    }
+
+
+def _write_cohort_files(out: Path, result: dict) -> None:
+    """``labels.csv``, ``pixel_annotated.txt`` and ``cohort.json`` of a written cohort."""
+    with open(out / "labels.csv", "w", newline="") as fh:
+        wr = csv.writer(fh, lineterminator="\n")
+        wr.writerow(["slide_id", "label", "split"])
+        for s in result["slides"]:
+            wr.writerow([s["slide_id"], s["label"], s["split"]])
+    (out / "pixel_annotated.txt").write_text("".join(f"{p}\n" for p in result["pixel_annotated"]))
+    (out / "cohort.json").write_text(json.dumps(result, indent=1))
 
 
 # ----------------------------------------------------------------------------
