@@ -444,9 +444,9 @@ def test_tile_array_template_on_slurm(slurm, cohort, tmp_path):
 
 @pytest.mark.slow
 def test_em_round_torchrun_template_on_slurm(slurm, tmp_path):
-    # The template's mechanics on one node: srun starts torchrun, whose c10d rendezvous on the host
-    # `scontrol show hostnames` names joins its one rank (no GPU here: SLURM_GPUS_ON_NODE is unset),
-    # and the em-round options reach the command through torchrun's "--".
+    # The template on one node without GPUs: srun starts torchrun, whose c10d rendezvous on the host
+    # `scontrol show hostnames` names joins two CPU ranks (NPROC_PER_NODE=2, gloo), and the em-round
+    # options reach the command through torchrun's "--".
     pytest.importorskip("torch")
     if shutil.which("wsi-pipeline", path=_env()["PATH"]) is None or shutil.which("torchrun", path=_env()["PATH"]) is None:
         pytest.skip("wsi-pipeline or torchrun is not installed beside this interpreter")
@@ -458,13 +458,15 @@ def test_em_round_torchrun_template_on_slurm(slurm, tmp_path):
                    quiet=True, progress=False)
     assert rep.ok
     template = TEMPLATES[[p.name for p in TEMPLATES].index("em-round-torchrun.sbatch")]
-    r = _sh("sbatch", "--wait", "--cpus-per-task=1", "--mem=2G", "--gpus-per-node=0", f"--chdir={tmp_path}", template,
+    r = _sh("sbatch", "--wait", "--cpus-per-task=2", "--mem=4G", "--gpus-per-node=0", f"--chdir={tmp_path}", template,
             "stores", "cohort/labels.csv", "run", "--annotations", "cohort/annotations", "--config", "tiny",
             "--set", "em.epochs_init=1", "--set", "em.batches_per_epoch=2", "--set", "stage2.epochs=1", "--quiet",
-            env=slurm, timeout=600)
+            env={**slurm, "NPROC_PER_NODE": "2"}, timeout=600)
     log = "\n".join(p.read_text() for p in tmp_path.glob("wsi-em-*.out"))
     assert r.returncode == 0, r.stderr + log
     host = _sh("scontrol", "show", "hostnames", _sh("sinfo", "-h", "-o", "%N", env=slurm).stdout.strip(),
                env=slurm).stdout.split()[0]
-    assert f"1 node(s) x 1 GPU(s), rendezvous {host}:" in log
+    assert f"1 node(s) x 2 rank(s), rendezvous {host}:" in log
     assert "ran round(s) 0" in log and (tmp_path / "run" / "run.json").is_file()
+    metrics = json.loads((tmp_path / "run" / "round_0" / "metrics.json").read_text())
+    assert metrics["distributed"]["world_size"] == 2 and metrics["distributed"]["backend"] == "gloo"
