@@ -19,6 +19,7 @@ set -euo pipefail
 DIR=${WSI_SLURM_DIR:-/tmp/wsi-slurm}
 CONF=$DIR/slurm.conf
 MUNGE_SOCKET=/run/munge/munge.socket.2
+MUNGE_PID=/run/munge/munged.pid  # munged runs as munge: its pid file goes where munge may write
 export SLURM_CONF=$CONF
 
 die() { echo "slurm_local.sh: $*" >&2; exit 1; }
@@ -74,9 +75,12 @@ start_munge() {
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     chown munge:munge /run/munge /var/log/munge /var/lib/munge
     chmod 0755 /run/munge
-    runuser -u munge -- /usr/sbin/munged --pid-file="$DIR/munged.pid"
+    runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_PID"
     for _ in $(seq 50); do
-        munge -n -S "$MUNGE_SOCKET" 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1 && return
+        if munge -n -S "$MUNGE_SOCKET" 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1; then
+            cp "$MUNGE_PID" "$DIR/munged.pid"  # ours: stop stops it
+            return
+        fi
         sleep 0.1
     done
     die "munged did not start (see /var/log/munge/munged.log)"
