@@ -78,7 +78,7 @@ from pipeline.batch import (
     record_matches,
     utc_now,
 )
-from pipeline.config import Config
+from pipeline.config import ClusterConfig, Config
 from pipeline.distributed import Dist, session
 from pipeline.leases import DEFAULT_TIMEOUT_S
 from pipeline.run import RunDir
@@ -516,6 +516,8 @@ def run_classify(
     workers: int | None = None,
     processes: bool | None = None,
     scheduler: str | None = None,
+    cluster: str = "local",
+    cluster_config: ClusterConfig | None = None,
     mpp_overrides: dict | None = None,
     assume_mpp: float | None = None,
     region_threshold: float = 0.5,
@@ -542,6 +544,10 @@ def run_classify(
     may be object storage URLs; ``stage_dir`` / ``stage_cache_gb`` say where this machine stages
     slides and keeps the local copy of an object storage ``out_dir`` (default ``~/.cache/wsi-pipeline``, 100 GB).
 
+    Tiling runs as :func:`pipeline.tile.run_tile` runs it (``workers``, ``processes``, ``scheduler``,
+    ``cluster``); ``cluster="slurm"`` starts SLURM jobs of ``cluster_config`` (default: the cluster
+    section's defaults, never the run's: where to run belongs to this machine, not to the run).
+
     Raises
     ------
     UsageError
@@ -563,6 +569,8 @@ def run_classify(
     meta = run.read_meta()
     cfg = run.config(meta)
     tiling_cfg = _tiling_config(run, meta) if stores is None else None
+    if tiling_cfg is not None:
+        tiling_cfg.cluster = cluster_config if cluster_config is not None else ClusterConfig()
     if stores is not None:
         check_stores_batch(src, stores, meta.get("tiling") or {})
     bs = int(batch_size if batch_size is not None else cfg.em.predict_batch_size)
@@ -589,6 +597,7 @@ def run_classify(
             "loader_workers": lw,
             "workers": workers,
             "scheduler": scheduler,
+            "cluster": cluster,
             "out": remote_out or str(out),
             **({"work_dir": str(out)} if remote_out else {}),
         }
@@ -596,8 +605,9 @@ def run_classify(
             settings["world_size"] = d.world
         timeout = DEFAULT_TIMEOUT_S if lease_timeout is None else float(lease_timeout)
         job = _Job(src, stores, tiling_cfg, out, dict(workers=workers, processes=processes, scheduler=scheduler,
-                                                      mpp_overrides=mpp_overrides, assume_mpp=assume_mpp, quiet=quiet,
-                                                      progress=progress, lease_timeout=timeout, **stage), remote_out)
+                                                      cluster=cluster, mpp_overrides=mpp_overrides,
+                                                      assume_mpp=assume_mpp, quiet=quiet, progress=progress,
+                                                      lease_timeout=timeout, **stage), remote_out)
 
         def new_batch(**kw):
             return BatchRun("classify", out, settings, lease_timeout=timeout, **kw)

@@ -145,6 +145,53 @@ def _worker_kind_option(fn):
     )(fn)
 
 
+def _cluster_options(fn):
+    fn = click.option(
+        "--cluster-config", "cluster_config", default=None, metavar="FILE|NAME",
+        help="Config file whose cluster: section describes the SLURM jobs of --cluster slurm (its other sections "
+             "are checked, not used).",
+    )(fn)
+    fn = click.option(
+        "--cluster", "cluster", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+        help="local: --workers / --processes / --scheduler as usual; slurm: Dask workers in SLURM batch jobs "
+             "(dask-jobqueue), sized and scaled by the config's cluster: section, cancelled when the command ends.",
+    )(fn)
+    return fn
+
+
+def _check_shard(ctx, param, value):
+    if value is None:
+        return None
+    i, slash, n = value.partition("/")
+    try:
+        i, n = int(i), int(n)
+    except ValueError:
+        i, n = -1, 0
+    if not slash or not 0 <= i < n:
+        raise _BadValue(f"--shard {value}: expected I/N with 0 <= I < N, e.g. --shard $SLURM_ARRAY_TASK_ID/8")
+    return i, n
+
+
+def cluster_section_from(cluster: str, cluster_config, set_items, workers, processes):
+    """The cluster section for ``--cluster``/``--cluster-config`` (with ``--set cluster.*``), or None to keep
+    the config's; a :class:`UsageError` for flags that contradict ``--cluster``."""
+    from pipeline.batch import UsageError
+    from pipeline.config import load_cluster_config, parse_set_options
+
+    if cluster != "slurm":
+        if cluster_config:
+            raise UsageError("--cluster-config describes the SLURM jobs of --cluster slurm: add --cluster slurm")
+        return None
+    given = [flag for flag, v in (("--workers", workers), ("--processes/--threads", processes)) if v is not None]
+    if given:
+        raise UsageError(f"{' and '.join(given)} size a local run; with --cluster slurm the cluster section does "
+                         "(cluster.cores, cluster.maximum_jobs)")
+    if cluster_config is None:
+        return None
+    sets = {k: v for k, v in parse_set_options(set_items).items() if k.startswith("cluster.")}
+    return load_cluster_config(cluster_config, sets)
+
+
 def describe_os_error(exc: OSError) -> str:
     """One line naming the path and the cause of a file-system error outside a slide's own work."""
     import errno
@@ -231,6 +278,10 @@ def main():
 @_workers_option("workers")
 @_worker_kind_option
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Existing Dask scheduler, e.g. tcp://head:8786.")
+@_cluster_options
+@click.option("--shard", default=None, callback=_check_shard, metavar="I/N",
+              help="Tile only slides I, I+N, I+2N, ... of SLIDES (0 <= I < N; in the order a folder search or the "
+                   "list file gives): one share per task of a SLURM job array.")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
 @click.option("--assume-mpp", type=float, default=None, callback=_check_assume_mpp,
               help="µm/px for slides whose metadata has none.")
@@ -244,17 +295,20 @@ def main():
 @_common_options
 @_handle_errors
 def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, codec, jpeg_quality, workers,
-         processes, scheduler, mpp_csv, assume_mpp, verify, verify_content, lease_timeout, quiet, verbose, log_file):
+         processes, scheduler, cluster, cluster_config, shard, mpp_csv, assume_mpp, verify, verify_content, lease_timeout,
+         quiet, verbose, log_file):
     """Cut tissue tiles from SLIDES into one Zarr store per slide.
 
     SLIDES is a folder (searched recursively for slide files), one slide, or a
     text file listing slide paths. Re-running skips slides whose file and
     tiling settings are unchanged; a failed slide never stops the others.
     The work runs on --workers threads of this process, on a Dask LocalCluster
-    of worker processes (--processes), or on an existing Dask cluster
-    (--scheduler). Several tile jobs may share one --out folder (one per node,
-    cron beside a manual run): each slide is tiled by one of them, and the
-    others list it as being processed by another job.
+    of worker processes (--processes), on an existing Dask cluster
+    (--scheduler), or on Dask workers in SLURM jobs this command submits and
+    cancels (--cluster slurm; the config's cluster: section). Several tile
+    jobs may share one --out folder (one per node, the tasks of a job array
+    with --shard, cron beside a manual run): each slide is tiled by one of
+    them, and the others list it as being processed by another job.
 
     Object storage: SLIDES may be an s3:// (gs://, ...) prefix or slide, staged
     to a local cache (runtime.stage_dir, at most runtime.stage_cache_gb); --out
@@ -270,6 +324,9 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
       wsi-pipeline tile scan.svs --out stores --mpp 1.0 --codec zstd
       wsi-pipeline tile slides/ --out stores --mpp-csv mpp.csv --assume-mpp 0.25
       wsi-pipeline tile slides/ --out stores --scheduler tcp://head:8786
+      wsi-pipeline tile slides/ --out stores --cluster slurm --set cluster.queue=cpu --set cluster.maximum_jobs=10
+      wsi-pipeline tile slides/ --out stores --config tiny --cluster slurm --cluster-config site.yaml
+      wsi-pipeline tile slides.txt --out stores --shard 3/8 --workers 8   # task 3 of a job array of 8
       wsi-pipeline tile slides/ --out stores --verify --verify-content
       wsi-pipeline tile /nfs/slides --out /nfs/stores --lease-timeout 600   # one job per node
       wsi-pipeline tile s3://bucket/slides --out s3://bucket/stores --set runtime.stage_cache_gb=50
@@ -291,12 +348,15 @@ def tile(slides, out_dir, config_path, set_items, mpp, tile_px, overlap_px, code
             "runtime.processes": processes,
         },
     )
+    section = cluster_section_from(cluster, cluster_config, set_items, workers, processes)
+    if section is not None:
+        cfg.cluster = section
     overrides = load_mpp_csv(mpp_csv) if mpp_csv else None
     try:
         report = run_tile(
-            slides, out_dir, cfg, workers=workers, scheduler=scheduler, mpp_overrides=overrides,
-            assume_mpp=assume_mpp, quiet=quiet, verify=verify, verify_content=verify_content,
-            lease_timeout=lease_timeout,
+            slides, out_dir, cfg, workers=workers, scheduler=scheduler, cluster=cluster, shard=shard,
+            mpp_overrides=overrides, assume_mpp=assume_mpp, quiet=quiet, verify=verify,
+            verify_content=verify_content, lease_timeout=lease_timeout,
         )
     except KeyboardInterrupt:
         click.echo(f"interrupted; run the same command again: stores already finished in {out_dir} are skipped",
@@ -515,6 +575,7 @@ def _echo_em_summary(summary: dict, run_dir) -> None:
 @_workers_option("tiling workers")
 @_worker_kind_option
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Existing Dask scheduler for tiling, e.g. tcp://head:8786.")
+@_cluster_options
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Per-slide µm/px overrides: CSV with slide_id,mpp.")
 @click.option("--assume-mpp", type=float, default=None, callback=_check_assume_mpp,
               help="µm/px for slides whose metadata has none.")
@@ -528,8 +589,8 @@ def _echo_em_summary(summary: dict, run_dir) -> None:
 @_handle_errors
 @_needs_train_extra
 def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geojson, labels_csv, device, batch_size,
-             loader_workers, workers, processes, scheduler, mpp_csv, assume_mpp, lease_timeout, stage_dir,
-             stage_cache_gb, quiet, verbose, log_file):
+             loader_workers, workers, processes, scheduler, cluster, cluster_config, mpp_csv, assume_mpp, lease_timeout,
+             stage_dir, stage_cache_gb, quiet, verbose, log_file):
     """Score slides with a trained run: predictions.csv, heatmaps, GeoJSON regions and report.html.
 
     SLIDES is a folder of slides (searched recursively; tiled into OUT/stores with
@@ -541,7 +602,8 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
     Takes no --config/--set: tiling, models and top-K are the run's own
     settings; what depends on this machine is a flag.
 
-    Tiling runs like `tile` (--workers, --processes, --scheduler); scoring runs in this
+    Tiling runs like `tile` (--workers, --processes, --scheduler, --cluster slurm with the
+    cluster: section of --cluster-config, default values without one); scoring runs in this
     process with batched inference on the chosen device and --loader-workers
     DataLoader processes. Re-running skips slides already scored with the same
     run, round and store; predictions.csv and report.html are rebuilt from all
@@ -555,6 +617,7 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
       wsi-pipeline classify slides/ --run run --out results --threshold 0.35 --device cuda
       wsi-pipeline classify slides/ --run run --out results --workers 4 --loader-workers 4 --quiet
       wsi-pipeline classify slides.txt --run run --out results --scheduler tcp://head:8786
+      wsi-pipeline classify slides/ --run run --out results --cluster slurm --cluster-config site.yaml
       wsi-pipeline classify slides/ --run run --out results --labels labels.csv --log-file classify.log
       wsi-pipeline classify s3://bucket/stores --run run --out s3://bucket/results --stage-dir /scratch/wsi
       torchrun --nproc-per-node 4 --no-python wsi-pipeline -- classify stores/ --run run --out results
@@ -564,12 +627,13 @@ def classify(slides, run_dir, out_dir, round_, threshold, region_threshold, geoj
     from wsi.slide import load_mpp_csv
 
     setup_logging(quiet, verbose, log_file)
+    section = cluster_section_from(cluster, cluster_config, (), workers, processes)
     overrides = load_mpp_csv(mpp_csv) if mpp_csv else None
     try:
         report = run_classify(
             slides, run_dir, out_dir, round_=round_, threshold=threshold, device=device, batch_size=batch_size,
             loader_workers=loader_workers, workers=workers, processes=processes, scheduler=scheduler,
-            mpp_overrides=overrides,
+            cluster=cluster, cluster_config=section, mpp_overrides=overrides,
             assume_mpp=assume_mpp, region_threshold=region_threshold, geojson=geojson, labels=labels_csv, quiet=quiet,
             progress=not quiet, lease_timeout=lease_timeout, stage_dir=stage_dir, stage_cache_gb=stage_cache_gb,
         )

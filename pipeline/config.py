@@ -202,6 +202,72 @@ class RuntimeConfig:
             raise ConfigError(f"runtime.device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {dev!r}")
 
 
+@dataclass
+class ClusterConfig:
+    """The SLURM cluster ``tile --cluster slurm`` / ``classify --cluster slurm`` starts (dask-jobqueue's
+    SLURMCluster): batch jobs of Dask workers, scaled between minimum_jobs and maximum_jobs with the work
+    queued. Does not change results. The defaults ask for a slice of a workstation-class node."""
+
+    queue: Optional[str] = None
+    """Partition of the worker jobs (#SBATCH -p); null = the site's default partition."""
+    account: Optional[str] = None
+    """Account the worker jobs are charged to (#SBATCH -A); null = the user's default account."""
+    cores: int = 8
+    """CPU cores per job (#SBATCH --cpus-per-task): as many tasks run at once in each job."""
+    processes: int = 1
+    """Dask worker processes per job, sharing its cores as threads (tiling releases the GIL, so one
+    process does the work of many; more processes isolate a native crash to fewer running tasks)."""
+    memory_gb: float = 16.0
+    """Memory per job in GiB (#SBATCH --mem); tiling needs about 0.2 GiB per core."""
+    walltime_min: int = 60
+    """Time limit of each job in minutes (#SBATCH -t). Workers retire 5 minutes before it (when it is
+    at least 15 minutes) and, with work left, new jobs replace them."""
+    job_extra_directives: list[str] = field(default_factory=list)
+    """More #SBATCH options, one per item without the '#SBATCH' prefix, e.g. ['--qos=normal',
+    '--constraint=avx2']."""
+    local_directory: Optional[str] = None
+    """Scratch folder of each worker on its node (Dask's spill and lock files); null = the node's
+    temporary folder."""
+    log_directory: Optional[str] = None
+    """Folder for the jobs' stdout/stderr files (created); null = SLURM's default (slurm-<job id>.out
+    in the folder the command ran in)."""
+    interface: Optional[str] = None
+    """Network interface the scheduler and the workers talk over, e.g. 'ib0'; null = Dask's choice."""
+    minimum_jobs: int = 0
+    """Jobs kept running while the cluster is open, even without work."""
+    maximum_jobs: int = 4
+    """Most jobs running at once (at most maximum_jobs x cores tasks in flight)."""
+    start_timeout_s: float = 1800.0
+    """Seconds to wait for the first job to start and its worker to connect; then the command stops
+    (exit 2) and cancels the jobs. Long queue waits need more."""
+
+    def validate(self) -> None:
+        for name in ("cores", "processes", "walltime_min", "maximum_jobs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"cluster.{name} must be >= 1, got {getattr(self, name)}")
+        if self.cores % self.processes:
+            raise ConfigError(f"cluster.processes={self.processes} must divide cluster.cores={self.cores} "
+                              "(each process gets cores / processes threads)")
+        if not self.memory_gb > 0:
+            raise ConfigError(f"cluster.memory_gb must be > 0 (GiB per job), got {self.memory_gb}")
+        if not 0 <= self.minimum_jobs <= self.maximum_jobs:
+            raise ConfigError(f"cluster.minimum_jobs must be in [0, maximum_jobs={self.maximum_jobs}], "
+                              f"got {self.minimum_jobs}")
+        if not self.start_timeout_s > 0:
+            raise ConfigError(f"cluster.start_timeout_s must be > 0 seconds, got {self.start_timeout_s}")
+        for name in ("queue", "account", "interface"):
+            value = getattr(self, name)
+            if value is not None and (not value or any(c.isspace() for c in value)):
+                raise ConfigError(f"cluster.{name} must be one name without spaces or null, got {value!r}")
+        for i, d in enumerate(self.job_extra_directives):
+            if d.lstrip().upper().startswith("#SBATCH"):
+                raise ConfigError(f"cluster.job_extra_directives[{i}] = {d!r}: leave out '#SBATCH', "
+                                  f"e.g. {d.lstrip()[7:].strip()!r}")
+            if not d.startswith("-"):
+                raise ConfigError(f"cluster.job_extra_directives[{i}] = {d!r}: expected an sbatch option such as "
+                                  "'--qos=normal'")
+
+
 EM_MODES = ("mixed", "pixel", "image")
 THRESHOLD_MODES = ("fixed", "negative_fpr")
 SELECT_ROUNDS = ("em", "all")
@@ -619,6 +685,7 @@ class Config:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     em: EMConfig = field(default_factory=EMConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
@@ -936,6 +1003,19 @@ def load_config(
             )
         _apply(sections[sec], {leaf: value}, f"override {sec}")
     return Config(**sections).validate()
+
+
+def load_cluster_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> ClusterConfig:
+    """The ``cluster:`` section of a config file (or of the defaults), with ``cluster.*`` ``overrides``.
+
+    The whole file is checked as :func:`load_config` checks it (a typo anywhere is an error), but only its
+    cluster section is used: ``--cluster-config`` names where the machine's cluster is described, apart
+    from the settings that decide what is computed.
+    """
+    extra = sorted(k for k in (overrides or {}) if not k.startswith("cluster."))
+    if extra:
+        raise ConfigError(f"override {extra[0]!r}: only cluster.* settings apply here")
+    return load_config(path, overrides).cluster
 
 
 def _sections_from(data: Mapping[str, Any], where: str) -> dict[str, Any]:

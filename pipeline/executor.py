@@ -1,5 +1,6 @@
 """Where per-slide work runs: threads of this process, a local Dask cluster of
-worker processes, an existing Dask cluster, or this thread alone.
+worker processes, an existing Dask cluster, Dask workers in SLURM jobs
+(:mod:`pipeline.slurm`), or this thread alone.
 
 Workers open slides and read pixels themselves; only small dicts travel back
 to the driver. Dask worker processes are spawned (not forked), so no slide
@@ -120,6 +121,10 @@ class _DriverQueue:
             item.fn = item.args = item.kwargs = None
             self._running[item.future] = item
 
+    def backlog(self) -> int:
+        """Calls submitted and not finished yet: waiting in the queue or running."""
+        return len(self._queue) + len(self._running)
+
     def completed(self) -> Iterator[_Queued]:
         """Yield calls as they finish; calls submitted meanwhile are yielded too."""
         for fut in self._finished():
@@ -230,6 +235,33 @@ _QUIET_LOOP = {
 }
 
 
+#: Values of ``--cluster``: the executors above on this machine, or SLURM jobs.
+CLUSTERS = ("local", "slurm")
+
+
+def cluster_section(cluster: str, scheduler: str | None, config):
+    """``config.cluster`` for ``cluster="slurm"``, None for ``"local"``; a :class:`UsageError` for
+    anything else, or for a SLURM cluster together with an existing ``scheduler``."""
+    from pipeline.batch import UsageError
+
+    if cluster not in CLUSTERS:
+        raise UsageError(f"--cluster {cluster!r}: use one of {list(CLUSTERS)}")
+    if cluster == "slurm" and scheduler:
+        raise UsageError("--scheduler and --cluster slurm both say where to run: give one")
+    return config.cluster if cluster == "slurm" else None
+
+
+#: Dask settings of the clusters started here (LocalCluster, SLURMCluster).
+_DASK_SETTINGS = {
+    "distributed.worker.daemon": False,
+    "distributed.logging.distributed": "error",
+    # A call whose worker process dies is retried once on a fresh worker, then fails
+    # (KilledWorker): a slide that crashes a native library fails alone, quickly.
+    "distributed.scheduler.allowed-failures": 1,
+    **_QUIET_LOOP,
+}
+
+
 @contextmanager
 def make_executor(
     workers: int = 0,
@@ -237,6 +269,7 @@ def make_executor(
     *,
     processes: bool = False,
     warm: tuple[str, ...] = (),
+    slurm=None,
 ):
     """An executor for per-slide work.
 
@@ -262,8 +295,19 @@ def make_executor(
     warm : tuple of str
         Modules every Dask worker imports before the executor is handed out
         (part of the start-up, like the workers themselves).
+    slurm : pipeline.config.ClusterConfig, optional
+        Start a dask-jobqueue SLURMCluster of this cluster section instead
+        (:mod:`pipeline.slurm`; ``workers``, ``processes`` and ``scheduler``
+        are not used: see :func:`cluster_section`), and close it, cancelling
+        its jobs, when the block ends.
     """
     workers = resolve_workers(workers)
+    if slurm is not None:
+        from pipeline.slurm import slurm_executor
+
+        with slurm_executor(slurm, _DASK_SETTINGS, warm) as ex:
+            yield ex
+        return
     if scheduler:
         from distributed import Client
 
@@ -293,15 +337,7 @@ def make_executor(
     import dask
     from distributed import Client, LocalCluster
 
-    settings = {
-        "distributed.worker.daemon": False,
-        "distributed.logging.distributed": "error",
-        # A call whose worker process dies is retried once on a fresh worker, then fails
-        # (KilledWorker): a slide that crashes a native library fails alone, quickly.
-        "distributed.scheduler.allowed-failures": 1,
-        **_QUIET_LOOP,
-    }
-    with dask.config.set(settings):
+    with dask.config.set(_DASK_SETTINGS):
         cluster = LocalCluster(
             n_workers=int(workers),
             threads_per_worker=1,

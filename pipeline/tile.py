@@ -49,7 +49,7 @@ from pipeline.batch import (
     utc_now,
 )
 from pipeline.config import Config
-from pipeline.executor import future_error, make_executor, resolve_workers
+from pipeline.executor import cluster_section, future_error, make_executor, resolve_workers
 from wsi import __version__
 from wsi.atomic import atomic_write_json
 from wsi.objstore import Remote, RemoteError, as_location, is_url
@@ -639,6 +639,8 @@ def run_tile(
     workers: int | None = None,
     processes: bool | None = None,
     scheduler: str | None = None,
+    cluster: str = "local",
+    shard: tuple[int, int] | None = None,
     mpp_overrides: dict | None = None,
     assume_mpp: float | None = None,
     quiet: bool = False,
@@ -669,6 +671,13 @@ def run_tile(
         process (default ``config.runtime.processes``; see :func:`pipeline.executor.make_executor`).
     scheduler : str, optional
         An existing Dask scheduler's address (takes precedence over ``workers``).
+    cluster : str
+        ``"local"`` (the above) or ``"slurm"``: a dask-jobqueue SLURMCluster of
+        ``config.cluster`` (:mod:`pipeline.slurm`), closed when the run ends; ``workers`` and
+        ``processes`` are then not used.
+    shard : (int, int), optional
+        ``(i, n)``: tile only slides ``i, i + n, i + 2n, ...`` of ``slides`` (one task of a job array of
+        ``n``); slide ids are still checked for repeats across all of them.
     verify : bool
         Before skipping a slide, compare every file of its store with the crc32c recorded when
         it was written (default: their presence and sizes only).
@@ -706,6 +715,7 @@ def run_tile(
         cache = SlideCache(stage_root / "slides", int(gb * GB))
     workers = resolve_workers(config.runtime.workers if workers is None else workers)
     processes = config.runtime.processes if processes is None else bool(processes)
+    slurm = cluster_section(cluster, scheduler, config)
     timeout = config.runtime.lease_timeout_s if lease_timeout is None else float(lease_timeout)
     settings = {
         "out": remote_out or str(out),
@@ -715,15 +725,17 @@ def run_tile(
         "workers": workers,
         "processes": processes,
         "scheduler": scheduler,
+        "cluster": cluster,
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
     }
     with BatchRun("tile", out, settings, progress=progress and not quiet, t0=t_run, lease_timeout=timeout) as run:
         report = run.report
         suspects = _start_suspects(run, out)
-        usable, dups = check_unique_ids(paths)
+        usable, dups = select_shard(paths, shard)
         for p, reason in dups.items():
             run.outcome(slide_id_for(p), p, "failed", reason)
         flagged = sorted({slide_id_for(p) for p in usable} & suspects.keys())
-        if flagged and not processes and not scheduler and workers > 0:
+        if flagged and not processes and not scheduler and slurm is None and workers > 0:
             # A thread that crashes in a native library takes the whole run with it, and the
             # next cron run would crash on the same slide: worker processes isolate it.
             processes = True
@@ -735,7 +747,7 @@ def run_tile(
                 ", ".join(flagged), suspects[flagged[0]] if len(flagged) == 1 else "earlier runs did not finish them",
             )
         t_ex = time.perf_counter()
-        with make_executor(workers, scheduler, processes=processes, warm=("pipeline.tile",)) as ex:
+        with make_executor(workers, scheduler, processes=processes, warm=("pipeline.tile",), slurm=slurm) as ex:
             report.settings["executor_start_s"] = round(time.perf_counter() - t_ex, 3)
             report.settings["executor"] = ex.description
             log.info("tiling %d slides into %s (%s)", len(usable), out, ex.description)
@@ -765,6 +777,19 @@ def work_dir_for(url: str, stage_root: Path) -> Path:
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url)[-80:].strip("_.")
     return stage_root / "outputs" / f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
+
+def select_shard(paths: list[Path], shard: tuple[int, int] | None) -> tuple[list[Path], dict[Path, str]]:
+    """:func:`check_unique_ids` over every slide, then the part of slides ``i, i + n, ...`` for ``shard=(i, n)``:
+    a slide id repeated across shards is caught in the shard that holds the repeat, as in one run."""
+    usable, dups = check_unique_ids(paths)
+    if shard is None:
+        return usable, dups
+    i, n = shard
+    if not 0 <= i < n:
+        raise UsageError(f"--shard {i}/{n}: expected I/N with 0 <= I < N")
+    mine = {id(p) for p in paths[i::n]}
+    log.info("shard %d/%d: %d of %d slides", i, n, len(mine), len(paths))
+    return [p for p in usable if id(p) in mine], {p: r for p, r in dups.items() if id(p) in mine}
 
 
 def _start_suspects(run: BatchRun, out: Path) -> dict[str, str]:
