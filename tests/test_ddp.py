@@ -36,6 +36,7 @@ torch = pytest.importorskip("torch")
 
 from pipeline.distributed import SINGLE, Dist, ShardedBatches, shard_indices  # noqa: E402
 from tests import ddp_helpers  # noqa: E402
+from tests.em_fixtures import em_threads  # noqa: E402,F401  (one torch thread, as each rank has: CPU sums depend on it)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,17 +185,8 @@ def two_ranks(small_cohort, tmp_path_factory):
     return out, res[0]
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, as each rank has (torch's CPU sums depend on the number of threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("kind", ["seg", "cls"])
-def test_two_ranks_train_what_one_process_trains(two_ranks, kind, one_thread):
+def test_two_ranks_train_what_one_process_trains(two_ranks, kind, em_threads):
     """soft_bce (uneven slices, unlabelled pixels) and topk_mean (a last batch smaller than the world):
     the global loss, item counts and weights of two ranks are one process's, up to float reduction order."""
     _, res = two_ranks
@@ -207,7 +199,7 @@ def test_two_ranks_train_what_one_process_trains(two_ranks, kind, one_thread):
         torch.testing.assert_close(two["model"][key], w, rtol=1e-4, atol=1e-6)
 
 
-def test_two_ranks_write_the_maps_one_process_writes(two_ranks, small_cohort, tmp_path, one_thread):
+def test_two_ranks_write_the_maps_one_process_writes(two_ranks, small_cohort, tmp_path, em_threads):
     """The E-step's prediction pass sharded over two ranks: every slide's maps and maxima are
     byte-equal to one process's, and the Zarr is complete and in place."""
     import zarr
