@@ -19,9 +19,11 @@ and prints tiles/s side by side with their ratio (target >= 0.8), once per
 Three-mode comparison (``--compare``)
 -------------------------------------
 Runs ``em-round`` in ``mixed`` (``--rounds``), ``pixel`` and ``image`` mode on
-a generated cohort with lesions (train / val split), then prints and writes
-``bench-out/em-compare/comparison.txt``: val AUC, specificity at 100 %
-sensitivity and its threshold, stage-2 loss, time.
+a generated cohort with lesions (train / val / test split), classifies the test
+slides, then prints and writes ``bench-out/em-compare-<cohort>-<config>/comparison.md``
+(one folder per cohort and settings, so runs on another cohort never resume these):
+test AUC, specificity at 100 % sensitivity, pixel Dice, the chosen round, where
+theta1 fires (realistic cohorts) and minutes.
 
 Usage::
 
@@ -285,7 +287,7 @@ def bench_compare(args) -> None:
             use_ann = [d / "cohort" / "annotations" / f"{sid}.geojson" for sid in
                        (d / "cohort" / "pixel_annotated.txt").read_text().split()] if name.endswith(
                 "full_slide_annotations") else ann
-            r = _one(d, mode, cfg, use_ann, args.rounds, OUT / f"em-compare-{args.cohort}-{tag}" / name.replace(":", "-")
+            r = _one(d, mode, cfg, use_ann, args.rounds, OUT / f"em-compare-{d.name}-{tag}" / name.replace(":", "-")
                      / f"seed{seed}", args.fresh)
             print(f"{name} seed {seed}: {r}", flush=True)
             per.append(r)
@@ -301,7 +303,7 @@ def bench_compare(args) -> None:
                      f"{_fmt([r['lesion_vs_normal'][0] for r in per])} / {_fmt([r['lesion_vs_normal'][1] for r in per])} | "
                      f"{_fmt([r['minutes'] for r in per])} |")
     table = "\n".join(lines)
-    path = OUT / f"em-compare-{args.cohort}-{tag}" / "comparison.md"
+    path = OUT / f"em-compare-{d.name}-{tag}" / "comparison.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table + "\n")
     print("\n" + table + f"\n\nwritten: {path}")
