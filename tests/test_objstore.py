@@ -290,9 +290,10 @@ def s3(monkeypatch):
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("bucket")
+    bucket = f"bucket-{uuid.uuid4().hex[:8]}"  # moto keeps its buckets per process, across server instances
+    s3fs.S3FileSystem().mkdir(bucket)
     try:
-        yield "s3://bucket"
+        yield f"s3://{bucket}"
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         srv.stop()
@@ -309,7 +310,7 @@ def test_s3_tile_stage_and_errors(s3, tmp_path, monkeypatch):
     slides = sorted((tmp_path / "cohort").glob("*.tif"))
     fs = s3fs.S3FileSystem()
     for p in slides:
-        fs.put_file(str(p), f"bucket/slides/{p.name}")
+        fs.put_file(str(p), f"{s3[len('s3://'):]}/slides/{p.name}")
     run = lambda *a: CliRunner().invoke(main, [*a, "--config", "tiny", "--workers", "1", "--quiet",  # noqa: E731
                                                "--set", f"runtime.stage_dir={tmp_path / 'stage'}"])
     local = run("tile", str(tmp_path / "cohort"), "--out", str(tmp_path / "local"))
@@ -364,7 +365,7 @@ def test_s3_classify_reads_stores_from_s3(s3, tmp_path_factory, tmp_path):
     assert b.exit_code == 0, b.output
     import s3fs
 
-    with s3fs.S3FileSystem().open("bucket/results/predictions.csv", "r") as fh:
+    with s3fs.S3FileSystem().open(f"{s3[len('s3://'):]}/results/predictions.csv", "r") as fh:
         remote_rows = list(csv.DictReader(fh))
     local_rows = list(csv.DictReader(open(tmp_path / "a" / "predictions.csv")))
     key = lambda rows: [(r["slide_id"], r["probability"], r["n_tiles"], r["topk_x_level0_px"]) for r in rows]  # noqa
