@@ -85,12 +85,20 @@ def _check_workers(ctx, param, value):
         raise _BadValue(str(exc)) from None
 
 
-def _check_assume_mpp(ctx, param, value):
-    import math
+def _positive(flag: str, unit: str, example: str):
+    """A click callback: ``flag``'s value, when given, must be a finite number > 0 (in ``unit``)."""
+    def check(ctx, param, value):
+        import math
 
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise _BadValue(f"--assume-mpp {value}: must be a number of µm/px > 0, e.g. 0.25")
-    return value
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise _BadValue(f"{flag} {value}: must be a number of {unit} > 0, e.g. {example}")
+        return value
+
+    return check
+
+
+_check_assume_mpp = _positive("--assume-mpp", "µm/px", "0.25")
+_check_lease_timeout = _positive("--lease-timeout", "seconds", "3600")
 
 
 def _workers_option(what: str):
@@ -102,14 +110,6 @@ def _workers_option(what: str):
 
 #: Modules of the ``train`` extra (``pip install 'wsi-pipeline[train]'``).
 TRAIN_MODULES = ("torch", "torchvision", "timm")
-
-
-def _check_lease_timeout(ctx, param, value):
-    import math
-
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise _BadValue(f"--lease-timeout {value}: must be a number of seconds > 0, e.g. 3600")
-    return value
 
 
 def _lease_timeout_option(default_note: str):
