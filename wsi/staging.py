@@ -101,7 +101,7 @@ class SlideCache:
         d = self._dir(url)
         final = d / url_name(url)
         with self._bookkeeping():
-            fd = self._pin_fd(url, d)
+            self._pin(url, d)
             entry = _read_entry(d)
             if entry and _same(entry, ident) and final.is_file() and final.stat().st_size == ident["size"]:
                 os.utime(d / ENTRY)  # most recently used
@@ -145,14 +145,14 @@ class SlideCache:
             finally:
                 os.close(fd)
 
-    def _pin_fd(self, url: str, d: Path) -> int:
+    def _pin(self, url: str, d: Path) -> None:
+        """Hold a shared lock on the entry's pin file (kept in ``self._pins``) so it is not evicted while used."""
         if url in self._pins:
             raise RemoteError(f"{url}: staged twice at once in one run (two slides with one URL?)")
         d.mkdir(parents=True, exist_ok=True)
         fd = os.open(d / PIN, os.O_RDWR | os.O_CREAT, 0o666)
         fcntl.flock(fd, fcntl.LOCK_SH)  # the evictor only takes it (LOCK_EX, non-blocking) under the cache lock
         self._pins[url] = fd
-        return fd
 
     def _entries(self) -> list[Path]:
         try:
