@@ -193,10 +193,10 @@ def _one(d: Path, mode: str, cfg, ann: list, rounds: int, out: Path, fresh: bool
 
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
     summary = run_em(d / "stores", d / "cohort" / "labels.csv", out / "run", cfg,
                      annotations=ann if mode != "image" else (), rounds=rounds, progress=False)
-    minutes = (time.perf_counter() - t0) / 60
+    # the rounds' own recorded times, so a run resumed with more --rounds counts its earlier rounds too
+    minutes = sum(((m or {}).get("time_s") or {}).get("total", 0.0) for m in summary["rounds"].values()) / 60
     run_classify(_test_stores(d), out / "run", out / "classified", threshold=0.5, quiet=True, progress=False)
     ev = run_evaluate(out / "classified" / "predictions.csv", d / "cohort" / "labels.csv", split="test",
                       masks=[d / "cohort" / "annotations"], config=cfg, out_dir=out / "classified")
