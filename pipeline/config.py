@@ -427,12 +427,22 @@ class EMConfig:
     channels by at most 11 %); 0 = off."""
     mil_top_k: int = 1
     """Image mode: tiles per slide that get the slide's label in each MIL epoch (Campanella: 1)."""
+    mil_epochs: Optional[int] = None
+    """Image mode: epochs of each round. Every MIL epoch first ranks all training tiles under the current
+    theta1 (a prediction pass over the training slides), so an epoch costs far more than a mixed/pixel one;
+    None = em.epochs_init in round 0 and em.epochs after, like the other modes."""
     seed: int = 0
     """Seed of initialisation, sampling and augmentation (reproducible on CPU)."""
     predict_batch_size: int = 64
     """Tiles per inference batch (performance only)."""
     heatmap_slides: int = 4
     """Heatmap PNGs written per round (half positive, half negative slides where possible)."""
+
+    def theta1_epochs(self, k: int) -> int:
+        """Epochs theta1 trains in round ``k``."""
+        if self.mode == "image" and self.mil_epochs is not None:
+            return self.mil_epochs
+        return self.epochs_init if k == 0 else self.epochs
 
     def validate(self) -> None:
         if self.mode not in EM_MODES:
@@ -491,6 +501,8 @@ class EMConfig:
         _check_optimizer(self.optimizer, "em.optimizer")
         if self.mil_top_k < 1:
             raise ConfigError("em.mil_top_k must be >= 1")
+        if self.mil_epochs is not None and self.mil_epochs < 0:
+            raise ConfigError(f"em.mil_epochs must be >= 0 or null (em.epochs_init / em.epochs), got {self.mil_epochs}")
         if self.predict_batch_size < 1:
             raise ConfigError("em.predict_batch_size must be >= 1")
         if self.heatmap_slides < 0:

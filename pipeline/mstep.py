@@ -6,7 +6,8 @@
   hard-negative tiles; ``em.epochs`` epochs on batches holding annotated :
   pseudo-positive : hard-negative tiles at exactly ``em.ratio`` (2:1:7) each;
 * ``image``: no annotations; each epoch relabels the ``em.mil_top_k`` tiles of every
-  slide that theta1 ranks highest with the slide label (top-K MIL, Campanella et al. 2019).
+  slide that theta1 ranks highest with the slide label (top-K MIL, Campanella et al. 2019);
+  ``em.mil_epochs`` epochs per round when set (each one ranks every training tile).
 
 Training checkpoints after every epoch (``state/seg_train.pt``) and resumes from there;
 the finished model goes to ``round_k/seg.pt``. Under torchrun every rank trains its slice
@@ -58,7 +59,7 @@ def _initial_model(ctx, k: int):
 def train_theta1(ctx, k: int) -> dict:
     """Train theta1 of round k (resuming from its state checkpoint); writes ``round_k/seg.pt``."""
     cfg, e = ctx.cfg, ctx.cfg.em
-    epochs = e.epochs_init if k == 0 else e.epochs
+    epochs = e.theta1_epochs(k)
     model, init = _initial_model(ctx, k)
     trainer = seg_trainer(ctx, model, k, epochs)
     ckpt_path = ctx.run.state_dir(k) / "seg_train.pt"

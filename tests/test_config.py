@@ -52,6 +52,19 @@ def test_wrong_types_and_values():
         load_config(None, {"store.codec": "png"})
 
 
+def test_image_mode_epochs_have_their_own_count():
+    """em.mil_epochs sets every image-mode round's epochs (each MIL epoch ranks all training tiles); the
+    other modes, and image mode without it, keep epochs_init for round 0 and epochs after."""
+    e = load_config(None, {"em.epochs_init": 120, "em.epochs": 8, "em.mil_epochs": 10}).em
+    assert [e.theta1_epochs(k) for k in (0, 1, 2)] == [120, 8, 8]  # mode mixed: mil_epochs is not used
+    e = load_config(None, {"em.mode": "image", "em.epochs_init": 120, "em.epochs": 8, "em.mil_epochs": 10}).em
+    assert [e.theta1_epochs(k) for k in (0, 1, 2)] == [10, 10, 10]
+    e = load_config(None, {"em.mode": "image", "em.epochs_init": 120, "em.epochs": 8}).em
+    assert [e.theta1_epochs(k) for k in (0, 1)] == [120, 8]
+    with pytest.raises(ConfigError, match="em.mil_epochs must be >= 0"):
+        load_config(None, {"em.mil_epochs": -1})
+
+
 def test_missing_config_names_builtins():
     with pytest.raises(ConfigError, match="tiny"):
         load_config("nope")
