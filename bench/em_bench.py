@@ -185,36 +185,42 @@ def _test_stores(d: Path) -> Path:
     return t
 
 
-def _one(d: Path, mode: str, cfg, ann: list, rounds: int, out: Path, fresh: bool) -> dict:
-    """Train one run on train/val, classify the held-out test slides, evaluate them (slides and pixels)."""
+def _one(d: Path, mode: str, cfg, ann: list, rounds: int, out: Path, fresh: bool, *, run: Path | None = None,
+         round_: int | None = None) -> dict:
+    """Train one run on train/val (or reuse ``run``), classify the held-out test slides with its chosen round (or
+    round ``round_``), evaluate them (slides and pixels)."""
     from pipeline.classify import run_classify
     from pipeline.em import run_em
     from pipeline.evaluate import run_evaluate
 
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
-    summary = run_em(d / "stores", d / "cohort" / "labels.csv", out / "run", cfg,
+    run = run or out / "run"
+    summary = run_em(d / "stores", d / "cohort" / "labels.csv", run, cfg,
                      annotations=ann if mode != "image" else (), rounds=rounds, progress=False)
+    rnd = summary["best_round"] if round_ is None else round_
     # the rounds' own recorded times, so a run resumed with more --rounds counts its earlier rounds too
-    minutes = sum(((m or {}).get("time_s") or {}).get("total", 0.0) for m in summary["rounds"].values()) / 60
-    run_classify(_test_stores(d), out / "run", out / "classified", threshold=0.5, quiet=True, progress=False)
+    times = {int(k): ((m or {}).get("time_s") or {}).get("total", 0.0) for k, m in summary["rounds"].items()}
+    minutes = sum(t for k, t in times.items() if round_ is None or k <= round_) / 60
+    run_classify(_test_stores(d), run, out / "classified", round_=rnd, threshold=0.5, quiet=True, progress=False)
     ev = run_evaluate(out / "classified" / "predictions.csv", d / "cohort" / "labels.csv", split="test",
                       masks=[d / "cohort" / "annotations"], config=cfg, out_dir=out / "classified")
     px = ev.get("pixel") or {}
     rates = {}
     if (d / "cohort" / "cohort.json").is_file():
-        for rnd in sorted(int(p.name.split("_")[1]) for p in (out / "run").glob("round_*") if (p / "DONE").is_file()):
-            rates[rnd] = tile_hit_rates(d, out / "run", rnd)
-            print(f"  round {rnd}: theta1 flags (max >= 0.5) "
-                  + ", ".join(f"{k} {v:.1%}" for k, v in rates[rnd].items()) + " of train/val tiles", flush=True)
-    best = rates.get(summary["best_round"]) or {}
-    tiles = test_tile_aucs(d, out / "run", summary["best_round"], cfg) if rates else {}
+        done = sorted(int(p.name.split("_")[1]) for p in run.glob("round_*") if (p / "DONE").is_file())
+        for r in [r for r in done if round_ is None or r == round_]:
+            rates[r] = tile_hit_rates(d, run, r)
+            print(f"  round {r}: theta1 flags (max >= 0.5) "
+                  + ", ".join(f"{k} {v:.1%}" for k, v in rates[r].items()) + " of train/val tiles", flush=True)
+    best = rates.get(rnd) or {}
+    tiles = test_tile_aucs(d, run, rnd, cfg) if rates else {}
     if tiles:
         print("  held-out test tiles, lesion AUC against: " + ", ".join(f"{k} {v:.3f}" for k, v in tiles.items()),
               flush=True)
     return {"lesion_vs_normal": (best.get("lesion"), best.get("normal")), "test_tile_auc": tiles.get("all"),
             "test_auc": ev.get("auc"), "test_spec100": (ev.get("at_full_sensitivity") or {}).get("specificity"),
-            "test_dice": px.get("mean_dice_positive_slides"), "best_round": summary["best_round"], "minutes": minutes}
+            "test_dice": px.get("mean_dice_positive_slides"), "best_round": rnd, "minutes": minutes}
 
 
 def _tile_kinds(d: Path, slide: dict, xy: np.ndarray, tile_level0_px: float) -> np.ndarray:
@@ -305,9 +311,26 @@ def _fmt(vals) -> str:
     return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
 
 
+def _variant(args, d: Path, ann: list, base: Path, name: str, mode: str, extra: dict, seed: int) -> dict:
+    """One row's run of one seed. Pixel mode trains exactly round 0 of a mixed run (same seeds, same batches),
+    so when mixed runs too, the pixel row classifies the mixed run's round 0 instead of training it again."""
+    from pipeline.config import load_config, parse_set_options
+
+    cfg = load_config(args.config, {**parse_set_options(args.set), **extra, "em.mode": mode, "em.seed": seed})
+    out = base / name.replace(":", "-") / f"seed{seed}"
+    if name.endswith("full_slide_annotations"):
+        ann = [d / "cohort" / "annotations" / f"{sid}.geojson"
+               for sid in (d / "cohort" / "pixel_annotated.txt").read_text().split()]
+    if mode == "pixel" and "mixed" in args.modes:
+        mixed = load_config(args.config, {**parse_set_options(args.set), "em.mode": "mixed", "em.seed": seed})
+        return _one(d, "mixed", mixed, ann, args.rounds, out, args.fresh, run=base / "mixed" / f"seed{seed}" / "run",
+                    round_=0)
+    return _one(d, mode, cfg, ann, args.image_rounds if mode == "image" else args.rounds, out, args.fresh)
+
+
 def bench_compare(args) -> None:
     from pipeline.batch import setup_logging
-    from pipeline.config import load_config, parse_set_options
+    from pipeline.config import parse_set_options
 
     setup_logging(quiet=not args.verbose)
     if args.cohort == "realistic":
@@ -320,16 +343,12 @@ def bench_compare(args) -> None:
                for sid in (d / "cohort" / "pixel_annotated.txt").read_text().split()]
     tag = "-".join([Path(args.config).stem, *[x.replace("=", "") for x in args.set]])
     variants = [(m, m, {}) for m in args.modes] + [(f"mixed:{a}", "mixed", ABLATIONS[a]) for a in args.ablate]
+    base = OUT / f"em-compare-{d.name}-{tag}"
     rows = []
     for name, mode, extra in variants:
         per = []
         for seed in range(args.seeds):
-            cfg = load_config(args.config, {**parse_set_options(args.set), **extra, "em.mode": mode, "em.seed": seed})
-            use_ann = [d / "cohort" / "annotations" / f"{sid}.geojson" for sid in
-                       (d / "cohort" / "pixel_annotated.txt").read_text().split()] if name.endswith(
-                "full_slide_annotations") else ann
-            r = _one(d, mode, cfg, use_ann, args.rounds, OUT / f"em-compare-{d.name}-{tag}" / name.replace(":", "-")
-                     / f"seed{seed}", args.fresh)
+            r = _variant(args, d, ann, base, name, mode, extra, seed)
             print(f"{name} seed {seed}: {r}", flush=True)
             per.append(r)
         rows.append((name, per))
@@ -344,8 +363,13 @@ def bench_compare(args) -> None:
                      f"{', '.join(str(r['best_round']) for r in per)} | "
                      f"{_fmt([r['lesion_vs_normal'][0] for r in per])} / {_fmt([r['lesion_vs_normal'][1] for r in per])} | "
                      f"{_fmt([r['minutes'] for r in per])} |")
+    if "pixel" in args.modes and "mixed" in args.modes:
+        lines.append("\npixel: round 0 of the mixed run of the same seed (the pixel-only model; mode pixel trains "
+                     "exactly this round), classified on its own.")
+    if "image" in args.modes:
+        lines.append(f"\nimage: {args.image_rounds} round(s) of top-K MIL (each MIL epoch ranks every training tile).")
     table = "\n".join(lines)
-    path = OUT / f"em-compare-{d.name}-{tag}" / "comparison.md"
+    path = base / "comparison.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table + "\n")
     print("\n" + table + f"\n\nwritten: {path}")
@@ -370,7 +394,10 @@ def main() -> None:
     ap.add_argument("--cohort", choices=["easy", "realistic"], default="easy",
                     help="--compare on the easy cohort or the realistic one (synth --difficulty realistic).")
     ap.add_argument("--seeds", type=int, default=1, help="--compare: em.seed 0..N-1 per mode (mean ± sd).")
-    ap.add_argument("--modes", nargs="+", default=["mixed", "pixel", "image"], choices=["mixed", "pixel", "image"])
+    ap.add_argument("--modes", nargs="+", default=["mixed", "pixel", "image"], choices=["mixed", "pixel", "image"],
+                    help="--compare: modes, run in this order (pixel reuses round 0 of mixed when both are given).")
+    ap.add_argument("--image-rounds", type=int, default=1,
+                    help="--compare: rounds of image mode (each MIL epoch ranks every training tile; costly on CPU).")
     ap.add_argument("--ablate", nargs="*", default=[], choices=sorted(ABLATIONS),
                     help="--compare: also mixed runs with one issue-#10 measure switched (see ABLATIONS).")
     ap.add_argument("--verbose", action="store_true")
