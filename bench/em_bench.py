@@ -148,7 +148,9 @@ def bench_estep(args) -> None:
 ABLATIONS = {
     # issue #10 items, each switched off (or on) against the mixed run with the config as given
     "no_hard_negative_top_up": {"em.hard_negative_top_up": False},
-    "full_slide_annotations": {},  # item 2: the annotated slides' lesions outside the regions count as negatives
+    # item 2 off: the annotator's files read without their Region* rectangles, i.e. as whole-slide annotations,
+    # so the annotated slides' lesions outside the rectangles become exact negatives
+    "full_slide_annotations": {"em.annotated_region_classes": []},
     "hed_jitter": {"em.hed_scale": 0.3, "em.hed_shift": 0.05},
     "t_from_negatives_and_cap": {"em.threshold_mode": "negative_fpr", "em.max_positive_tiles_per_slide": 0.1},
 }
@@ -214,7 +216,7 @@ def _one(d: Path, mode: str, cfg, ann: list, rounds: int, out: Path, fresh: bool
             print(f"  round {r}: theta1 flags (max >= 0.5) "
                   + ", ".join(f"{k} {v:.1%}" for k, v in rates[r].items()) + " of train/val tiles", flush=True)
     best = rates.get(rnd) or {}
-    tiles = test_tile_aucs(d, run, rnd, cfg) if rates else {}
+    tiles = test_tile_aucs(d, out / "classified") if rates else {}
     if tiles:
         print("  held-out test tiles, lesion AUC against: " + ", ".join(f"{k} {v:.3f}" for k, v in tiles.items()),
               flush=True)
@@ -267,35 +269,27 @@ def tile_hit_rates(d: Path, run: Path, rnd: int, cut: float = 0.5) -> dict:
     return {k: round(hits[k] / total[k], 3) for k in sorted(total) if total[k]}
 
 
-def test_tile_aucs(d: Path, run: Path, rnd: int, cfg) -> dict:
-    """theta1 of round ``rnd`` on every tile of the held-out test slides: the AUC of a tile's maximum for
+def test_tile_aucs(d: Path, classified: Path) -> dict:
+    """theta1 on every tile of the held-out test slides, read from what ``classify`` wrote into ``classified``
+    (its QuPath detections carry each tile's theta1 maximum, rounded to 1e-4): the AUC of a tile's maximum for
     lesion tiles (of the kind no training slide has) against each other kind, and against all of them.
     Four test positives give a slide AUC in steps of 1/16; these thousands of tiles say whether theta1
     learned the lesions or only got lucky on a handful of slides."""
     import json
 
-    import torch
     import zarr
 
-    from pipeline.inference import iter_predictions
     from pipeline.metrics import roc_auc
-    from pipeline.run import model_from_checkpoint
 
     cohort = json.loads((d / "cohort" / "cohort.json").read_text())
-    slides = [s for s in cohort["slides"] if s["split"] == "test"]
-    kinds = []
-    for s in slides:
-        g = zarr.open_group(str(d / "stores" / f"{s['slide_id']}.zarr"), mode="r")
-        t = g.attrs["tiling"]
-        kinds.append(_tile_kinds(d, s, np.asarray(g["coords"][:], np.float64), float(t["tile_px"] * t["downsample"])))
-    model, _ = model_from_checkpoint(run / f"round_{rnd}" / "seg.pt", "cpu")
-    scores = [[] for _ in slides]
-    for si, _, mp, _ in iter_predictions(model, [(str(d / "stores" / f"{s['slide_id']}.zarr"), None) for s in slides],
-                                         batch_size=cfg.em.predict_batch_size, device=torch.device("cpu"),
-                                         out_stride=cfg.model.map_stride_px, amp=False, with_maps=False):
-        scores[si].append(mp)
-    p = np.concatenate([np.concatenate(x) for x in scores])
-    k = np.concatenate(kinds)
+    kinds, scores = [], []
+    for s in (s for s in cohort["slides"] if s["split"] == "test"):
+        t = zarr.open_group(str(d / "stores" / f"{s['slide_id']}.zarr"), mode="r").attrs["tiling"]
+        feats = json.loads((classified / "detections" / f"{s['slide_id']}.geojson").read_text())["features"]
+        xy = np.array([f["geometry"]["coordinates"][0][0] for f in feats], np.float64)
+        kinds.append(_tile_kinds(d, s, xy, float(t["tile_px"] * t["downsample"])))
+        scores.append(np.array([f["properties"]["measurements"]["theta1_max"] for f in feats], np.float64))
+    p, k = np.concatenate(scores), np.concatenate(kinds)
     les = (k == "lesion").astype(np.int64)
     out = {"all": roc_auc(les, p)}
     for other in sorted(set(k) - {"lesion"}):
@@ -318,14 +312,69 @@ def _variant(args, d: Path, ann: list, base: Path, name: str, mode: str, extra: 
 
     cfg = load_config(args.config, {**parse_set_options(args.set), **extra, "em.mode": mode, "em.seed": seed})
     out = base / name.replace(":", "-") / f"seed{seed}"
-    if name.endswith("full_slide_annotations"):
-        ann = [d / "cohort" / "annotations" / f"{sid}.geojson"
-               for sid in (d / "cohort" / "pixel_annotated.txt").read_text().split()]
     if mode == "pixel" and "mixed" in args.modes:
         mixed = load_config(args.config, {**parse_set_options(args.set), "em.mode": "mixed", "em.seed": seed})
         return _one(d, "mixed", mixed, ann, args.rounds, out, args.fresh, run=base / "mixed" / f"seed{seed}" / "run",
                     round_=0)
     return _one(d, mode, cfg, ann, args.image_rounds if mode == "image" else args.rounds, out, args.fresh)
+
+
+def _classified_round(d: Path, run: Path, rnd: int, out: Path, cfg, done: dict) -> dict:
+    """Round ``rnd`` of ``run`` on the held-out test slides: slide AUC and specificity at 100 % sensitivity.
+    Classified into ``out`` unless ``done[rnd]`` already holds that round's predictions (the rows above)."""
+    from pipeline.classify import run_classify
+    from pipeline.evaluate import run_evaluate
+
+    pred = done.get(rnd)
+    if pred is None or not pred.is_file():
+        pred = out / "predictions.csv"
+        if not pred.is_file():
+            run_classify(_test_stores(d), run, out, round_=rnd, threshold=0.5, quiet=True, progress=False)
+    ev = run_evaluate(pred, d / "cohort" / "labels.csv", split="test", config=cfg, out_dir=out)
+    return {"test_auc": ev.get("auc"), "test_spec100": (ev.get("at_full_sensitivity") or {}).get("specificity")}
+
+
+RULES = ("stage2_loss", "val_loss", "val_auc")
+
+
+def per_round_table(args, d: Path, base: Path) -> str:
+    """Every round of every mixed seed on the held-out test slides, with the values each round-choice rule
+    (``em.select_by``) reads and the round each rule picks among rounds 1.. (``em.select_rounds em``): is the
+    paper's stage-2-loss rule the one to keep, and do the rounds improve on round 0 (the pixel-only model)?"""
+    import json
+
+    from pipeline.config import load_config, parse_set_options
+    from pipeline.sampling import choose_round
+
+    lines = ["| seed | round | stage-2 loss | val loss | val AUC | test AUC | spec. at 100 % sens. | chosen by |",
+             "|---|---|---|---|---|---|---|---|"]
+    chosen = {r: [] for r in RULES}
+    for seed in range(args.seeds):
+        run = base / "mixed" / f"seed{seed}" / "run"
+        cfg = load_config(args.config, {**parse_set_options(args.set), "em.mode": "mixed", "em.seed": seed})
+        meta = json.loads((run / "run.json").read_text())
+        values = {int(k): v for k, v in meta["round_values"].items()}
+        picks = {r: choose_round(values, r, [k for k in values if k >= 1])[0] for r in RULES}
+        done = {0: base / "pixel" / f"seed{seed}" / "classified" / "predictions.csv",
+                meta["best_round"]: run.parent / "classified" / "predictions.csv"}
+        test = {k: _classified_round(d, run, k, run.parent / "rounds" / f"round_{k}", cfg, done) for k in sorted(values)}
+        for k in sorted(values):
+            v = values[k]
+            lines.append(f"| {seed} | {k} | {_num(v.get('stage2_loss'))} | {_num(v.get('val_loss'))} | "
+                         f"{_num(v.get('val_auc'))} | {_num(test[k]['test_auc'])} | {_num(test[k]['test_spec100'])} | "
+                         f"{', '.join(r for r in RULES if picks[r] == k)} |")
+        for r in RULES:
+            if picks[r] is not None:
+                chosen[r].append(test[picks[r]])
+    lines += ["", "| rule (em.select_by) | test AUC of the chosen round | specificity at 100 % sensitivity |",
+              "|---|---|---|"]
+    for r in RULES:
+        lines.append(f"| {r} | {_fmt([t['test_auc'] for t in chosen[r]])} | {_fmt([t['test_spec100'] for t in chosen[r]])} |")
+    return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def bench_compare(args) -> None:
@@ -368,6 +417,8 @@ def bench_compare(args) -> None:
                      "exactly this round), classified on its own.")
     if "image" in args.modes:
         lines.append(f"\nimage: {args.image_rounds} round(s) of top-K MIL (each MIL epoch ranks every training tile).")
+    if args.per_round and "mixed" in args.modes:
+        lines += ["", "Every round of the mixed runs on the test slides:", "", per_round_table(args, d, base)]
     table = "\n".join(lines)
     path = base / "comparison.md"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,6 +451,9 @@ def main() -> None:
                     help="--compare: rounds of image mode (each MIL epoch ranks every training tile; costly on CPU).")
     ap.add_argument("--ablate", nargs="*", default=[], choices=sorted(ABLATIONS),
                     help="--compare: also mixed runs with one issue-#10 measure switched (see ABLATIONS).")
+    ap.add_argument("--per-round", action="store_true",
+                    help="--compare: also classify every round of the mixed runs on the test slides and show the "
+                         "round each em.select_by rule picks.")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     if args.compare:
