@@ -270,6 +270,7 @@ class ClusterConfig:
 
 EM_MODES = ("mixed", "pixel", "image")
 THRESHOLD_MODES = ("fixed", "negative_fpr")
+MIL_LOSSES = ("tile", "pixel")
 SELECT_ROUNDS = ("em", "all")
 SELECT_BY = ("stage2_loss", "val_loss", "val_auc")
 SLIDE_SCORES = ("theta2", "theta1_max", "theta1_topk_mean")
@@ -427,6 +428,16 @@ class EMConfig:
     channels by at most 11 %); 0 = off."""
     mil_top_k: int = 1
     """Image mode: tiles per slide that get the slide's label in each MIL epoch (Campanella: 1)."""
+    mil_loss: str = "tile"
+    """Image mode: how a top-K tile's slide label trains theta1. ``tile`` (trainer ``tile_lse_bce``): as the
+    label of the tile (Campanella et al. train a tile classifier), read through a smooth maximum of theta1's
+    map; ``pixel``: every pixel of the tile gets the label (``model.seg_trainer``), which teaches that the
+    normal tissue of a positive slide's tile is lesion, so theta1 flags every tile (measured)."""
+    mil_lse_r: float = 5.0
+    """Image mode, ``mil_loss: tile``: sharpness r of the log-sum-exp pool ``(1/r) log mean exp(r z)`` of a
+    tile's logit map (large: its maximum; small: its mean). Not from the paper (Li et al. give no image-only
+    details; Campanella's tiles have no map); 5 learns a small lesion from random init where the hard
+    maximum does not."""
     mil_epochs: Optional[int] = None
     """Image mode: epochs of each round. Every MIL epoch first ranks all training tiles under the current
     theta1 (a prediction pass over the training slides), so an epoch costs far more than a mixed/pixel one;
@@ -501,6 +512,9 @@ class EMConfig:
         _check_optimizer(self.optimizer, "em.optimizer")
         if self.mil_top_k < 1:
             raise ConfigError("em.mil_top_k must be >= 1")
+        _choice("em.mil_loss", self.mil_loss, MIL_LOSSES)
+        if not self.mil_lse_r > 0:
+            raise ConfigError(f"em.mil_lse_r must be > 0, got {self.mil_lse_r}")
         if self.mil_epochs is not None and self.mil_epochs < 0:
             raise ConfigError(f"em.mil_epochs must be >= 0 or null (em.epochs_init / em.epochs), got {self.mil_epochs}")
         if self.predict_batch_size < 1:

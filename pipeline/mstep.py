@@ -6,7 +6,8 @@
   hard-negative tiles; ``em.epochs`` epochs on batches holding annotated :
   pseudo-positive : hard-negative tiles at exactly ``em.ratio`` (2:1:7) each;
 * ``image``: no annotations; each epoch relabels the ``em.mil_top_k`` tiles of every
-  slide that theta1 ranks highest with the slide label (top-K MIL, Campanella et al. 2019);
+  slide that theta1 ranks highest with the slide label (top-K MIL, Campanella et al. 2019),
+  trained as a tile label through a smooth maximum of the map (``em.mil_loss``);
   ``em.mil_epochs`` epochs per round when set (each one ranks every training tile).
 
 Training checkpoints after every epoch (``state/seg_train.pt``) and resumes from there;
@@ -37,8 +38,11 @@ def seg_trainer(ctx, model, k: int, epochs: int):
 
     e = ctx.cfg.em
     jitter = ColorJitter(e.brightness, e.contrast, e.saturation, e.hue)
+    name, extra = ctx.cfg.model.seg_trainer, {}
+    if e.mode == "image" and e.mil_loss == "tile":
+        name, extra = "tile_lse_bce", {"lse_r": e.mil_lse_r}
     return create_trainer(
-        ctx.cfg.model.seg_trainer, model, device=ctx.device, lr=e.lr, weight_decay=e.weight_decay, epochs=epochs,
+        name, model, **extra, device=ctx.device, lr=e.lr, weight_decay=e.weight_decay, epochs=epochs,
         lr_schedule=e.lr_schedule, optimizer=e.optimizer, amp=ctx.amp, jitter=jitter if jitter.active else None,
         seed=round_seed(e.seed, k, 11), progress=ctx.progress,
         mixers=[create_mixer(**m) for m in ctx.cfg.model.seg_mix], desc=f"round {k} theta1", dist=ctx.dist,

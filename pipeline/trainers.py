@@ -35,6 +35,8 @@ Registered trainers
 -------------------
 ``soft_bce``  theta1: pixel-wise soft-label BCE of the upsampled logits against
               ``batch["target"]`` (annotation masks, pseudo labels, zeros).
+``tile_lse_bce`` theta1 in image mode (top-K MIL): BCE of each tile's pooled
+              logit (log-sum-exp, a smooth maximum) against its label.
 ``topk_mean`` theta2: BCE of the mean of a slide's K tile probabilities
               against the slide label (``batch["tiles"]`` (B, K, T, T, 3)).
 
@@ -537,6 +539,50 @@ class SoftBCESegTrainer(Trainer):
         _, y, logits = self._logits(batch, generator)
         w = (~torch.isnan(y)).float() * self.item_weights(batch)[:, None, None]
         return soft_bce_with_logits(logits, y.nan_to_num(0.0), w, reduction="sum"), w.sum()
+
+
+@register_trainer("tile_lse_bce")
+class TileLSEBCETrainer(SoftBCESegTrainer):
+    """theta1 in image mode (top-K MIL): one label per tile, read through a smooth maximum of its map.
+
+    Top-K MIL (Campanella et al. 2019) trains a tile classifier with the slide label; theta1 is a
+    segmentation model, so a tile's logit is the log-sum-exp pool of its logit map,
+    ``(1/r) log mean exp(r z)`` (Pinheiro & Collobert 2015): the maximum as r grows, the mean as
+    r -> 0. A positive label says only that *some* pixel is lesion. Two measured reasons for not
+    using the alternatives (``tests/test_trainers.py``): the slide label on every pixel
+    (``soft_bce`` on the constant target) teaches that the normal tissue around a small lesion is
+    lesion, and theta1 flags every tile; the hard maximum gives one pixel per tile a gradient, so a
+    randomly initialised theta1 never moves its maximum onto the lesion and learns nothing.
+
+    Batches as :class:`SoftBCESegTrainer`; a tile's label is the maximum of its target map
+    (after a mixer, the label of the most positive content it holds).
+
+    Parameters
+    ----------
+    lse_r : float
+        Sharpness r of the pool (``em.mil_lse_r``).
+    """
+
+    def __init__(self, model, *, lse_r: float = 5.0, **kwargs):
+        if not lse_r > 0:
+            raise ValueError(f"lse_r must be > 0, got {lse_r}")
+        self.lse_r = float(lse_r)
+        super().__init__(model, **kwargs)
+
+    def _tile_losses(self, batch, generator):
+        x, y = self.image_batch(batch, generator)
+        z = self.net(x).float().flatten(1)  # (B, pixels) logits
+        pooled = (torch.logsumexp(self.lse_r * z, dim=1) - math.log(z.shape[1])) / self.lse_r
+        t = y.nan_to_num(0.0).flatten(1).amax(dim=1).clamp(0.0, 1.0)
+        return F.binary_cross_entropy_with_logits(pooled, t, reduction="none")
+
+    def compute_loss(self, batch, generator):
+        losses = self._tile_losses(batch, generator)
+        return losses.mean(), int(losses.shape[0])
+
+    def loss_terms(self, batch, generator):
+        w = self.item_weights(batch)
+        return (self._tile_losses(batch, generator) * w).sum(), w.sum()
 
 
 @register_trainer("topk_mean")

@@ -136,3 +136,85 @@ def test_optimizer_choice():
     assert not torch.equal(results["adam"], results["sgd"])
     with pytest.raises(ValueError, match="saved state is of a 'sgd' optimiser.*'adam'"):
         _trainer(cls=SoftBCESegTrainer).load_state_dict(_trainer(cls=SoftBCESegTrainer, optimizer="sgd").state_dict())
+
+
+def _mil_tiles(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grey noise tiles; the positive half holds one small red spot (a few % of the tile), like a
+    lesion in a top-K tile of a positive slide. Targets: the slide label on every pixel (image mode)."""
+    g = torch.Generator().manual_seed(seed)
+    img = (100 + 40 * torch.rand(n, 16, 16, 1, generator=g)).expand(n, 16, 16, 3).clone()
+    label = (torch.arange(n) % 2).float()
+    for i in range(0, n, 2):
+        r, c = (int(v) for v in torch.randint(1, 13, (2,), generator=g))
+        img[i + 1, r : r + 3, c : c + 3] = torch.tensor([220.0, 40.0, 40.0])
+    return img.to(torch.uint8), label[:, None, None].expand(n, 16, 16).clone()
+
+
+def _lse(z: torch.Tensor, r: float) -> torch.Tensor:
+    return (torch.logsumexp(r * z, dim=1) - torch.log(torch.tensor(float(z.shape[1])))) / r
+
+
+def test_tile_lse_bce_loss_is_one_bce_per_tile_through_a_smooth_maximum():
+    img, target = _mil_tiles(4, seed=1)
+    tr = create_trainer("tile_lse_bce", _net(2), device=CPU, jitter=None, progress=False, lse_r=5.0)
+    assert tr.target_kind == "dense"
+    loss, n = tr.compute_loss({"image": img, "target": target}, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = tr.model(img.permute(0, 3, 1, 2).float() / 255).flatten(1)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(_lse(z, 5.0), target[:, 0, 0])
+    assert n == 4 and torch.allclose(loss, expected, atol=1e-6)
+    # the pool lies between the mean and the maximum, and tends to the maximum as r grows
+    assert bool((_lse(z, 5.0) <= z.amax(1) + 1e-6).all() and (_lse(z, 5.0) >= z.mean(1) - 1e-6).all())
+    assert torch.allclose(_lse(z, 1e4), z.amax(1), atol=1e-3)
+    # under torchrun the (sum, count) of a slice gives the same mean
+    s, c = tr.loss_terms({"image": img, "target": target, "pos": torch.arange(4), "total": torch.full((4,), 4)},
+                         torch.Generator())
+    assert torch.allclose(s / c, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="lse_r must be > 0"):
+        create_trainer("tile_lse_bce", _net(2), device=CPU, lse_r=0.0)
+
+
+def _mil_fit(name: str, **kw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train on small-spot MIL tiles; on held-out tiles: the positive tiles' maxima, the negative
+    tiles' maxima and the median pixel of the negative tiles."""
+    tr = create_trainer(name, _net(0), device=CPU, jitter=None, progress=False, lr=0.01, epochs=60, **kw)
+    tr.fit(lambda epoch: [dict(zip(("image", "target"), _mil_tiles(16, seed=100 * epoch + b))) for b in range(2)])
+    img, target = _mil_tiles(64, seed=999)
+    with torch.no_grad():
+        p = torch.sigmoid(tr.model(img.permute(0, 3, 1, 2).float() / 255)).flatten(1)
+    lab = target[:, 0, 0].bool()
+    return p.amax(1)[lab], p.amax(1)[~lab], p[~lab].median()
+
+
+def test_tile_lse_bce_learns_small_lesions_where_the_pixel_label_and_the_hard_maximum_do_not():
+    """Why image mode trains through a smooth tile maximum (em.mil_loss: tile): from random init, on
+    tiles whose lesion is a 3x3 spot (4 % of the tile), it ranks every lesion tile above every normal one
+    with a margin; the slide label on every pixel leaves normal tiles' maxima and their background near
+    0.5 (normal tissue pulled towards 'lesion'); the hard maximum learns nothing."""
+    pos, neg, _ = _mil_fit("tile_lse_bce", lse_r=5.0)
+    assert float(pos.min()) > 0.9 and float(neg.max()) < 0.4
+    pos_px, neg_px, background = _mil_fit("soft_bce")
+    assert float(background) > 0.4 and float(neg_px.max()) > 0.45
+    pos_hard, neg_hard, _ = _mil_fit("tile_lse_bce", lse_r=1e4)  # ~ the hard maximum
+    assert float(pos_hard.min()) < float(neg_hard.max())  # no separation
+
+
+def test_image_mode_trains_theta1_with_the_tile_label_unless_told_otherwise():
+    from types import SimpleNamespace
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.mstep import seg_trainer
+    from pipeline.trainers import TileLSEBCETrainer
+
+    def trainer(**over):
+        ctx = SimpleNamespace(cfg=load_config("tiny", over), device=CPU, amp=False, progress=False, dist=None)
+        return seg_trainer(ctx, _net(), 0, 1)
+
+    tr = trainer(**{"em.mode": "image", "em.mil_lse_r": 3.0})
+    assert isinstance(tr, TileLSEBCETrainer) and tr.lse_r == 3.0
+    assert type(trainer(**{"em.mode": "image", "em.mil_loss": "pixel"})) is SoftBCESegTrainer
+    assert type(trainer(**{"em.mode": "mixed"})) is SoftBCESegTrainer  # annotations and pseudo labels: pixel targets
+    with pytest.raises(ConfigError, match=r"em.mil_loss must be one of \['tile', 'pixel'\].*'tile'"):
+        load_config("tiny", {"em.mil_loss": "tiles"})
+    with pytest.raises(ConfigError, match="em.mil_lse_r must be > 0"):
+        load_config("tiny", {"em.mil_lse_r": 0})
