@@ -48,6 +48,8 @@ __all__ = [
     "ema_update",
     "cosine_schedule",
     "PARTS",
+    "teacher_entropy",
+    "knn_classify",
 ]
 
 
@@ -105,6 +107,7 @@ class DINOLoss(nn.Module):
         self.student_temp = float(student_temp)
         self.center_momentum = float(center_momentum)
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.stats: dict = {}  # teacher_entropy of the last call's targets (a collapse monitor)
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         s = (student_out.float() / self.student_temp).chunk(self.n_crops)
@@ -116,12 +119,50 @@ class DINOLoss(nn.Module):
                     continue
                 total = total + torch.sum(-q * F.log_softmax(sv, dim=-1), dim=-1).mean()
                 pairs += 1
+        self.stats = teacher_entropy(torch.cat(t))
         return total / pairs
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
         batch_center = teacher_out.float().mean(dim=0, keepdim=True)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+@torch.no_grad()
+def teacher_entropy(p: torch.Tensor) -> dict:
+    """How collapsed the teacher's targets ``p`` ``(N, K)`` (rows sum to 1) are, as fractions of ``ln K``.
+
+    ``sample``: the mean entropy of one image's target. Near 1 the targets are
+    flat: *uniform collapse* (centring won over sharpening; the student is
+    taught nothing about the image). ``batch``: the entropy of the batch's mean
+    target. Near 0 every image points at one prototype: *one-dimension
+    collapse* (sharpening won). DINO (Caron et al. 2021, Sec. 5.3) monitors
+    the same two quantities; a healthy run has a low ``sample`` and a high
+    ``batch`` entropy.
+    """
+    p = p.float().clamp_min(1e-12)
+    ln_k = math.log(p.shape[-1])
+    sample = float(-(p * p.log()).sum(-1).mean()) / ln_k
+    m = p.mean(0)
+    return {"sample": sample, "batch": float(-(m * m.log()).sum()) / ln_k}
+
+
+@torch.no_grad()
+def knn_classify(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, n_classes: int,
+                 k: int = 20, temperature: float = 0.07) -> torch.Tensor:
+    """Weighted k-nearest-neighbour labels of ``queries`` ``(M, D)`` from ``bank`` ``(N, D)``.
+
+    Cosine similarity of L2-normalised features; each of the ``k`` nearest
+    votes for its label with weight ``exp(sim / temperature)``. This is the
+    evaluation DINO reports (k 20, T 0.07) and ScoreNet uses to judge its
+    pre-trained ViTs (App. C, Tables 5-7): no training, so it shows what the
+    features alone carry.
+    """
+    sim = F.normalize(queries.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
+    top, idx = sim.topk(min(int(k), bank.shape[0]), dim=1)
+    votes = torch.zeros(queries.shape[0], int(n_classes), dtype=torch.float64)
+    votes.scatter_add_(1, bank_labels.long()[idx], torch.exp(top.double() / temperature))
+    return votes.argmax(1)
 
 
 # --------------------------------------------------------------------------- backbones

@@ -804,11 +804,14 @@ def demo(out_dir, config_path, set_items, positives, negatives, size_px, rounds,
 @click.option("--init", "init_path", type=click.Path(path_type=Path), default=None,
               help="Earlier weights file: loaded first, its tensors carried into --out (scorer, then fine).")
 @click.option("--force", is_flag=True, help="Train again even if --out exists.")
+@click.option("--probe", "probe", type=click.Path(path_type=Path), default=None,
+              help="Labelled ImageFolder tree (train/<class>/, val/<class>/): weighted k-NN accuracy of its val "
+                   "images on the teacher's features, before and after (pretrain.knn_*). Judges, never trains.")
 @_common_options
 @_handle_errors
 @_needs_train_extra
-def pretrain(method, stores, images, out_path, config_path, set_items, arch, part, init_path, force, quiet, verbose,
-             log_file):
+def pretrain(method, stores, images, out_path, config_path, set_items, arch, part, init_path, force, probe, quiet,
+             verbose, log_file):
     """Self-supervised pre-training of a model part; writes local weights.
 
     DINO: a student and an EMA teacher (same backbone + projection head) see
@@ -824,6 +827,7 @@ def pretrain(method, stores, images, out_path, config_path, set_items, arch, par
       wsi-pipeline pretrain --images patches/train --out scorer.pt --config tiny
       wsi-pipeline pretrain --images patches/train --out both.pt --part fine --init scorer.pt
       wsi-pipeline pretrain --images patches/train --out dla.pt --arch dla34_cls_tiny --set pretrain.epochs=10
+      wsi-pipeline pretrain --images patches/train --out scorer.pt --config tiny --probe patches
     """
     from pipeline.batch import setup_logging
     from pipeline.pretrain import run_pretrain
@@ -832,7 +836,7 @@ def pretrain(method, stores, images, out_path, config_path, set_items, arch, par
     cfg = build_config(config_path, set_items, {"pretrain.arch": arch, "pretrain.part": part})
     try:
         res = run_pretrain(out_path, cfg, method=method, stores=stores, images=images, init=init_path, force=force,
-                           progress=not quiet)
+                           progress=not quiet, probe=probe)
     except KeyboardInterrupt:
         click.echo(f"interrupted; run the same command again to resume from the last epoch of {out_path}", err=True)
         sys.exit(130)
@@ -841,6 +845,12 @@ def pretrain(method, stores, images, out_path, config_path, set_items, arch, par
     else:
         losses = [round(h["loss"], 4) for h in res["history"]]
         click.echo(f"pretrain ({method}, {res['arch']} {res['part']}): DINO loss per epoch {losses}", err=True)
+        if res.get("probe"):
+            pr = res["probe"]
+            click.echo(f"k-NN probe, {pr['final']['images']['val']} val images of {pr['root']}: accuracy "
+                       f"{pr['init']['accuracy']:.3f} at initialisation, {pr['final']['accuracy']:.3f} after", err=True)
+        for w in res.get("warnings", []):
+            click.echo(f"WARNING: {w}", err=True)
     click.echo(f"weights: {out_path}", err=True)
 
 

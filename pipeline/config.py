@@ -635,6 +635,17 @@ class PretrainConfig:
     """Area fraction of the image a local crop covers, [min, max]."""
     seed: int = 0
     """Seed of initialisation, data order and crops (reproducible on CPU)."""
+    knn_k: int = 20
+    """--probe: neighbours of the weighted k-NN classifier on the teacher's features (DINO's eval_knn: 20;
+    ScoreNet App. C reports k 1-100)."""
+    knn_temperature: float = 0.07
+    """--probe: a neighbour votes with weight exp(cosine / knn_temperature) (DINO's eval_knn)."""
+    collapse_entropy: float = 0.95
+    """Warn of uniform collapse when the teacher's per-image target entropy ends above this fraction of
+    ln(out_dim) (not in the papers: a monitor; DINO Sec. 5.3 shows collapse by the same entropy)."""
+
+    #: fields that judge a run without changing its weights (not part of its identity)
+    EVALUATION_FIELDS = ("knn_k", "knn_temperature", "collapse_entropy")
 
     def validate(self) -> None:
         if self.part not in ("auto", "scorer", "fine", "backbone"):
@@ -654,8 +665,13 @@ class PretrainConfig:
             raise ConfigError("pretrain.lr must be > 0; min_lr, weight_decay and weight_decay_end >= 0")
         if not 0.0 <= self.momentum_teacher <= 1.0 or not 0.0 <= self.center_momentum <= 1.0:
             raise ConfigError("pretrain.momentum_teacher and pretrain.center_momentum must be in [0, 1]")
-        if min(self.teacher_temp, self.warmup_teacher_temp, self.student_temp) <= 0:
-            raise ConfigError("pretrain temperatures must be > 0")
+        if min(self.teacher_temp, self.warmup_teacher_temp, self.student_temp, self.knn_temperature) <= 0:
+            raise ConfigError("pretrain temperatures (teacher, student, knn) must be > 0")
+        if self.knn_k < 1:
+            raise ConfigError(f"pretrain.knn_k must be >= 1, got {self.knn_k}")
+        if not 0.0 < self.collapse_entropy <= 1.0:
+            raise ConfigError(f"pretrain.collapse_entropy is a fraction of ln(out_dim) in (0, 1], got "
+                              f"{self.collapse_entropy}")
         for name in ("global_scale", "local_scale"):
             v = getattr(self, name)
             if len(v) != 2 or not 0 < v[0] <= v[1] <= 1:

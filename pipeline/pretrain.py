@@ -210,11 +210,113 @@ def _to_input(batch: np.ndarray, downscale: int):
     return F.avg_pool2d(x, downscale) if downscale > 1 else x
 
 
+def _epoch(dino, crops, opt, sched, src: ImageSource, downscale: int, p, epoch: int, steps: int) -> dict:
+    """One pass over the images; the epoch's loss and the teacher's target entropies (collapse monitor)."""
+    import torch
+
+    t0, losses, sample, batch = time.perf_counter(), [], [], []
+    for b, idx in enumerate(_batches(len(src), p.batch_size, p.seed, epoch)):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([p.seed, epoch, b]).generate_state(1)[0]))
+        losses.append(_step(dino, crops, opt, sched, epoch * steps + b, epoch, _to_input(src.read(idx), downscale),
+                            g, p))
+        sample.append(dino.criterion.stats["sample"])
+        batch.append(dino.criterion.stats["batch"])
+    rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "batches": len(losses),
+           "teacher_entropy": round(float(np.mean(sample)), 4), "batch_entropy": round(float(np.mean(batch)), 4),
+           "seconds": round(time.perf_counter() - t0, 3)}
+    log.info("pretrain epoch %d/%d: DINO loss %.4f, teacher entropy %.2f (per image) %.2f (batch mean) of ln K",
+             rec["epoch"], p.epochs, rec["loss"], rec["teacher_entropy"], rec["batch_entropy"])
+    return rec
+
+
+def collapse_verdict(history: list[dict], max_entropy: float) -> str | None:
+    """``"uniform"`` when the last epoch's per-image teacher targets are flatter than ``max_entropy``
+    (of ln K), ``"one-prototype"`` when the batch-mean target has under ``1 - max_entropy`` of it,
+    else ``None``. See :func:`models.dino.teacher_entropy`."""
+    last = history[-1] if history else {}
+    if "teacher_entropy" not in last:
+        return None
+    if last["teacher_entropy"] >= max_entropy:
+        return "uniform"
+    if last["batch_entropy"] <= 1.0 - max_entropy:
+        return "one-prototype"
+    return None
+
+
+def _probe_set(root, side: int):
+    """The labelled train/val images of ``--probe`` (an ImageFolder tree of the pre-training size)."""
+    from pipeline.patches import image_size, load_image_folder
+
+    ps = load_image_folder(root)
+    for split in ("train", "val"):
+        hw = image_size(ps.sources[split][0])
+        if hw != (side, side):
+            raise UsageError(f"{ps.sources[split][0]}: --probe images are {hw[0]}x{hw[1]} px, the pre-training "
+                             f"images {side}x{side}; give a probe set of the same size")
+    return ps
+
+
+def _features(dino, files: list[str], downscale: int, batch_size: int):
+    import torch
+
+    from pipeline.patches import read_image
+
+    out = []
+    net = dino.teacher["backbone"]
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        for a in range(0, len(files), batch_size):
+            x = _to_input(np.stack([read_image(f) for f in files[a:a + batch_size]]), downscale)
+            out.append(net(x).float())
+    net.train(was)
+    return torch.cat(out)
+
+
+def knn_probe(dino, ps, downscale: int, p) -> dict:
+    """Weighted k-NN accuracy and macro-F1 of ``ps``'s val images on the teacher's features (bank: train)."""
+    import torch
+
+    from models.dino import knn_classify
+    from pipeline.patches import classification_report
+
+    bank = _features(dino, ps.sources["train"], downscale, p.batch_size)
+    queries = _features(dino, ps.sources["val"], downscale, p.batch_size)
+    pred = knn_classify(bank, torch.from_numpy(ps.labels["train"]), queries, len(ps.classes), p.knn_k,
+                        p.knn_temperature).numpy()
+    rep = classification_report(ps.labels["val"], np.eye(len(ps.classes))[pred], ps.classes)
+    return {"accuracy": round(float(rep["accuracy"]), 4), "macro_f1": round(float(rep["macro_f1"]), 4),
+            "images": {"train": len(ps.sources["train"]), "val": len(ps.sources["val"])}}
+
+
+def _warn_if_learned_nothing(record: dict) -> None:
+    """A pre-training whose teacher collapsed, or whose features classify no better than at
+    initialisation, must not look like a working one: one warning each, and in the record."""
+    warnings = []
+    last = record["history"][-1]
+    if record["collapse"] == "uniform":
+        warnings.append(f"the teacher's targets collapsed to uniform (entropy {last['teacher_entropy']:.2f} of "
+                        "ln K per image): the student was taught nothing about its images; use more images, "
+                        "epochs or a larger batch (ScoreNet: >= 128)")
+    elif record["collapse"] == "one-prototype":
+        warnings.append(f"the teacher's targets collapsed onto one prototype (batch entropy "
+                        f"{last['batch_entropy']:.2f} of ln K): sharpening won over centring; lower "
+                        "pretrain.center_momentum (the centre follows faster) or raise pretrain.teacher_temp")
+    probe = record.get("probe")
+    if probe and probe["final"]["accuracy"] <= probe["init"]["accuracy"]:
+        warnings.append(f"k-NN accuracy on {probe['root']} is {probe['final']['accuracy']:.3f} after pre-training, "
+                        f"{probe['init']['accuracy']:.3f} at initialisation: the features did not improve")
+    record["warnings"] = warnings
+    for w in warnings:
+        log.warning("pretrain: %s", w)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
 def _identity(cfg: Config, src: ImageSource, method: str, init) -> dict:
-    settings = {"method": method, "pretrain": dataclasses.asdict(cfg.pretrain),
+    trained = {k: v for k, v in dataclasses.asdict(cfg.pretrain).items() if k not in cfg.pretrain.EVALUATION_FIELDS}
+    settings = {"method": method, "pretrain": trained,
                 "init": None if init is None else str(Path(init).resolve())}
     return {
         "settings": settings,
@@ -245,8 +347,14 @@ def _existing(out: Path, ident: dict, force: bool):
 
 def run_pretrain(out: str | Path, cfg: Config, *, method: str = "dino", stores: str | Path | None = None,
                  images: str | Path | None = None, init: str | Path | None = None, force: bool = False,
-                 progress: bool = True, on_checkpoint: Callable[[int], None] | None = None) -> dict:
-    """Pre-train ``pretrain.part`` of ``pretrain.arch`` with DINO; writes ``out``. Returns its record."""
+                 progress: bool = True, on_checkpoint: Callable[[int], None] | None = None,
+                 probe: str | Path | None = None) -> dict:
+    """Pre-train ``pretrain.part`` of ``pretrain.arch`` with DINO; writes ``out``. Returns its record.
+
+    ``probe``: an ImageFolder tree (``train/<class>/``, ``val/<class>/``) whose val images are
+    classified by a weighted k-NN over the train images' teacher features, before and after
+    training (``record["probe"]``); the labels judge the features, they never train them.
+    """
     import torch
 
     from pipeline.run import load_checkpoint, save_checkpoint
@@ -257,6 +365,7 @@ def run_pretrain(out: str | Path, cfg: Config, *, method: str = "dino", stores: 
         raise UsageError(f"{init}: --init weights file not found; give a local file")
     out = Path(out)
     src = image_source(stores, images)
+    probe_set = _probe_set(probe, src.side) if probe is not None else None
     ensure_writable_dir(out.parent, "output folder")
     state = out.with_name(f".{out.name}.state.pt")
     if cfg.runtime.torch_threads:
@@ -271,7 +380,7 @@ def run_pretrain(out: str | Path, cfg: Config, *, method: str = "dino", stores: 
         dino, crops, downscale, carried, part = _build(cfg, init)
         steps = len(_batches(len(src), p.batch_size, p.seed, 0))
         opt, sched = _optimizer(dino, p), _schedules(p, steps)
-        epoch, history = 0, []
+        epoch, history, probe_init = 0, [], None
         if state.is_file() and not force:
             st = load_checkpoint(state)
             if st.get("hash") != ident["hash"] or st.get("fingerprint") != ident["data"]["fingerprint"]:
@@ -280,26 +389,27 @@ def run_pretrain(out: str | Path, cfg: Config, *, method: str = "dino", stores: 
             dino.load_state_dict(st["dino"])
             opt.load_state_dict(st["optimizer"])
             epoch, history = int(st["epoch"]), list(st["history"])
+            probe_init = st.get("probe_init")
             torch.set_rng_state(st["torch_rng"])
             log.info("pretrain: resuming after epoch %d/%d", epoch, p.epochs)
+        if probe_set is not None and probe_init is None:
+            probe_init = knn_probe(dino, probe_set, downscale, p)
         dino.train()
         while epoch < p.epochs:
-            t0, losses = time.perf_counter(), []
-            for b, idx in enumerate(_batches(len(src), p.batch_size, p.seed, epoch)):
-                g = torch.Generator().manual_seed(int(np.random.SeedSequence([p.seed, epoch, b]).generate_state(1)[0]))
-                losses.append(_step(dino, crops, opt, sched, epoch * steps + b, epoch, _to_input(src.read(idx), downscale),
-                                    g, p))
+            history.append(_epoch(dino, crops, opt, sched, src, downscale, p, epoch, steps))
             epoch += 1
-            history.append({"epoch": epoch, "loss": float(np.mean(losses)), "batches": len(losses),
-                            "seconds": round(time.perf_counter() - t0, 3)})
-            log.info("pretrain epoch %d/%d: DINO loss %.4f", epoch, p.epochs, history[-1]["loss"])
             save_checkpoint({"dino": dino.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                              "history": history, "torch_rng": torch.get_rng_state(), "hash": ident["hash"],
-                             "fingerprint": ident["data"]["fingerprint"]}, state)
+                             "fingerprint": ident["data"]["fingerprint"], "probe_init": probe_init}, state)
             if on_checkpoint is not None:
                 on_checkpoint(epoch)
         record = {**ident, "method": method, "arch": p.arch, "part": part.part, "prefix": part.prefix,
-                  "downscale": downscale, "history": history, "finished_utc": utc_now()}
+                  "downscale": downscale, "history": history, "finished_utc": utc_now(),
+                  "collapse": collapse_verdict(history, p.collapse_entropy)}
+        if probe_set is not None:
+            record["probe"] = {"root": str(Path(probe).resolve()), "k": p.knn_k, "temperature": p.knn_temperature,
+                               "init": probe_init, "final": knn_probe(dino, probe_set, downscale, p)}
+        _warn_if_learned_nothing(record)
         weights = {**carried, **dino.teacher_weights()}
         save_checkpoint({"format": FORMAT, "model": weights, "arch": p.arch,
                          "arch_kwargs": dict(p.arch_kwargs), "part": part.part, "pretrain": record,

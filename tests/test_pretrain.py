@@ -145,3 +145,92 @@ def test_pretrain_cli_errors_are_one_line(images, tmp_path):
                                   "--config", TINY, "--set", "pretrain.local_crop_px=12"])
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and "local_crop_px=12" in lines[0]
+
+
+# --------------------------------------------------------------------------- was anything learned?
+
+
+def test_teacher_entropy_tells_uniform_from_one_prototype_collapse():
+    from models.dino import teacher_entropy
+
+    flat = teacher_entropy(torch.full((8, 16), 1 / 16))
+    assert flat == pytest.approx({"sample": 1.0, "batch": 1.0})
+    one = torch.zeros(8, 16)
+    one[:, 3] = 1.0
+    assert teacher_entropy(one) == pytest.approx({"sample": 0.0, "batch": 0.0}, abs=1e-6)
+    # healthy: every image one-hot, images spread over the prototypes
+    spread = torch.eye(16)
+    assert teacher_entropy(spread) == pytest.approx({"sample": 0.0, "batch": 1.0}, abs=1e-6)
+
+
+def test_dino_loss_records_the_entropy_of_the_targets_it_used():
+    from models.dino import DINOLoss
+
+    crit = DINOLoss(16, 2)
+    t = torch.randn(6, 16)
+    crit(torch.randn(6, 16), t, 0.04)
+    q = torch.softmax(t / 0.04, dim=-1)
+    ent = float(-(q * q.clamp_min(1e-12).log()).sum(-1).mean()) / torch.log(torch.tensor(16.0)).item()
+    assert crit.stats["sample"] == pytest.approx(ent, rel=1e-5)
+
+
+def test_knn_classify_weighted_votes():
+    from models.dino import knn_classify
+
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    q = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    assert knn_classify(bank, labels, q, 2, k=3).tolist() == [0, 1]
+    # k = all: class 1 has three voters, but class 0's two are far closer and the weights say so
+    assert knn_classify(bank, labels, q[:1], 2, k=5, temperature=0.07).tolist() == [0]
+    # a flat vote (huge temperature) is a plain majority
+    assert knn_classify(bank, labels, q[:1], 2, k=5, temperature=1e6).tolist() == [1]
+
+
+def test_collapse_verdict():
+    from pipeline.pretrain import collapse_verdict
+
+    assert collapse_verdict([{"teacher_entropy": 0.99, "batch_entropy": 1.0}], 0.95) == "uniform"
+    assert collapse_verdict([{"teacher_entropy": 0.01, "batch_entropy": 0.01}], 0.95) == "one-prototype"
+    assert collapse_verdict([{"teacher_entropy": 0.4, "batch_entropy": 0.9}], 0.95) is None
+    assert collapse_verdict([], 0.95) is None
+
+
+def test_probe_and_collapse_warning_in_record_and_cli(tmp_path, two_torch_threads):
+    """The record keeps the per-epoch entropies and the k-NN probe before and after; a run whose
+    targets end flatter than pretrain.collapse_entropy (here set low enough that 3 epochs surely
+    pass it) is flagged in the record and by the CLI, and its weights are still written."""
+    from wsi.synth import make_patch_set
+
+    make_patch_set(tmp_path / "set", n_classes=2, per_class=(8, 4, 1), size_px=64)
+    out = tmp_path / "w.pt"
+    r = CliRunner().invoke(main, ["pretrain", "--images", str(tmp_path / "set" / "train"), "--out", str(out),
+                                  "--config", TINY, "--probe", str(tmp_path / "set"), "--quiet",
+                                  "--set", "pretrain.epochs=3", "--set", "runtime.torch_threads=2",
+                                  "--set", "pretrain.collapse_entropy=0.05"])
+    assert r.exit_code == 0, r.output
+    rec = torch.load(out, weights_only=False)["pretrain"]
+    assert [set(h) >= {"teacher_entropy", "batch_entropy"} for h in rec["history"]] == [True] * 3
+    assert all(0.0 <= h["teacher_entropy"] <= 1.0 for h in rec["history"])
+    pr = rec["probe"]
+    assert pr["k"] == 20 and pr["final"]["images"] == {"train": 16, "val": 8}
+    assert 0.0 <= pr["init"]["accuracy"] <= 1.0 and 0.0 <= pr["final"]["accuracy"] <= 1.0
+    assert "k-NN probe, 8 val images" in r.output
+    assert rec["collapse"] == "uniform" and rec["history"][-1]["teacher_entropy"] >= 0.05
+    assert rec["warnings"] and rec["warnings"][0].startswith("the teacher's targets collapsed to uniform")
+    assert "WARNING: the teacher's targets collapsed to uniform" in r.output
+    # evaluation settings judge the run, they are not part of its identity: same output, skipped
+    r = CliRunner().invoke(main, ["pretrain", "--images", str(tmp_path / "set" / "train"), "--out", str(out),
+                                  "--config", TINY, "--quiet", "--set", "pretrain.epochs=3",
+                                  "--set", "pretrain.knn_k=5"])
+    assert r.exit_code == 0 and "already pre-trained" in r.output
+
+
+def test_probe_of_another_size_is_refused_in_one_line(images, tmp_path):
+    from wsi.synth import make_patch_set
+
+    make_patch_set(tmp_path / "big", n_classes=2, per_class=(2, 2, 1), size_px=96)
+    r = CliRunner().invoke(main, ["pretrain", "--images", str(images), "--out", str(tmp_path / "w.pt"),
+                                  "--config", TINY, "--probe", str(tmp_path / "big")])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "96x96" in lines[0] and "--probe" in lines[0]
