@@ -32,6 +32,8 @@ Usage::
     python bench/em_bench.py --compare --rounds 2
     python bench/em_bench.py --compare --cohort realistic --positives 20 --negatives 20 --annotate 4 \\
         --seeds 3 --config cpu --ablate no_hard_negative_top_up full_slide_annotations hed_jitter t_from_negatives_and_cap
+    python bench/em_bench.py --compare --cohort realistic --positives 20 --negatives 20 --annotate 8 \
+        --config cpu --rounds 5 --modes mixed --trainers cellmix scorenet scorenet_scoremix
 """
 
 from __future__ import annotations
@@ -153,6 +155,13 @@ ABLATIONS = {
     "full_slide_annotations": {"em.annotated_region_classes": []},
     "hed_jitter": {"em.hed_scale": 0.3, "em.hed_shift": 0.05},
     "t_from_negatives_and_cap": {"em.threshold_mode": "negative_fpr", "em.max_positive_tiles_per_slide": 0.1},
+}
+
+#: issue #12: the patch-level trainers in the loop, each against the mixed run with the config as given
+TRAINER_VARIANTS = {
+    "cellmix": {"model.seg_mix": [{"name": "cellmix", "p": 0.5, "strategy": "group", "drive": "hold", "T0": "auto"}]},
+    "scorenet": {"model.cls_arch": "scorenet_tiny"},
+    "scorenet_scoremix": {"model.cls_arch": "scorenet_tiny", "model.cls_mix": [{"name": "scoremix", "p": 0.5}]},
 }
 
 
@@ -391,7 +400,8 @@ def bench_compare(args) -> None:
         ann = [d / "cohort" / "annotations" / f"{sid}.geojson"
                for sid in (d / "cohort" / "pixel_annotated.txt").read_text().split()]
     tag = "-".join([Path(args.config).stem, *[x.replace("=", "") for x in args.set]])
-    variants = [(m, m, {}) for m in args.modes] + [(f"mixed:{a}", "mixed", ABLATIONS[a]) for a in args.ablate]
+    variants = ([(m, m, {}) for m in args.modes] + [(f"mixed:{a}", "mixed", ABLATIONS[a]) for a in args.ablate]
+                + [(f"mixed:{t}", "mixed", TRAINER_VARIANTS[t]) for t in args.trainers])
     base = OUT / f"em-compare-{d.name}-{tag}"
     rows = []
     for name, mode, extra in variants:
@@ -451,6 +461,9 @@ def main() -> None:
                     help="--compare: rounds of image mode (each MIL epoch ranks every training tile; costly on CPU).")
     ap.add_argument("--ablate", nargs="*", default=[], choices=sorted(ABLATIONS),
                     help="--compare: also mixed runs with one issue-#10 measure switched (see ABLATIONS).")
+    ap.add_argument("--trainers", nargs="*", default=[], choices=sorted(TRAINER_VARIANTS),
+                    help="--compare: also mixed runs with an issue-#12 trainer (CellMix on theta1, ScoreNet as theta2, "
+                         "ScoreNet + ScoreMix; see TRAINER_VARIANTS).")
     ap.add_argument("--per-round", action="store_true",
                     help="--compare: also classify every round of the mixed runs on the test slides and show the "
                          "round each em.select_by rule picks.")
