@@ -311,6 +311,23 @@ def _warn_if_learned_nothing(record: dict) -> None:
         log.warning("pretrain: %s", w)
 
 
+def _resume(state: Path, ident: dict, dino, opt) -> tuple[int, list]:
+    """Load an interrupted run's checkpoint into ``dino`` and ``opt``; its epoch and history."""
+    import torch
+
+    from pipeline.run import load_checkpoint
+
+    st = load_checkpoint(state)
+    if st.get("hash") != ident["hash"] or st.get("fingerprint") != ident["data"]["fingerprint"]:
+        raise UsageError(f"{state}: an interrupted pre-training with other settings or images; delete it, "
+                         "pass --force or choose another --out")
+    dino.load_state_dict(st["dino"])
+    opt.load_state_dict(st["optimizer"])
+    torch.set_rng_state(st["torch_rng"])
+    log.info("pretrain: resuming after epoch %d", int(st["epoch"]))
+    return int(st["epoch"]), list(st["history"])
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -357,7 +374,7 @@ def run_pretrain(out: str | Path, cfg: Config, *, method: str = "dino", stores: 
     """
     import torch
 
-    from pipeline.run import load_checkpoint, save_checkpoint
+    from pipeline.run import save_checkpoint
 
     if method not in METHODS:
         raise UsageError(f"pretrain: unknown --method {method!r}; known: {list(METHODS)}")
@@ -380,35 +397,24 @@ def run_pretrain(out: str | Path, cfg: Config, *, method: str = "dino", stores: 
         dino, crops, downscale, carried, part = _build(cfg, init)
         steps = len(_batches(len(src), p.batch_size, p.seed, 0))
         opt, sched = _optimizer(dino, p), _schedules(p, steps)
-        epoch, history, probe_init = 0, [], None
-        if state.is_file() and not force:
-            st = load_checkpoint(state)
-            if st.get("hash") != ident["hash"] or st.get("fingerprint") != ident["data"]["fingerprint"]:
-                raise UsageError(f"{state}: an interrupted pre-training with other settings or images; delete it, "
-                                 "pass --force or choose another --out")
-            dino.load_state_dict(st["dino"])
-            opt.load_state_dict(st["optimizer"])
-            epoch, history = int(st["epoch"]), list(st["history"])
-            probe_init = st.get("probe_init")
-            torch.set_rng_state(st["torch_rng"])
-            log.info("pretrain: resuming after epoch %d/%d", epoch, p.epochs)
-        if probe_set is not None and probe_init is None:
-            probe_init = knn_probe(dino, probe_set, downscale, p)
+        epoch, history = _resume(state, ident, dino, opt) if state.is_file() and not force else (0, [])
         dino.train()
         while epoch < p.epochs:
             history.append(_epoch(dino, crops, opt, sched, src, downscale, p, epoch, steps))
             epoch += 1
             save_checkpoint({"dino": dino.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                              "history": history, "torch_rng": torch.get_rng_state(), "hash": ident["hash"],
-                             "fingerprint": ident["data"]["fingerprint"], "probe_init": probe_init}, state)
+                             "fingerprint": ident["data"]["fingerprint"]}, state)
             if on_checkpoint is not None:
                 on_checkpoint(epoch)
         record = {**ident, "method": method, "arch": p.arch, "part": part.part, "prefix": part.prefix,
                   "downscale": downscale, "history": history, "finished_utc": utc_now(),
                   "collapse": collapse_verdict(history, p.collapse_entropy)}
         if probe_set is not None:
+            untrained = _build(cfg, init)[0]  # seeded: the very network training started from
             record["probe"] = {"root": str(Path(probe).resolve()), "k": p.knn_k, "temperature": p.knn_temperature,
-                               "init": probe_init, "final": knn_probe(dino, probe_set, downscale, p)}
+                               "init": knn_probe(untrained, probe_set, downscale, p),
+                               "final": knn_probe(dino, probe_set, downscale, p)}
         _warn_if_learned_nothing(record)
         weights = {**carried, **dino.teacher_weights()}
         save_checkpoint({"format": FORMAT, "model": weights, "arch": p.arch,
