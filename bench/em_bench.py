@@ -358,7 +358,7 @@ def per_round_table(args, d: Path, base: Path) -> str:
     lines = ["| seed | round | stage-2 loss | val loss | val AUC | test AUC | spec. at 100 % sens. | chosen by |",
              "|---|---|---|---|---|---|---|---|"]
     chosen = {r: [] for r in RULES}
-    for seed in range(args.seeds):
+    for seed in _seeds(args):
         run = base / "mixed" / f"seed{seed}" / "run"
         cfg = load_config(args.config, {**parse_set_options(args.set), "em.mode": "mixed", "em.seed": seed})
         meta = json.loads((run / "run.json").read_text())
@@ -386,6 +386,11 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _seeds(args) -> range:
+    """em.seed values of the comparison: --seeds of them from --first-seed."""
+    return range(args.first_seed, args.first_seed + args.seeds)
+
+
 def bench_compare(args) -> None:
     from pipeline.batch import setup_logging
     from pipeline.config import parse_set_options
@@ -406,7 +411,7 @@ def bench_compare(args) -> None:
     rows = []
     for name, mode, extra in variants:
         per = []
-        for seed in range(args.seeds):
+        for seed in _seeds(args):
             r = _variant(args, d, ann, base, name, mode, extra, seed)
             print(f"{name} seed {seed}: {r}", flush=True)
             per.append(r)
@@ -455,6 +460,8 @@ def main() -> None:
     ap.add_argument("--cohort", choices=["easy", "realistic"], default="easy",
                     help="--compare on the easy cohort or the realistic one (synth --difficulty realistic).")
     ap.add_argument("--seeds", type=int, default=1, help="--compare: em.seed 0..N-1 per mode (mean ± sd).")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="--compare: em.seed of the first run (add seeds to a comparison without re-running the first).")
     ap.add_argument("--modes", nargs="+", default=["mixed", "pixel", "image"], choices=["mixed", "pixel", "image"],
                     help="--compare: modes, run in this order (pixel reuses round 0 of mixed when both are given).")
     ap.add_argument("--image-rounds", type=int, default=1,
