@@ -50,6 +50,7 @@ __all__ = [
     "PARTS",
     "teacher_entropy",
     "knn_classify",
+    "class_margin",
 ]
 
 
@@ -163,6 +164,19 @@ def knn_classify(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
     votes = torch.zeros(queries.shape[0], int(n_classes), dtype=torch.float64)
     votes.scatter_add_(1, bank_labels.long()[idx], torch.exp(top.double() / temperature))
     return votes.argmax(1)
+
+
+@torch.no_grad()
+def class_margin(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
+                 query_labels: torch.Tensor) -> float:
+    """Mean over queries of (cosine to the nearest bank item of its own class) minus (cosine to the
+    nearest of another class): > 0 when features put like next to like. A continuous companion of
+    :func:`knn_classify`'s accuracy, which moves in steps of 1 / queries."""
+    sim = F.normalize(queries.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
+    same = query_labels.long()[:, None] == bank_labels.long()[None, :]
+    own = sim.masked_fill(~same, -2.0).max(1).values
+    other = sim.masked_fill(same, -2.0).max(1).values
+    return float((own - other).mean())
 
 
 # --------------------------------------------------------------------------- backbones

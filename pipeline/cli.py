@@ -848,7 +848,8 @@ def pretrain(method, stores, images, out_path, config_path, set_items, arch, par
         if res.get("probe"):
             pr = res["probe"]
             click.echo(f"k-NN probe, {pr['final']['images']['val']} val images of {pr['root']}: accuracy "
-                       f"{pr['init']['accuracy']:.3f} at initialisation, {pr['final']['accuracy']:.3f} after", err=True)
+                       f"{pr['init']['accuracy']:.3f} at initialisation, {pr['final']['accuracy']:.3f} after (class "
+                       f"margin {pr['init']['margin']:+.3f} -> {pr['final']['margin']:+.3f})", err=True)
         for w in res.get("warnings", []):
             click.echo(f"WARNING: {w}", err=True)
     click.echo(f"weights: {out_path}", err=True)

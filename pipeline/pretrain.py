@@ -274,18 +274,20 @@ def _features(dino, files: list[str], downscale: int, batch_size: int):
 
 
 def knn_probe(dino, ps, downscale: int, p) -> dict:
-    """Weighted k-NN accuracy and macro-F1 of ``ps``'s val images on the teacher's features (bank: train)."""
+    """Weighted k-NN accuracy and macro-F1 of ``ps``'s val images on the teacher's features (bank: train),
+    and the features' class margin (:func:`models.dino.class_margin`)."""
     import torch
 
-    from models.dino import knn_classify
+    from models.dino import class_margin, knn_classify
     from pipeline.patches import classification_report
 
     bank = _features(dino, ps.sources["train"], downscale, p.batch_size)
     queries = _features(dino, ps.sources["val"], downscale, p.batch_size)
-    pred = knn_classify(bank, torch.from_numpy(ps.labels["train"]), queries, len(ps.classes), p.knn_k,
-                        p.knn_temperature).numpy()
+    bank_y, query_y = torch.from_numpy(ps.labels["train"]), torch.from_numpy(ps.labels["val"])
+    pred = knn_classify(bank, bank_y, queries, len(ps.classes), p.knn_k, p.knn_temperature).numpy()
     rep = classification_report(ps.labels["val"], np.eye(len(ps.classes))[pred], ps.classes)
     return {"accuracy": round(float(rep["accuracy"]), 4), "macro_f1": round(float(rep["macro_f1"]), 4),
+            "margin": class_margin(bank, bank_y, queries, query_y),
             "images": {"train": len(ps.sources["train"]), "val": len(ps.sources["val"])}}
 
 

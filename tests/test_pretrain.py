@@ -234,3 +234,41 @@ def test_probe_of_another_size_is_refused_in_one_line(images, tmp_path):
                                   "--config", TINY, "--probe", str(tmp_path / "big")])
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and "96x96" in lines[0] and "--probe" in lines[0]
+
+
+def test_probe_before_is_the_untrained_network_even_after_a_resume(tmp_path, two_torch_threads):
+    """Killed after epoch 1 and resumed: the probe's 'init' is the seeded untrained network's, the same
+    as in an uninterrupted run, never the half-trained weights the resume starts from."""
+    from pipeline.pretrain import run_pretrain
+    from wsi.synth import make_patch_set
+
+    make_patch_set(tmp_path / "set", n_classes=2, per_class=(8, 4, 1), size_px=64)
+    cfg = load_config(TINY, {"pretrain.epochs": 2, "pretrain.knn_k": 3})
+    kw = dict(images=tmp_path / "set" / "train", probe=tmp_path / "set", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_pretrain(tmp_path / "a" / "w.pt", cfg, on_checkpoint=kill, **kw)
+    ra = run_pretrain(tmp_path / "a" / "w.pt", cfg, **kw)
+    rb = run_pretrain(tmp_path / "b" / "w.pt", cfg, **kw)
+    # the margin is a float of the features themselves: equal only if the very same network was probed
+    assert ra["probe"]["init"] == rb["probe"]["init"] and ra["probe"]["final"] == rb["probe"]["final"]
+    assert ra["probe"]["init"]["margin"] != ra["probe"]["final"]["margin"]
+    assert ra["probe"]["k"] == 3
+
+
+def test_class_margin_by_hand():
+    from models.dino import class_margin
+
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # query 0 (class 0): own 1, other 0 -> +1; query 1 (class 1): own 0, other 1 -> -1
+    assert class_margin(bank, labels, q, torch.tensor([0, 1])) == pytest.approx(0.0)
+    assert class_margin(bank, labels, q, torch.tensor([0, 0])) == pytest.approx(1.0)
