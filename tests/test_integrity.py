@@ -457,8 +457,10 @@ def test_ctrl_c_on_tile_exits_130_with_a_line(tmp_path, synth_slides):
     for i in range(12):
         shutil.copy2(synth_slides["tissue"], d / f"s{i:02d}.tif")
     out = tmp_path / "o"
+    # SIGINT as a terminal gives it, even when this test runs in a background job (which inherits it ignored)
     p = subprocess.Popen(CLI + ["tile", str(d), "--out", str(out), "--config", TINY, "--workers", "0", "--quiet"],
-                         stderr=subprocess.PIPE, text=True, env=_env())
+                         stderr=subprocess.PIPE, text=True, env=_env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while not list(out.glob(".tmp-*")) and time.time() - t0 < 60 and p.poll() is None:
         time.sleep(0.02)

@@ -111,7 +111,10 @@ def test_importing_dask_jobqueue_leaves_ctrl_c_alone():
     code = ("import signal; from pipeline.slurm import import_slurm_cluster; "
             "h = signal.getsignal(signal.SIGINT); import_slurm_cluster(); "
             "assert signal.getsignal(signal.SIGINT) is h is signal.default_int_handler")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    # a job started in the background by a non-interactive shell inherits SIGINT ignored, and Python then
+    # installs no handler at all: give the child the default disposition a terminal would
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(),
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert r.returncode == 0, r.stderr
 
 
