@@ -28,6 +28,15 @@ def images(tmp_path_factory) -> Path:
     return out / "train"
 
 
+class _Killed(Exception):
+    """A crash after a checkpoint, as a power cut would leave it."""
+
+
+def _kill_after_epoch_1(epoch):
+    if epoch == 1:
+        raise _Killed
+
+
 def _dino(arch="scorenet_tiny", part="auto", crops=4):
     models.seed_everything(0)
     model = models.create_model(arch, num_classes=1)
@@ -97,15 +106,8 @@ def test_pretrain_writes_weights_that_load_and_resume_is_exact(images, tmp_path,
 
     cfg = load_config(TINY, {"pretrain.epochs": 2})
 
-    class Killed(Exception):
-        pass
-
-    def kill(epoch):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run_pretrain(tmp_path / "a" / "w.pt", cfg, images=images, progress=False, on_checkpoint=kill)
+    with pytest.raises(_Killed):
+        run_pretrain(tmp_path / "a" / "w.pt", cfg, images=images, progress=False, on_checkpoint=_kill_after_epoch_1)
     assert (tmp_path / "a" / ".w.pt.state.pt").is_file() and not (tmp_path / "a" / "w.pt").exists()
     ra = run_pretrain(tmp_path / "a" / "w.pt", cfg, images=images, progress=False)
     rb = run_pretrain(tmp_path / "b" / "w.pt", cfg, images=images, progress=False)
@@ -246,15 +248,8 @@ def test_probe_before_is_the_untrained_network_even_after_a_resume(tmp_path, two
     cfg = load_config(TINY, {"pretrain.epochs": 2, "pretrain.knn_k": 3})
     kw = dict(images=tmp_path / "set" / "train", probe=tmp_path / "set", progress=False)
 
-    class Killed(Exception):
-        pass
-
-    def kill(epoch):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run_pretrain(tmp_path / "a" / "w.pt", cfg, on_checkpoint=kill, **kw)
+    with pytest.raises(_Killed):
+        run_pretrain(tmp_path / "a" / "w.pt", cfg, on_checkpoint=_kill_after_epoch_1, **kw)
     ra = run_pretrain(tmp_path / "a" / "w.pt", cfg, **kw)
     rb = run_pretrain(tmp_path / "b" / "w.pt", cfg, **kw)
     # the margin is a float of the features themselves: equal only if the very same network was probed
