@@ -256,39 +256,46 @@ def _probe_set(root, side: int):
     return ps
 
 
-def _features(dino, files: list[str], downscale: int, batch_size: int):
+def _features(dinos: list, files: list[str], downscale: int, batch_size: int) -> list:
+    """Teacher features of ``files`` under each of ``dinos``; every image is read and decoded once."""
     import torch
 
     from pipeline.patches import read_image
 
-    out = []
-    net = dino.teacher["backbone"]
-    was = net.training
-    net.eval()
+    nets = [d.teacher["backbone"] for d in dinos]
+    was = [n.training for n in nets]
+    out: list[list] = [[] for _ in nets]
+    for n in nets:
+        n.eval()
     with torch.no_grad():
         for a in range(0, len(files), batch_size):
             x = _to_input(np.stack([read_image(f) for f in files[a:a + batch_size]]), downscale)
-            out.append(net(x).float())
-    net.train(was)
-    return torch.cat(out)
+            for feats, n in zip(out, nets):
+                feats.append(n(x).float())
+    for n, w in zip(nets, was):
+        n.train(w)
+    return [torch.cat(f) for f in out]
 
 
-def knn_probe(dino, ps, downscale: int, p) -> dict:
-    """Weighted k-NN accuracy and macro-F1 of ``ps``'s val images on the teacher's features (bank: train),
-    and the features' class margin (:func:`models.dino.class_margin`)."""
+def knn_probe(dinos: list, ps, downscale: int, p) -> list[dict]:
+    """Per network of ``dinos``: weighted k-NN accuracy and macro-F1 of ``ps``'s val images on its
+    teacher's features (bank: train), and the features' class margin (:func:`models.dino.class_margin`)."""
     import torch
 
     from models.dino import class_margin, knn_classify
     from pipeline.patches import classification_report
 
-    bank = _features(dino, ps.sources["train"], downscale, p.batch_size)
-    queries = _features(dino, ps.sources["val"], downscale, p.batch_size)
+    banks = _features(dinos, ps.sources["train"], downscale, p.batch_size)
+    queries = _features(dinos, ps.sources["val"], downscale, p.batch_size)
     bank_y, query_y = torch.from_numpy(ps.labels["train"]), torch.from_numpy(ps.labels["val"])
-    pred = knn_classify(bank, bank_y, queries, len(ps.classes), p.knn_k, p.knn_temperature).numpy()
-    rep = classification_report(ps.labels["val"], np.eye(len(ps.classes))[pred], ps.classes)
-    return {"accuracy": round(float(rep["accuracy"]), 4), "macro_f1": round(float(rep["macro_f1"]), 4),
-            "margin": class_margin(bank, bank_y, queries, query_y),
-            "images": {"train": len(ps.sources["train"]), "val": len(ps.sources["val"])}}
+    out = []
+    for bank, query in zip(banks, queries):
+        pred = knn_classify(bank, bank_y, query, len(ps.classes), p.knn_k, p.knn_temperature).numpy()
+        rep = classification_report(ps.labels["val"], np.eye(len(ps.classes))[pred], ps.classes)
+        out.append({"accuracy": round(float(rep["accuracy"]), 4), "macro_f1": round(float(rep["macro_f1"]), 4),
+                    "margin": class_margin(bank, bank_y, query, query_y),
+                    "images": {"train": len(ps.sources["train"]), "val": len(ps.sources["val"])}})
+    return out
 
 
 def _warn_if_learned_nothing(record: dict) -> None:
@@ -414,9 +421,9 @@ def run_pretrain(out: str | Path, cfg: Config, *, method: str = "dino", stores: 
                   "collapse": collapse_verdict(history, p.collapse_entropy)}
         if probe_set is not None:
             untrained = _build(cfg, init)[0]  # seeded: the very network training started from
+            before, after = knn_probe([untrained, dino], probe_set, downscale, p)
             record["probe"] = {"root": str(Path(probe).resolve()), "k": p.knn_k, "temperature": p.knn_temperature,
-                               "init": knn_probe(untrained, probe_set, downscale, p),
-                               "final": knn_probe(dino, probe_set, downscale, p)}
+                               "init": before, "final": after}
         _warn_if_learned_nothing(record)
         weights = {**carried, **dino.teacher_weights()}
         save_checkpoint({"format": FORMAT, "model": weights, "arch": p.arch,
