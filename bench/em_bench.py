@@ -158,11 +158,30 @@ ABLATIONS = {
 }
 
 #: issue #12: the patch-level trainers in the loop, each against the mixed run with the config as given
+_CELLMIX = {"model.seg_mix": [{"name": "cellmix", "p": 0.5, "strategy": "group", "drive": "hold", "T0": "auto"}]}
+_SCORENET = {"model.cls_arch": "scorenet_tiny"}
+_SCOREMIX = {"model.cls_mix": [{"name": "scoremix", "p": 0.5}]}
 TRAINER_VARIANTS = {
-    "cellmix": {"model.seg_mix": [{"name": "cellmix", "p": 0.5, "strategy": "group", "drive": "hold", "T0": "auto"}]},
-    "scorenet": {"model.cls_arch": "scorenet_tiny"},
-    "scorenet_scoremix": {"model.cls_arch": "scorenet_tiny", "model.cls_mix": [{"name": "scoremix", "p": 0.5}]},
+    "cellmix": _CELLMIX,
+    "scorenet": _SCORENET,
+    "scorenet_scoremix": {**_SCORENET, **_SCOREMIX},
+    "cellmix_scorenet": {**_CELLMIX, **_SCORENET},
+    "cellmix_scorenet_scoremix": {**_CELLMIX, **_SCORENET, **_SCOREMIX},
 }
+
+
+def theta1_source(base: Path, extra: dict, seed: int) -> Path | None:
+    """A variant that changes only stage 2 takes its theta1 from the run of the same seed and theta1 settings
+    (``em-round --theta1-from``: bit for bit the theta1 it would train, tests/test_em.py), when that run is
+    there; the comparison then costs stage 2 only. None: train theta1 (a variant of theta1, or no source)."""
+    from pipeline.reuse import THETA2_ONLY
+
+    theta1 = {k: v for k, v in extra.items() if not any(k == p or k.startswith(p + ".") for p in THETA2_ONLY)}
+    if theta1 == extra:
+        return None
+    name = "mixed" if not theta1 else next((f"mixed-{n}" for n, e in TRAINER_VARIANTS.items() if e == theta1), None)
+    run = base / name / f"seed{seed}" / "run" if name else None
+    return run if run is not None and (run / "run.json").is_file() else None
 
 
 def _realistic_cohort(n_pos: int, n_neg: int, annotate: int, seed: int, config: str, overrides=None) -> Path:
@@ -197,7 +216,7 @@ def _test_stores(d: Path) -> Path:
 
 
 def _one(d: Path, mode: str, cfg, ann: list, rounds: int, out: Path, fresh: bool, *, run: Path | None = None,
-         round_: int | None = None) -> dict:
+         round_: int | None = None, theta1_from: Path | None = None) -> dict:
     """Train one run on train/val (or reuse ``run``), classify the held-out test slides with its chosen round (or
     round ``round_``), evaluate them (slides and pixels)."""
     from pipeline.classify import run_classify
@@ -208,7 +227,7 @@ def _one(d: Path, mode: str, cfg, ann: list, rounds: int, out: Path, fresh: bool
         shutil.rmtree(out, ignore_errors=True)
     run = run or out / "run"
     summary = run_em(d / "stores", d / "cohort" / "labels.csv", run, cfg,
-                     annotations=ann if mode != "image" else (), rounds=rounds, progress=False)
+                     annotations=ann if mode != "image" else (), rounds=rounds, progress=False, theta1_from=theta1_from)
     rnd = summary["best_round"] if round_ is None else round_
     # the rounds' own recorded times, so a run resumed with more --rounds counts its earlier rounds too
     times = {int(k): ((m or {}).get("time_s") or {}).get("total", 0.0) for k, m in summary["rounds"].items()}
@@ -317,6 +336,8 @@ def _fmt(vals) -> str:
 def _variant(args, d: Path, ann: list, base: Path, name: str, mode: str, extra: dict, seed: int) -> dict:
     """One row's run of one seed. Pixel mode trains exactly round 0 of a mixed run (same seeds, same batches),
     so when mixed runs too, the pixel row classifies the mixed run's round 0 instead of training it again."""
+    import json
+
     from pipeline.config import load_config, parse_set_options
 
     cfg = load_config(args.config, {**parse_set_options(args.set), **extra, "em.mode": mode, "em.seed": seed})
@@ -325,7 +346,14 @@ def _variant(args, d: Path, ann: list, base: Path, name: str, mode: str, extra: 
         mixed = load_config(args.config, {**parse_set_options(args.set), "em.mode": "mixed", "em.seed": seed})
         return _one(d, "mixed", mixed, ann, args.rounds, out, args.fresh, run=base / "mixed" / f"seed{seed}" / "run",
                     round_=0)
-    return _one(d, mode, cfg, ann, args.image_rounds if mode == "image" else args.rounds, out, args.fresh)
+    src = theta1_source(base, extra, seed) if mode == "mixed" and not args.fresh else None
+    made = out / "run" / "run.json"
+    if src is not None and made.is_file() and not json.loads(made.read_text()).get("theta1_from"):
+        src = None  # made before --theta1-from existed, with its own (the same) theta1: resume it as it is
+    if src is not None:
+        print(f"{name} seed {seed}: theta1 from {src} (stage 2 only)", flush=True)
+    return _one(d, mode, cfg, ann, args.image_rounds if mode == "image" else args.rounds, out, args.fresh,
+                theta1_from=src)
 
 
 def _classified_round(d: Path, run: Path, rnd: int, out: Path, cfg, done: dict) -> dict:
@@ -488,7 +516,9 @@ def main() -> None:
                     help="--compare: also mixed runs with one issue-#10 measure switched (see ABLATIONS).")
     ap.add_argument("--trainers", nargs="*", default=[], choices=sorted(TRAINER_VARIANTS),
                     help="--compare: also mixed runs with an issue-#12 trainer (CellMix on theta1, ScoreNet as theta2, "
-                         "ScoreNet + ScoreMix; see TRAINER_VARIANTS).")
+                         "ScoreNet + ScoreMix, and both; see TRAINER_VARIANTS). A variant of stage 2 only copies "
+                         "theta1 from the run of the same seed and theta1 settings when it is there (--theta1-from), "
+                         "so list those first (mixed, cellmix).")
     ap.add_argument("--per-round", action="store_true",
                     help="--compare: also classify every round of the mixed runs on the test slides and show the "
                          "round each em.select_by rule picks.")

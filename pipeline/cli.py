@@ -461,6 +461,11 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, patches,
 @click.option("--allow-restore", is_flag=True,
               help="When tile stores changed since the run read them (re-tiled), train the run's rounds again on "
                    "the stores as they are now instead of refusing; run.json then records their new content.")
+@click.option("--theta1-from", "theta1_from", type=click.Path(path_type=Path, file_okay=False), default=None,
+              metavar="RUN",
+              help="Copy each round's theta1 (seg.pt and probability maps) from this finished run instead of "
+                   "training it, and train only stage 2: other stage2.* or model.cls_* settings on the same theta1. "
+                   "RUN must come from the same inputs and theta1 settings.")
 @click.option("--tracker", type=click.Choice(["none", "tensorboard", "mlflow"]), default="none", show_default=True,
               help="Log losses, E-step statistics and validation metrics per round to TensorBoard (RUN/tensorboard) "
                    "or MLflow (pip install 'wsi-pipeline[tensorboard]' / '[mlflow]').")
@@ -468,7 +473,7 @@ def synth(out_dir, positives, negatives, size_px, mpp, annotated, seed, patches,
 @_handle_errors
 @_needs_train_extra
 def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, mode, rounds, weights, val_fraction,
-             force, allow_restore, tracker, quiet, verbose, log_file):
+             force, allow_restore, theta1_from, tracker, quiet, verbose, log_file):
     """Train rounds of the mixed-supervision EM loop (Li et al., Algorithm 1).
 
     Round 0 trains the segmentation net theta1 on the annotated tiles; each
@@ -490,6 +495,8 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
           --set em.epochs=10 --set stage2.top_k=8 --weights theta1.pt
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --tracker tensorboard
       wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run --rounds 3 --allow-restore
+      wsi-pipeline em-round --stores stores --labels labels.csv --annotations ann/ --run run-scorenet --rounds 3 \\
+          --theta1-from run --set model.cls_arch=scorenet_tiny
       wsi-pipeline em-round --stores s3://bucket/stores --labels labels.csv --annotations ann/ --run run
       torchrun --nproc-per-node 4 --no-python wsi-pipeline -- em-round --stores stores --labels labels.csv \\
           --annotations ann/ --run run
@@ -516,7 +523,7 @@ def em_round(stores, labels_csv, run_dir, annotations, config_path, set_items, m
     try:
         summary = run_em(stores, labels_csv, run_dir, cfg, annotations=list(annotations), rounds=rounds,
                          force=force, allow_restore=allow_restore, progress=not quiet,
-                         hooks=tracker_obj.hooks() if tracker_obj else None)
+                         hooks=tracker_obj.hooks() if tracker_obj else None, theta1_from=theta1_from)
     except StoreError as exc:
         raise UsageError(str(exc)) from None
     except KeyboardInterrupt:

@@ -108,6 +108,7 @@ class RoundContext:
     train: list[SlideEntry] = field(default_factory=list)
     val: list[SlideEntry] = field(default_factory=list)
     dist: Dist = SINGLE
+    theta1_from: RunDir | None = None  # --theta1-from: copy each round's theta1 from this run (pipeline.reuse)
 
     @property
     def mode(self) -> str:
@@ -223,6 +224,7 @@ def run_em(
     allow_restore: bool = False,
     progress: bool = True,
     hooks: EMHooks | None = None,
+    theta1_from: str | Path | None = None,
 ) -> dict:
     """Make sure rounds ``0 .. rounds-1`` of ``run_dir`` are complete; returns a summary.
 
@@ -231,6 +233,8 @@ def run_em(
     A tile store whose content changed since the run read it is refused, unless
     ``allow_restore=True``: then every round (each one read all train and val stores) is
     trained again on the stores as they are, and ``run.json`` records their new content.
+    ``theta1_from``: a finished run of the same inputs and theta1 settings whose rounds' theta1 (weights and
+    probability maps) this run copies instead of training; only stage 2 is trained (:mod:`pipeline.reuse`).
 
     Raises
     ------
@@ -260,17 +264,22 @@ def run_em(
     with session(cfg.runtime.device, cfg.runtime.dist_timeout_s) as (d, device):
         _check_distributed(cfg, d)
         ctx = RoundContext(cfg, cohort, run, ann, device, progress and d.is_main,
-                           (hooks or EMHooks()) if d.is_main else EMHooks(), train=train, val=val, dist=d)
+                           (hooks or EMHooks()) if d.is_main else EMHooks(), train=train, val=val, dist=d,
+                           theta1_from=RunDir(theta1_from) if theta1_from is not None else None)
         ensure_writable_dir(run.path, "run directory", "--run")
         with d.held_by_main(lambda: RunLock(run.path, "em-round")), stores_lock(cohort.stores_dir, exclusive=False):
             return _run_rounds(ctx, rounds, force, allow_restore)
 
 
-def _open_run(ctx: RoundContext, force: bool, allow_restore: bool = False) -> dict:
+def _open_run(ctx: RoundContext, rounds: int, force: bool, allow_restore: bool = False) -> dict:
     """run.json: created, or checked against this call's inputs; ``--force`` clears the rounds and
     ``--allow-restore`` the rounds trained on stores that changed since."""
+    from pipeline.reuse import check_source
+
     cfg, run = ctx.cfg, ctx.run
     ident = run_identity(cfg, ctx.cohort, ctx.annotations, ctx.train, ctx.val)
+    if ctx.theta1_from is not None:
+        ident["theta1_from"] = check_source(ctx.theta1_from, ident, rounds)
     if run.exists():
         meta = run.read_meta()
         changed = run.check_compatible(meta, ident, allow_restore=allow_restore)
@@ -285,8 +294,8 @@ def _open_run(ctx: RoundContext, force: bool, allow_restore: bool = False) -> di
 
 def _run_rounds(ctx: RoundContext, rounds: int, force: bool, allow_restore: bool = False) -> dict:
     cfg, run, d = ctx.cfg, ctx.run, ctx.dist
-    meta = d.main_only(lambda: _open_run(ctx, force, allow_restore), what="rank 0 opening the run")
     target = 1 if cfg.em.mode == "pixel" else rounds
+    meta = d.main_only(lambda: _open_run(ctx, target, force, allow_restore), what="rank 0 opening the run")
     if cfg.em.mode == "pixel" and rounds > 1:
         log.warning("--mode pixel has a single round (theta1 from the annotations, no EM); running round 0 only")
     log.info("EM run %s: mode %s, %d train slides (%d annotated), %d val slides, device %s",
@@ -354,6 +363,7 @@ def _run_round(ctx: RoundContext, k: int) -> dict:
     """theta1, its maps, theta2, validation and heatmaps of round k; each step resumes where it stopped."""
     from pipeline.mstep import train_theta1
     from pipeline.probmaps import write_round_heatmaps
+    from pipeline.reuse import copy_theta1
     from pipeline.run import model_from_checkpoint
     from pipeline.stage2 import train_theta2, validate_round
 
@@ -364,6 +374,10 @@ def _run_round(ctx: RoundContext, k: int) -> dict:
     have = d.main_only(lambda: _round_state(run, k))
     log.info("round %d (%s): %s", k, ctx.mode, "resuming" if have["resuming"] else "start")
 
+    if not have["seg"] and ctx.theta1_from is not None:
+        prog.record("theta1_from", "theta1_copy",
+                    lambda: d.main_only(lambda: copy_theta1(ctx.theta1_from, run, k), what="rank 0 copying theta1"))
+        have = d.main_only(lambda: _round_state(run, k))
     if not have["seg"]:
         prog.record("seg", "m_step" if k else "round0_train", lambda: train_theta1(ctx, k))
     seg_model, seg_ck = model_from_checkpoint(run.checkpoint(k, "seg"), ctx.device)
@@ -417,6 +431,7 @@ def _metrics_record(ctx: RoundContext, k: int, prog: _Progress, val, heatmaps: l
         "finished_utc": utc_now(),
         "device": str(ctx.device),
         "seg": d.get("seg", {}),
+        "theta1_from": d.get("theta1_from"),
         "e_step": d.get("seg", {}).get("e_step"),
         "predict": d.get("predict", {}),
         "stage2": d.get("stage2", {}),

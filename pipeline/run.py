@@ -41,7 +41,8 @@ from wsi.store import store_path_for
 log = logging.getLogger("wsi_pipeline")
 
 __all__ = [
-    "RUN_FORMAT", "RUN_FORMAT_VERSION", "RunFormatError", "RunDir", "changed_stores", "file_sha256", "run_identity",
+    "RUN_FORMAT", "RUN_FORMAT_VERSION", "RunFormatError", "RunDir", "changed_stores", "config_diff", "file_sha256",
+    "run_identity",
     "save_checkpoint", "load_checkpoint", "checkpoint_payload", "model_from_checkpoint", "new_model", "load_weights",
 ]
 
@@ -224,11 +225,16 @@ class RunDir:
                 f"{ident['tiling']}; use the stores it was trained on or a new --run directory"
             )
         if meta.get("train_hash") != ident["train_hash"]:
-            diff = _config_diff(meta.get("config", {}), ident["config"])
+            diff = config_diff(meta.get("config", {}), ident["config"])
             shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
             raise UsageError(
                 f"{self.path}: the run was made with a different config ({shown or 'training settings differ'}); "
                 f"pass the config it was made with (saved in {where}) or use a new --run directory"
+            )
+        if meta.get("theta1_from") != ident.get("theta1_from"):
+            raise UsageError(
+                f"{self.path}: the run took theta1 from {_theta1_source(meta)}, this call from "
+                f"{_theta1_source(ident)}; give the same --theta1-from or use a new --run directory"
             )
         if meta.get("labels_sha256") != ident["labels_sha256"]:
             raise UsageError(
@@ -325,6 +331,11 @@ class RunDir:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _theta1_source(meta: dict) -> str:
+    src = meta.get("theta1_from")
+    return f"the run {src['run']} (--theta1-from)" if src else "its own training (no --theta1-from)"
+
+
 def changed_stores(old: dict, new: dict) -> list[str]:
     """Ids of the slides whose tile store content (fingerprint, tile count) differs between two ``store_content``
     records. The run goes on only with the content it was trained on: a store re-tiled by cron between two
@@ -350,16 +361,20 @@ def round_values(metrics: dict) -> dict:
             "val_auc": _nan_to_none(val.get("auc"))}
 
 
-def _config_diff(old: dict, new: dict) -> list[str]:
+def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``'key: old -> new'`` for each training setting that differs between two configs (as dicts); keys in
+    ``ignore`` (dotted keys or whole sections / prefixes) are left out."""
     sections = Config.TRAIN_SECTIONS
     a = _flatten({s: old.get(s, {}) for s in sections})
     b = _flatten({s: new.get(s, {}) for s in sections})
-    keys = sorted((set(a) | set(b)) - set(Config.TRAIN_EXCLUDE))
+    skip = (*Config.TRAIN_EXCLUDE, *ignore)
+    keys = sorted(k for k in set(a) | set(b) if not any(k == p or k.startswith(p + ".") for p in skip))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def run_identity(cfg: Config, cohort, annotations: dict, train, val) -> dict:
-    """What a run is made of: config, hashes, inputs and splits (compared on every resume)."""
+def run_identity(cfg: Config, cohort, annotations: dict, train, val, theta1_from: dict | None = None) -> dict:
+    """What a run is made of: config, hashes, inputs and splits (compared on every resume); ``theta1_from``:
+    the run whose theta1 it takes (:func:`pipeline.reuse.check_source`), None when it trains its own."""
     return {
         "format": RUN_FORMAT,
         "format_version": RUN_FORMAT_VERSION,
@@ -378,6 +393,7 @@ def run_identity(cfg: Config, cohort, annotations: dict, train, val) -> dict:
         "store_content": {s.slide_id: {"fingerprint": s.store_fingerprint, "n_tiles": s.n_tiles}
                           for s in sorted(list(train) + list(val), key=lambda e: e.slide_id)},
         "software_version": __version__,
+        "theta1_from": theta1_from,
     }
 
 

@@ -208,6 +208,57 @@ def test_run_from_a_different_config_or_input_is_refused(em_run, em_cohort, tmp_
     assert res.output.count("\n") == 1 and res.output.startswith("error: ") and "stage2.top_k: 4 -> 8" in res.output
 
 
+def _state(path):
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return ck["model"]
+
+
+def test_theta1_from_copies_theta1_and_trains_stage_2_only(em_run, em_cohort, tmp_path):
+    """--theta1-from: every round's theta1 is the source's, bit for bit; stage 2 with the source's own settings
+    reproduces the source's theta2 exactly (so a copied theta1 is the one this run would have trained), and
+    with other stage-2 settings it trains a different theta2 on the same theta1."""
+    ann = list(em_cohort.annotations)
+    same, other = tmp_path / "same", tmp_path / "other"
+    s = run_em(em_cohort.stores, em_cohort.labels, same, load_config("tiny"), annotations=ann, rounds=2,
+               progress=False, theta1_from=em_run)
+    run_em(em_cohort.stores, em_cohort.labels, other, load_config("tiny", {"stage2.top_k": 2}), annotations=ann,
+           rounds=2, progress=False, theta1_from=em_run)
+    src = json.loads((em_run / "run.json").read_text())
+    assert s["best_round"] == src["best_round"]
+    for k in (0, 1):
+        rd = f"round_{k}"
+        assert (same / rd / "seg.pt").read_bytes() == (em_run / rd / "seg.pt").read_bytes()
+        assert (other / rd / "seg.pt").read_bytes() == (em_run / rd / "seg.pt").read_bytes()
+        a, b, c = (_state(r / rd / "cls.pt") for r in (em_run, same, other))
+        assert all(torch.equal(a[n], b[n]) for n in a)
+        assert not all(torch.equal(a[n], c[n]) for n in a)
+        m = json.loads((same / rd / "metrics.json").read_text())
+        assert m["stage2_loss"] == json.loads((em_run / rd / "metrics.json").read_text())["stage2_loss"]
+        assert m["theta1_from"]["round_dir"] == str((em_run / rd).resolve()) and "m_step" not in m["time_s"]
+    meta = json.loads((other / "run.json").read_text())
+    assert meta["theta1_from"] == {"run": str(em_run.resolve()), "train_hash": src["train_hash"]}
+    with pytest.raises(UsageError, match=r"took theta1 from the run .* this call from its own training"):
+        run_em(em_cohort.stores, em_cohort.labels, other, load_config("tiny", {"stage2.top_k": 2}), annotations=ann,
+               rounds=2, progress=False)
+
+
+def test_theta1_from_refuses_a_run_of_other_theta1(em_run, em_cohort, tmp_path):
+    ann = list(em_cohort.annotations)
+    with pytest.raises(UsageError, match=r"other theta1 settings \(em.epochs: 2 -> 3\)"):
+        run_em(em_cohort.stores, em_cohort.labels, tmp_path / "a", load_config("tiny", {"em.epochs": 3}),
+               annotations=ann, rounds=2, theta1_from=em_run)
+    with pytest.raises(UsageError, match="other pixel annotations"):
+        run_em(em_cohort.stores, em_cohort.labels, tmp_path / "b", load_config("tiny"), annotations=ann[:1],
+               rounds=2, theta1_from=em_run)
+    with pytest.raises(UsageError, match=r"round\(s\) 2 are not finished .* --rounds 2"):
+        run_em(em_cohort.stores, em_cohort.labels, tmp_path / "c", load_config("tiny"), annotations=ann,
+               rounds=3, theta1_from=em_run)
+    res = _cli("em-round", "--stores", em_cohort.stores, "--labels", em_cohort.labels, "--run", tmp_path / "d",
+               "--config", "tiny", "--mode", "pixel", "--theta1-from", em_run, *_ann_args(em_cohort))
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "differs in its --mode" in res.output
+    assert not (tmp_path / "a" / "round_0").exists()
+
+
 # --------------------------------------------------------------------------- bad input
 
 
