@@ -250,7 +250,8 @@ def _one(d: Path, mode: str, cfg, ann: list, rounds: int, out: Path, fresh: bool
               flush=True)
     return {"lesion_vs_normal": (best.get("lesion"), best.get("normal")), "test_tile_auc": tiles.get("all"),
             "test_auc": ev.get("auc"), "test_spec100": (ev.get("at_full_sensitivity") or {}).get("specificity"),
-            "test_dice": px.get("mean_dice_positive_slides"), "best_round": rnd, "minutes": minutes}
+            "test_dice": px.get("mean_dice_positive_slides"), "best_round": rnd, "minutes": minutes,
+            "theta1_copied": theta1_from is not None}
 
 
 def _tile_kinds(d: Path, slide: dict, xy: np.ndarray, tile_level0_px: float) -> np.ndarray:
@@ -472,10 +473,13 @@ def bench_compare(args) -> None:
                      f"{_fmt([r['test_dice'] for r in per])} | {_fmt([r.get('test_tile_auc') for r in per])} | "
                      f"{', '.join(str(r['best_round']) for r in per)} | "
                      f"{_fmt([r['lesion_vs_normal'][0] for r in per])} / {_fmt([r['lesion_vs_normal'][1] for r in per])} | "
-                     f"{_fmt([r['minutes'] for r in per])} |")
+                     f"{_fmt([r['minutes'] for r in per])}{' †' if any(r['theta1_copied'] for r in per) else ''} |")
     if "pixel" in args.modes and "mixed" in args.modes:
         lines.append("\npixel: round 0 of the mixed run of the same seed (the pixel-only model; mode pixel trains "
                      "exactly this round), classified on its own.")
+    if any(r["theta1_copied"] for _, per in rows for r in per):
+        lines.append("\n†: theta1 copied from the run of the same seed and theta1 settings (em-round --theta1-from); "
+                     "its minutes are stage 2's (and the copy's) only, on at least one seed.")
     if "image" in args.modes:
         lines.append(f"\nimage: {args.image_rounds} round(s) of top-K MIL (each MIL epoch ranks every training tile).")
     if args.per_round and "mixed" in args.modes:
