@@ -454,6 +454,9 @@ def bench_compare(args) -> None:
     tag = "-".join([Path(args.config).stem, *[x.replace("=", "") for x in args.set]])
     variants = ([(m, m, {}) for m in args.modes] + [(f"mixed:{a}", "mixed", ABLATIONS[a]) for a in args.ablate]
                 + [(f"mixed:{t}", "mixed", TRAINER_VARIANTS[t]) for t in args.trainers])
+    if args.scorenet_weights:  # ScoreNet as theta2, started from DINO weights (wsi-pipeline pretrain)
+        variants.append(("mixed:scorenet_pretrained", "mixed",
+                         {**_SCORENET, "model.cls_weights": str(Path(args.scorenet_weights).resolve())}))
     base = OUT / f"em-compare-{d.name}-{tag}"
     rows = []
     for name, mode, extra in variants:
@@ -523,6 +526,9 @@ def main() -> None:
                          "ScoreNet + ScoreMix, and both; see TRAINER_VARIANTS). A variant of stage 2 only copies "
                          "theta1 from the run of the same seed and theta1 settings when it is there (--theta1-from), "
                          "so list those first (mixed, cellmix).")
+    ap.add_argument("--scorenet-weights", default=None, metavar="FILE",
+                    help="--compare: also a mixed run whose theta2 is scorenet_tiny started from FILE (e.g. its "
+                         "scorer pre-trained with 'wsi-pipeline pretrain --method dino' on the train/val stores).")
     ap.add_argument("--per-round", action="store_true",
                     help="--compare: also classify every round of the mixed runs on the test slides and show the "
                          "round each em.select_by rule picks.")
