@@ -12,14 +12,19 @@
   gradient), for a batch of tiles, BRACS-sized images (N = 238, the paper's
   average) and a slide-sized score map.
 
-Memory is the running sum of the CPU allocator's allocations and frees recorded
-by ``torch.profiler`` (``profile_memory=True``) inside the measured call: what
-the call adds on top of what already exists, not the process RSS.
+Memory on the CPU is the running sum of the allocator's allocations and frees
+recorded by ``torch.profiler`` (``profile_memory=True``) inside the measured
+call: what the call adds on top of what already exists, not the process RSS.
+On a GPU (``--device cuda``) it is CUDA's peak allocated memory during the call
+above what was allocated before it, and the timings synchronise the device;
+``--amp`` runs the models under bfloat16 autocast, as ``runtime.amp`` does
+(the top-k stays float32).
 
-CPU only.  Usage::
+Usage::
 
-    python bench/scorenet_bench.py                 # 512 px tiles, batch 8
+    python bench/scorenet_bench.py                 # 512 px tiles, batch 8, CPU
     python bench/scorenet_bench.py --tile-px 256 --batch 4 --repeat 2
+    python bench/scorenet_bench.py --device cuda --batch 64 --amp
 """
 
 from __future__ import annotations
@@ -56,13 +61,20 @@ class PlainViT(nn.Module):
         return self.head(gap).reshape(x.shape[0])
 
 
-def peak_alloc_bytes(fn, setup=None) -> int:
-    """Peak of the bytes allocated (net of frees) on the CPU while ``fn()`` runs.
+def peak_alloc_bytes(fn, setup=None, device: str = "cpu") -> int:
+    """Peak of the bytes allocated (net of frees) on ``device`` while ``fn()`` runs.
 
     ``setup()`` runs first, outside the measurement: frees of blocks allocated
     before the profiler started would otherwise count against the peak."""
     if setup is not None:
         setup()
+    if device != "cpu":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -73,21 +85,30 @@ def peak_alloc_bytes(fn, setup=None) -> int:
     return peak
 
 
-def median_seconds(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
+def median_seconds(fn, repeat: int, device: str = "cpu") -> float:
+    def timed():
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed()  # warm-up
+    return statistics.median(timed() for _ in range(repeat))
 
 
-def bench_model(name: str, model: nn.Module, x: torch.Tensor, repeat: int) -> dict:
+def bench_model(name: str, model: nn.Module, x: torch.Tensor, repeat: int, amp: bool = False) -> dict:
+    device = x.device.type
+    model = model.to(x.device)
+
+    def forward():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            return model(x).float()
+
     def infer():
         model.eval()
         with torch.inference_mode():
-            model(x)
+            forward()
 
     def setup():
         model.train()
@@ -95,22 +116,22 @@ def bench_model(name: str, model: nn.Module, x: torch.Tensor, repeat: int) -> di
 
     def train_step():
         setup()
-        model(x).sum().backward()
+        forward().sum().backward()
 
     b = x.shape[0]
     return dict(
         name=name,
         params=sum(p.numel() for p in model.parameters()),
-        eval_tps=b / median_seconds(infer, repeat),
-        train_tps=b / median_seconds(train_step, repeat),
-        train_peak=peak_alloc_bytes(lambda: model(x).sum().backward(), setup),
+        eval_tps=b / median_seconds(infer, repeat, device),
+        train_tps=b / median_seconds(train_step, repeat, device),
+        train_peak=peak_alloc_bytes(lambda: forward().sum().backward(), setup, device),
     )
 
 
-def bench_topk(label: str, batch: int, n: int, samples: int, repeat: int) -> dict:
+def bench_topk(label: str, batch: int, n: int, samples: int, repeat: int, device: str = "cpu") -> dict:
     k = num_selected(n, 0.1)
-    scores = torch.softmax(torch.randn(batch, n), dim=-1).requires_grad_(True)
-    upstream = torch.randn(batch, k, n)
+    scores = torch.softmax(torch.randn(batch, n, device=device), dim=-1).requires_grad_(True)
+    upstream = torch.randn(batch, k, n, device=device)
 
     def setup():
         scores.grad = None
@@ -125,8 +146,8 @@ def bench_topk(label: str, batch: int, n: int, samples: int, repeat: int) -> dic
 
     return dict(
         label=label, batch=batch, n=n, k=k, samples=samples,
-        ms=1e3 * median_seconds(step, repeat), plain_ms=1e3 * median_seconds(plain, repeat),
-        peak=peak_alloc_bytes(step, setup), noise=batch * samples * n * 4,
+        ms=1e3 * median_seconds(step, repeat, device), plain_ms=1e3 * median_seconds(plain, repeat, device),
+        peak=peak_alloc_bytes(step, setup, device), noise=batch * samples * n * 4,
     )
 
 
@@ -143,18 +164,23 @@ def main(argv=None) -> None:
                     help="torch CPU threads (1: on a shared machine, threads of ScoreNet's many small ops "
                          "wait on each other; measured 7x slower with 2 threads under load)")
     ap.add_argument("--samples", type=int, default=100, help="Monte-Carlo samples of the top-k (ScoreNet: 100)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast for the models (runtime.amp)")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.rand(args.batch, 3, args.tile_px, args.tile_px)
+    x = torch.rand(args.batch, 3, args.tile_px, args.tile_px, device=args.device)
 
     rows = [
-        bench_model("scorenet", models.create_model("scorenet"), x, args.repeat),
-        bench_model("plain ViT (same blocks, full tile)", PlainViT(), x, args.repeat),
+        bench_model("scorenet", models.create_model("scorenet"), x, args.repeat, args.amp),
+        bench_model("plain ViT (same blocks, full tile)", PlainViT(), x, args.repeat, args.amp),
     ]
     n_tokens = (args.tile_px // 16) ** 2
-    print(f"\n{args.batch} tiles of {args.tile_px} px, {args.threads} CPU threads, torch {torch.__version__}; "
-          f"plain ViT: {n_tokens} tokens/tile\n")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} CPU threads"
+    print(f"\n{args.batch} tiles of {args.tile_px} px, {where}{', bf16 autocast' if args.amp else ''}, "
+          f"torch {torch.__version__}; plain ViT: {n_tokens} tokens/tile\n")
     print("| model | params | eval tiles/s | train tiles/s | train-step peak alloc (MB) |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
@@ -165,12 +191,12 @@ def main(argv=None) -> None:
           f"memory x{rows[1]['train_peak'] / max(rows[0]['train_peak'], 1):.1f} less")
 
     n_regions = (args.tile_px // 128) ** 2
-    topk_rows = [
-        bench_topk(f"{args.batch} tiles of {args.tile_px} px", args.batch, n_regions, args.samples, args.repeat),
-        bench_topk("64 tiles (stage-2 batch)", 64, n_regions, args.samples, args.repeat),
-        bench_topk("8 BRACS-sized images", 8, 238, args.samples, args.repeat),
-        bench_topk("1 slide-sized map", 1, 64 * 64, args.samples, args.repeat),
-    ]
+    topk_rows = [bench_topk(label, b, n, args.samples, args.repeat, args.device) for label, b, n in (
+        (f"{args.batch} tiles of {args.tile_px} px", args.batch, n_regions),
+        ("64 tiles (stage-2 batch)", 64, n_regions),
+        ("8 BRACS-sized images", 8, 238),
+        ("1 slide-sized map", 1, 64 * 64),
+    )]
     print(f"\nPerturbed top-k (sigma 1e-3, {args.samples} samples), training forward + backward:\n")
     print("| scores | B x N | k | fwd+bwd ms | plain topk ms | peak alloc (MB) | noise alone (MB) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
