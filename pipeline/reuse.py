@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.batch import UsageError
-from pipeline.run import RunDir, config_diff, file_sha256
+from pipeline.run import RunDir, annotation_shas, config_diff, file_sha256
 from wsi.atomic import atomic_path, fsync_dir, temp_sibling
 
 __all__ = ["THETA2_ONLY", "check_source", "copy_theta1"]
@@ -40,8 +40,7 @@ def check_source(src: RunDir, ident: dict, rounds: int) -> dict:
     for key, what in same.items():
         if meta.get(key) != ident.get(key):
             raise UsageError(f"{src.path}: --theta1-from run differs in its {what}; {fix}")
-    if {k: [e["sha256"] for e in v] for k, v in meta.get("annotations", {}).items()} != \
-            {k: [e["sha256"] for e in v] for k, v in ident["annotations"].items()}:
+    if annotation_shas(meta) != annotation_shas(ident):
         raise UsageError(f"{src.path}: --theta1-from run was trained with other pixel annotations; {fix}")
     diff = config_diff(meta.get("config") or {}, ident["config"], ignore=THETA2_ONLY)
     if diff:

@@ -41,7 +41,7 @@ from wsi.store import store_path_for
 log = logging.getLogger("wsi_pipeline")
 
 __all__ = [
-    "RUN_FORMAT", "RUN_FORMAT_VERSION", "RunFormatError", "RunDir", "changed_stores", "config_diff", "file_sha256",
+    "RUN_FORMAT", "RUN_FORMAT_VERSION", "RunFormatError", "RunDir", "annotation_shas", "changed_stores", "config_diff", "file_sha256",
     "run_identity",
     "save_checkpoint", "load_checkpoint", "checkpoint_payload", "model_from_checkpoint", "new_model", "load_weights",
 ]
@@ -244,8 +244,7 @@ class RunDir:
         changed = changed_stores(meta.get("store_content") or {}, ident["store_content"])
         if changed and not allow_restore:
             raise UsageError(_store_changed_message(self.path, meta["store_content"], ident, changed))
-        old_ann = {k: [e["sha256"] for e in v] for k, v in meta.get("annotations", {}).items()}
-        new_ann = {k: [e["sha256"] for e in v] for k, v in ident["annotations"].items()}
+        old_ann, new_ann = annotation_shas(meta), annotation_shas(ident)
         if old_ann != new_ann:
             raise UsageError(
                 f"{self.path}: the pixel annotations differ from those the run was trained with "
@@ -329,6 +328,11 @@ class RunDir:
         """Delete rounds that ``--force`` moved aside (after the new rounds are complete)."""
         for p in self.path.glob(f"{TRASH_PREFIX}*"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def annotation_shas(record: dict) -> dict:
+    """slide_id -> the hashes of its annotation files, from a run identity or ``run.json`` (paths may move)."""
+    return {k: [e["sha256"] for e in v] for k, v in record.get("annotations", {}).items()}
 
 
 def _theta1_source(meta: dict) -> str:
