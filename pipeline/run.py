@@ -41,8 +41,8 @@ from wsi.store import store_path_for
 log = logging.getLogger("wsi_pipeline")
 
 __all__ = [
-    "RUN_FORMAT", "RUN_FORMAT_VERSION", "RunFormatError", "RunDir", "annotation_shas", "changed_stores", "config_diff", "file_sha256",
-    "run_identity",
+    "RUN_FORMAT", "RUN_FORMAT_VERSION", "RunFormatError", "RunDir", "annotation_shas", "changed_stores", "config_diff",
+    "file_sha256", "run_identity",
     "save_checkpoint", "load_checkpoint", "checkpoint_payload", "model_from_checkpoint", "new_model", "load_weights",
 ]
 
