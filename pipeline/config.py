@@ -274,6 +274,7 @@ MIL_LOSSES = ("tile", "pixel")
 SELECT_ROUNDS = ("em", "all")
 SELECT_BY = ("stage2_loss", "val_loss", "val_auc")
 SLIDE_SCORES = ("theta2", "theta1_max", "theta1_topk_mean")
+THETA2_INITS = ("random", "theta1")
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
@@ -550,11 +551,19 @@ class Stage2Config:
     fit_warning_auc: float = 0.8
     """Warn (log, metrics.json, classify's report) when theta2's AUC on its own training slides is below
     this: a classifier that did not fit its training set must not look like a working one."""
+    init: str = "random"
+    """theta2's starting weights: 'random' (seeded, the same in every round) or 'theta1': its DLA trunk
+    from this round's theta1 (the timm DLA trunk both models share; the classifier head stays seeded).
+    The paper does not say how theta2 is initialised (its image-level baseline starts from ImageNet);
+    nothing is downloaded here, and on a few dozen training slides a random theta2 learns the training
+    lesions' look rather than the lesions, where theta1's trunk has learned them from every round's
+    tiles (README, issue #10). model.cls_weights (a local file) is the other way to start it."""
 
     def validate(self) -> None:
         if self.top_k < 1:
             raise ConfigError("stage2.top_k must be >= 1")
         _choice("stage2.slide_score", self.slide_score, SLIDE_SCORES)
+        _choice("stage2.init", self.init, THETA2_INITS)
         if not 0.0 <= self.fit_warning_auc <= 1.0:
             raise ConfigError(f"stage2.fit_warning_auc must be in [0, 1], got {self.fit_warning_auc}")
         if self.epochs < 0:
@@ -740,6 +749,9 @@ class Config:
             _check_finite(section, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        if self.stage2.init == "theta1" and self.model.cls_weights:
+            raise ConfigError("stage2.init: theta1 and model.cls_weights both give theta2's starting weights; "
+                              "set one (stage2.init: random to start from the file)")
         return self
 
     def validate_for_training(self, tile_px: int | None = None, where: str = "tiling.tile_px") -> "Config":

@@ -42,7 +42,7 @@ log = logging.getLogger("wsi_pipeline")
 
 __all__ = [
     "RUN_FORMAT", "RUN_FORMAT_VERSION", "RunFormatError", "RunDir", "annotation_shas", "changed_stores", "config_diff",
-    "file_sha256", "run_identity",
+    "file_sha256", "run_identity", "load_trunk",
     "save_checkpoint", "load_checkpoint", "checkpoint_payload", "model_from_checkpoint", "new_model", "load_weights",
 ]
 
@@ -468,6 +468,24 @@ def new_model(arch: str, seed: int, arch_kwargs: dict | None = None):
 
     models.seed_everything(seed)
     return build_model(arch, {"num_classes": 1, **(arch_kwargs or {})})
+
+
+def load_trunk(model, seg_checkpoint: str | Path, prefix: str = "backbone.") -> str:
+    """Start theta2 from theta1's trunk: the tensors under ``prefix`` in the checkpoint ``seg_checkpoint``
+    (the timm DLA trunk that DLA34-up and the DLA34 classifier share, key for key); returns a line for the
+    run's records. A UsageError when none fits (another backbone or width)."""
+    import models
+
+    sd = models.unwrap_state_dict(load_checkpoint(seg_checkpoint))
+    rep = models.load_state_dict_flexible(model, {k: v for k, v in sd.items() if k.startswith(prefix)})
+    if not rep.loaded_keys:
+        raise UsageError(f"stage2.init: theta1, but none of theta1's trunk tensors ({seg_checkpoint}) fit theta2 "
+                         f"({getattr(model, 'model_name', type(model).__name__)}): give model.seg_arch and "
+                         "model.cls_arch the same backbone and width, or set stage2.init: random")
+    if rep.mismatched_keys:
+        log.warning("theta2 took %d of theta1's trunk tensors; %d differ in shape: %s", len(rep.loaded_keys),
+                    len(rep.mismatched_keys), rep)
+    return f"theta1 trunk {seg_checkpoint} ({len(rep.loaded_keys)} tensors)"
 
 
 def load_weights(model, path: str | Path, what: str) -> str:

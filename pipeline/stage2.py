@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.batch import UsageError
 from pipeline.config import SLIDE_SCORES
 from pipeline.probmaps import read_max_probs
-from pipeline.run import checkpoint_payload, load_checkpoint, load_weights, new_model, save_checkpoint
+from pipeline.run import checkpoint_payload, load_checkpoint, load_trunk, load_weights, new_model, save_checkpoint
 from pipeline.sampling import round_seed
 from pipeline.stain import stain_jitter
 
@@ -94,11 +94,22 @@ def _fit_warnings(train_auc: float | None, min_auc: float, k: int) -> list[str]:
     return []
 
 
+def _init_theta2(ctx, model, k: int) -> str:
+    """theta2's starting weights (``stage2.init``, ``model.cls_weights``) over its seeded init; a line for metrics.json."""
+    cfg = ctx.cfg
+    if cfg.model.cls_weights:
+        return load_weights(model, cfg.model.cls_weights, "theta2")
+    if cfg.stage2.init == "theta1":
+        return load_trunk(model, ctx.run.checkpoint(k, "seg"))
+    return "random"
+
+
 def train_theta2(ctx, k: int) -> dict:
     """Train theta2 of round k on the top-K tiles of round k's maps (resumable); writes ``round_k/cls.pt``.
 
     Its initial weights, slide order and augmentation draws do not depend on k: rounds differ only by
-    theta1 (through the top-K tiles it picks), so the round choice compares theta1s, not seeds."""
+    theta1 (through the top-K tiles it picks, and its trunk with ``stage2.init: theta1``), so the round
+    choice compares theta1s, not seeds."""
     from pipeline.data import SeededBatches, SlideTopKDataset, make_loader
     from pipeline.sampling import balanced_slide_sampler, topk_tiles
 
@@ -106,7 +117,7 @@ def train_theta2(ctx, k: int) -> dict:
     slides, labels = _training_slides(ctx, k)
     topk = [topk_tiles(read_max_probs(ctx.run.probmaps(k), s.slide_id, s.n_tiles), s2.top_k) for s in slides]
     model = new_model(cfg.model.cls_arch, round_seed(e.seed, 0, 5), cfg.model.cls_arch_kwargs)
-    init = load_weights(model, cfg.model.cls_weights, "theta2") if cfg.model.cls_weights else "random"
+    init = _init_theta2(ctx, model, k)
     trainer = _cls_trainer(ctx, model, k)
     ckpt_path = ctx.run.state_dir(k) / "cls_train.pt"
     d = ctx.dist

@@ -259,6 +259,31 @@ def test_theta1_from_refuses_a_run_of_other_theta1(em_run, em_cohort, tmp_path):
     assert not (tmp_path / "a" / "round_0").exists()
 
 
+def test_theta2_can_start_from_theta1s_trunk(em_run, em_cohort, tmp_path):
+    """stage2.init: theta1 -- theta2's DLA trunk starts as the round's theta1 trunk, tensor for tensor (with no
+    stage-2 epochs it stays so), its head from the seeded init; metrics.json says so. A theta2 without that
+    trunk (ScoreNet) and a weights file given as well are one clear error each."""
+    from pipeline.run import build_model, load_trunk
+
+    run = tmp_path / "run"
+    run_em(em_cohort.stores, em_cohort.labels, run, load_config("tiny", {"stage2.init": "theta1", "stage2.epochs": 0}),
+           annotations=list(em_cohort.annotations), rounds=2, progress=False, theta1_from=em_run)
+    fresh = _state(em_run / "round_0" / "cls.pt")
+    for k in (0, 1):
+        seg, cls = _state(run / f"round_{k}" / "seg.pt"), _state(run / f"round_{k}" / "cls.pt")
+        trunk = [n for n in cls if n.startswith("backbone.") and not n.startswith("backbone.fc.")]
+        assert len(trunk) > 100 and all(torch.equal(cls[n], seg[n]) for n in trunk)
+        assert not all(torch.equal(cls[n], fresh[n]) for n in trunk)  # not the random init of a default run
+        m = json.loads((run / f"round_{k}" / "metrics.json").read_text())
+        assert m["stage2"]["init"].startswith("theta1 trunk") and f"round_{k}" in m["stage2"]["init"]
+    a, b = _state(run / "round_0" / "cls.pt"), _state(run / "round_1" / "cls.pt")
+    assert torch.equal(a["backbone.fc.weight"], b["backbone.fc.weight"])  # the head's init does not depend on k
+    with pytest.raises(UsageError, match="none of theta1's trunk tensors .* fit theta2"):
+        load_trunk(build_model("scorenet_tiny", {"num_classes": 1}), run / "round_0" / "seg.pt")
+    with pytest.raises(ConfigError, match="stage2.init: theta1 and model.cls_weights"):
+        load_config("tiny", {"stage2.init": "theta1", "model.cls_weights": str(run / "round_0" / "cls.pt")})
+
+
 # --------------------------------------------------------------------------- bad input
 
 
