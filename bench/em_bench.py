@@ -155,6 +155,9 @@ ABLATIONS = {
     "full_slide_annotations": {"em.annotated_region_classes": []},
     "hed_jitter": {"em.hed_scale": 0.3, "em.hed_shift": 0.05},
     "t_from_negatives_and_cap": {"em.threshold_mode": "negative_fpr", "em.max_positive_tiles_per_slide": 0.1},
+    # item 4: theta2 started from the round's theta1 trunk rather than at random (stage 2 only: theta1 is copied)
+    "theta2_from_theta1": {"stage2.init": "theta1"},
+    "theta2_random": {"stage2.init": "random"},
 }
 
 #: issue #12: the patch-level trainers in the loop, each against the mixed run with the config as given
@@ -184,23 +187,62 @@ def theta1_source(base: Path, extra: dict, seed: int) -> Path | None:
     return run if run is not None and (run / "run.json").is_file() else None
 
 
-def _realistic_cohort(n_pos: int, n_neg: int, annotate: int, seed: int, config: str, overrides=None) -> Path:
-    """Generate (once) a realistic cohort and tile it with ``config``'s tiling settings (and ``--set``)."""
+def _realistic_cohort(n_pos: int, n_neg: int, annotate: int, seed: int, config: str, overrides=None, *,
+                      holdout: bool = False) -> Path:
+    """Generate (once) a realistic cohort and tile it with ``config``'s tiling settings (and ``--set``).
+    ``holdout``: every slide in the test split (test-kind lesions), for :func:`holdout_cohort`."""
     from pipeline.config import load_config
     from pipeline.tile import run_tile
     from wsi.synth import make_cohort as synth
 
     cfg = load_config(config, overrides)
-    d = OUT / f"realistic-p{n_pos}-n{n_neg}-a{annotate}-seed{seed}-{cfg.tiling_hash()}"
+    kind = "holdout" if holdout else "realistic"
+    d = OUT / f"{kind}-p{n_pos}-n{n_neg}-a{annotate}-seed{seed}-{cfg.tiling_hash()}"
     if (d / "READY").is_file():
         return d
     shutil.rmtree(d, ignore_errors=True)
-    print(f"generating a realistic cohort of {n_pos + n_neg} slides into {d} ...", flush=True)
+    print(f"generating a {kind} cohort of {n_pos + n_neg} slides into {d} ...", flush=True)
     synth(d / "cohort", n_positive=n_pos, n_negative=n_neg, width_px=4096, height_px=4096, mpp=0.5, seed=seed,
-          annotate=annotate, difficulty="realistic")
+          annotate=annotate, difficulty="realistic", split={"test": 1.0} if holdout else (0.6, 0.2, 0.2))
     run_tile(sorted((d / "cohort").glob("*.tif")), d / "stores", cfg, workers=2, quiet=True, progress=False)
     (d / "READY").write_text("ok\n")
     return d
+
+
+#: the held-out cohort's seed is the training cohort's plus this, so no slide of it is a training slide's twin
+HOLDOUT_SEED_OFFSET = 1_000_003
+
+
+def holdout_cohort(args) -> Path | None:
+    """``--holdout N``: N positive and N negative slides more, generated like the realistic cohort from another
+    seed and all in its test split (lesions of the held-out kind). Eight test slides give a slide AUC in steps
+    of 1/16 and a specificity in steps of 1/4, too coarse to tell 0.875 from 0.9; no run trains or chooses
+    anything on these, they only score the runs' chosen rounds."""
+    from pipeline.config import parse_set_options
+
+    if not args.holdout:
+        return None
+    if args.cohort != "realistic":
+        sys.exit("--holdout needs --cohort realistic (its slides are generated like the realistic cohort's)")
+    seed = args.seed + HOLDOUT_SEED_OFFSET if args.holdout_seed is None else args.holdout_seed
+    if seed == args.seed:
+        sys.exit("--holdout-seed must differ from --seed (the training cohort's)")
+    return _realistic_cohort(args.holdout, args.holdout, 0, seed, args.config, parse_set_options(args.set),
+                             holdout=True)
+
+
+def score_holdout(h: Path, run: Path, rnd: int, out: Path, cfg) -> dict:
+    """Round ``rnd`` of ``run`` on the held-out cohort ``h`` (classified once into ``out``)."""
+    from pipeline.classify import run_classify
+    from pipeline.evaluate import run_evaluate
+
+    pred = out / "predictions.csv"
+    if not pred.is_file():
+        run_classify(h / "stores", run, out, round_=rnd, threshold=0.5, quiet=True, progress=False)
+    ev = run_evaluate(pred, h / "cohort" / "labels.csv", split="test", config=cfg, out_dir=out)
+    return {"holdout_auc": ev.get("auc"),
+            "holdout_spec100": (ev.get("at_full_sensitivity") or {}).get("specificity"),
+            "holdout_auc_theta1_max": theta1_max_auc(pred, ev)}
 
 
 def _test_stores(d: Path) -> Path:
@@ -216,9 +258,9 @@ def _test_stores(d: Path) -> Path:
 
 
 def _one(d: Path, mode: str, cfg, ann: list, rounds: int, out: Path, fresh: bool, *, run: Path | None = None,
-         round_: int | None = None, theta1_from: Path | None = None) -> dict:
+         round_: int | None = None, theta1_from: Path | None = None, holdout: Path | None = None) -> dict:
     """Train one run on train/val (or reuse ``run``), classify the held-out test slides with its chosen round (or
-    round ``round_``), evaluate them (slides and pixels)."""
+    round ``round_``), evaluate them (slides and pixels); the same on the ``holdout`` cohort when given."""
     from pipeline.classify import run_classify
     from pipeline.em import run_em
     from pipeline.evaluate import run_evaluate
@@ -248,10 +290,11 @@ def _one(d: Path, mode: str, cfg, ann: list, rounds: int, out: Path, fresh: bool
     if tiles:
         print("  held-out test tiles, lesion AUC against: " + ", ".join(f"{k} {v:.3f}" for k, v in tiles.items()),
               flush=True)
+    held = score_holdout(holdout, run, rnd, out / f"{holdout.name}-r{rnd}", cfg) if holdout else {}
     return {"lesion_vs_normal": (best.get("lesion"), best.get("normal")), "test_tile_auc": tiles.get("all"),
             "test_auc": ev.get("auc"), "test_spec100": (ev.get("at_full_sensitivity") or {}).get("specificity"),
             "test_dice": px.get("mean_dice_positive_slides"), "best_round": rnd, "minutes": minutes,
-            "theta1_copied": theta1_from is not None}
+            "theta1_copied": theta1_from is not None, **held}
 
 
 def _tile_kinds(d: Path, slide: dict, xy: np.ndarray, tile_level0_px: float) -> np.ndarray:
@@ -334,7 +377,8 @@ def _fmt(vals) -> str:
     return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
 
 
-def _variant(args, d: Path, ann: list, base: Path, name: str, mode: str, extra: dict, seed: int) -> dict:
+def _variant(args, d: Path, ann: list, base: Path, name: str, mode: str, extra: dict, seed: int,
+             holdout: Path | None = None) -> dict:
     """One row's run of one seed. Pixel mode trains exactly round 0 of a mixed run (same seeds, same batches),
     so when mixed runs too, the pixel row classifies the mixed run's round 0 instead of training it again."""
     import json
@@ -346,7 +390,7 @@ def _variant(args, d: Path, ann: list, base: Path, name: str, mode: str, extra: 
     if mode == "pixel" and "mixed" in args.modes:
         mixed = load_config(args.config, {**parse_set_options(args.set), "em.mode": "mixed", "em.seed": seed})
         return _one(d, "mixed", mixed, ann, args.rounds, out, args.fresh, run=base / "mixed" / f"seed{seed}" / "run",
-                    round_=0)
+                    round_=0, holdout=holdout)
     src = theta1_source(base, extra, seed) if mode == "mixed" and not args.fresh else None
     made = out / "run" / "run.json"
     if src is not None and made.is_file() and not json.loads(made.read_text()).get("theta1_from"):
@@ -354,7 +398,7 @@ def _variant(args, d: Path, ann: list, base: Path, name: str, mode: str, extra: 
     if src is not None:
         print(f"{name} seed {seed}: theta1 from {src} (stage 2 only)", flush=True)
     return _one(d, mode, cfg, ann, args.image_rounds if mode == "image" else args.rounds, out, args.fresh,
-                theta1_from=src)
+                theta1_from=src, holdout=holdout)
 
 
 def _classified_round(d: Path, run: Path, rnd: int, out: Path, cfg, done: dict) -> dict:
@@ -392,7 +436,7 @@ def theta1_max_auc(pred: Path, ev: dict) -> float | None:
 RULES = ("stage2_loss", "val_loss", "val_auc")
 
 
-def per_round_table(args, d: Path, base: Path) -> str:
+def per_round_table(args, d: Path, base: Path, h: Path | None = None) -> str:
     """Every round of every mixed seed on the held-out test slides, with the values each round-choice rule
     (``em.select_by``) reads and the round each rule picks among rounds 1.. (``em.select_rounds em``): is the
     paper's stage-2-loss rule the one to keep, and do the rounds improve on round 0 (the pixel-only model)?"""
@@ -401,9 +445,10 @@ def per_round_table(args, d: Path, base: Path) -> str:
     from pipeline.config import load_config, parse_set_options
     from pipeline.sampling import choose_round
 
+    held_col = f" held-out AUC ({h.name}) |" if h else ""
     lines = ["| seed | round | stage-2 loss | val loss | val AUC | test AUC | spec. at 100 % sens. "
-             "| test AUC of θ1's maximum | chosen by |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| test AUC of θ1's maximum |" + held_col + " chosen by |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if h else "") + "---|"]
     chosen = {r: [] for r in RULES}
     for seed in _seeds(args):
         run = base / "mixed" / f"seed{seed}" / "run"
@@ -414,19 +459,39 @@ def per_round_table(args, d: Path, base: Path) -> str:
         done = {0: base / "pixel" / f"seed{seed}" / "classified" / "predictions.csv",
                 meta["best_round"]: run.parent / "classified" / "predictions.csv"}
         test = {k: _classified_round(d, run, k, run.parent / "rounds" / f"round_{k}", cfg, done) for k in sorted(values)}
+        if h is not None:  # round 0 and the chosen round were scored by the rows above (pixel, mixed)
+            for k in sorted(values):
+                at = base / "pixel" / f"seed{seed}" if k == 0 and (base / "pixel").is_dir() else run.parent
+                test[k].update(score_holdout(h, run, k, at / f"{h.name}-r{k}", cfg))
         for k in sorted(values):
             v = values[k]
+            held = f" {_num(test[k].get('holdout_auc'))} |" if h else ""
             lines.append(f"| {seed} | {k} | {_num(v.get('stage2_loss'))} | {_num(v.get('val_loss'))} | "
                          f"{_num(v.get('val_auc'))} | {_num(test[k]['test_auc'])} | {_num(test[k]['test_spec100'])} | "
-                         f"{_num(test[k]['test_auc_theta1_max'])} | {', '.join(r for r in RULES if picks[r] == k)} |")
+                         f"{_num(test[k]['test_auc_theta1_max'])} |{held} {', '.join(r for r in RULES if picks[r] == k)} |")
         for r in RULES:
             if picks[r] is not None:
                 chosen[r].append(test[picks[r]])
-    lines += ["", "| rule (em.select_by) | test AUC of the chosen round | specificity at 100 % sensitivity |",
-              "|---|---|---|"]
+    lines += ["", "| rule (em.select_by) | test AUC of the chosen round | specificity at 100 % sensitivity |"
+              + (" held-out AUC |" if h else ""), "|---|---|---|" + ("---|" if h else "")]
     for r in RULES:
-        lines.append(f"| {r} | {_fmt([t['test_auc'] for t in chosen[r]])} | {_fmt([t['test_spec100'] for t in chosen[r]])} |")
+        held = f" {_fmt([t.get('holdout_auc') for t in chosen[r]])} |" if h else ""
+        lines.append(f"| {r} | {_fmt([t['test_auc'] for t in chosen[r]])} | {_fmt([t['test_spec100'] for t in chosen[r]])} |"
+                     + held)
     return "\n".join(lines)
+
+
+def holdout_table(rows, h: Path, n: int) -> list:
+    """The rows' chosen rounds on the ``--holdout`` cohort, per seed and mean ± sd."""
+    lines = ["", f"The same runs' chosen rounds on {2 * n} more held-out slides ({h.name}: {n} positive, {n} negative, "
+             "another cohort seed, lesions of the held-out kind; nothing was trained or chosen on them):", "",
+             "| run | held-out AUC per seed | held-out AUC | specificity at 100 % sensitivity | AUC of θ1's maximum |",
+             "|---|---|---|---|---|"]
+    for name, per in rows:
+        lines.append(f"| {name} | {' / '.join(_num(r.get('holdout_auc')) for r in per)} | "
+                     f"{_fmt([r.get('holdout_auc') for r in per])} | {_fmt([r.get('holdout_spec100') for r in per])} | "
+                     f"{_fmt([r.get('holdout_auc_theta1_max') for r in per])} |")
+    return lines
 
 
 def _num(v) -> str:
@@ -458,11 +523,12 @@ def bench_compare(args) -> None:
         variants.append(("mixed:scorenet_pretrained", "mixed",
                          {**_SCORENET, "model.cls_weights": str(Path(args.scorenet_weights).resolve())}))
     base = OUT / f"em-compare-{d.name}-{tag}"
+    h = holdout_cohort(args)
     rows = []
     for name, mode, extra in variants:
         per = []
         for seed in _seeds(args):
-            r = _variant(args, d, ann, base, name, mode, extra, seed)
+            r = _variant(args, d, ann, base, name, mode, extra, seed, holdout=h)
             print(f"{name} seed {seed}: {r}", flush=True)
             per.append(r)
         rows.append((name, per))
@@ -485,8 +551,10 @@ def bench_compare(args) -> None:
                      "its minutes are stage 2's (and the copy's) only, on at least one seed.")
     if "image" in args.modes:
         lines.append(f"\nimage: {args.image_rounds} round(s) of top-K MIL (each MIL epoch ranks every training tile).")
+    if h is not None:
+        lines += holdout_table(rows, h, args.holdout)
     if args.per_round and "mixed" in args.modes:
-        lines += ["", "Every round of the mixed runs on the test slides:", "", per_round_table(args, d, base)]
+        lines += ["", "Every round of the mixed runs on the test slides:", "", per_round_table(args, d, base, h)]
     table = "\n".join(lines)
     path = base / "comparison.md"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -529,6 +597,13 @@ def main() -> None:
     ap.add_argument("--scorenet-weights", default=None, metavar="FILE",
                     help="--compare: also a mixed run whose theta2 is scorenet_tiny started from FILE (e.g. its "
                          "scorer pre-trained with 'wsi-pipeline pretrain --method dino' on the train/val stores).")
+    ap.add_argument("--holdout", type=int, default=0, metavar="N",
+                    help="--compare, realistic cohort: also score every run's chosen round (and, with --per-round, "
+                         "every round) on N positive and N negative slides more, generated once from another cohort "
+                         "seed, all of the held-out lesion kind; nothing trains or chooses on them.")
+    ap.add_argument("--holdout-seed", type=int, default=None, metavar="S",
+                    help="--holdout: the held-out cohort's seed (default --seed + %d). Decide on one held-out "
+                         "cohort, report on another." % HOLDOUT_SEED_OFFSET)
     ap.add_argument("--per-round", action="store_true",
                     help="--compare: also classify every round of the mixed runs on the test slides and show the "
                          "round each em.select_by rule picks.")
