@@ -224,11 +224,12 @@ class RunDir:
                 f"{self.path}: the run was trained on stores tiled with {meta.get('tiling')}, the given stores have "
                 f"{ident['tiling']}; use the stores it was trained on or a new --run directory"
             )
-        if meta.get("train_hash") != ident["train_hash"]:
-            diff = config_diff(meta.get("config", {}), ident["config"])
+        # a run made before a setting existed records no value for it: read as its default, it is the same run
+        diff = config_diff(meta.get("config", {}), ident["config"]) if meta.get("train_hash") != ident["train_hash"] else []
+        if diff:
             shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
             raise UsageError(
-                f"{self.path}: the run was made with a different config ({shown or 'training settings differ'}); "
+                f"{self.path}: the run was made with a different config ({shown}); "
                 f"pass the config it was made with (saved in {where}) or use a new --run directory"
             )
         if meta.get("theta1_from") != ident.get("theta1_from"):
@@ -365,10 +366,20 @@ def round_values(metrics: dict) -> dict:
             "val_auc": _nan_to_none(val.get("auc"))}
 
 
+def _with_defaults(cfg: dict) -> dict:
+    """A recorded config as this version reads it: settings added since the run was made take their defaults
+    (a new setting's default keeps the behaviour of the versions before it). As recorded when it does not load."""
+    try:
+        return config_from_dict(cfg).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return cfg
+
+
 def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """``'key: old -> new'`` for each training setting that differs between two configs (as dicts); keys in
     ``ignore`` (dotted keys or whole sections / prefixes) are left out."""
     sections = Config.TRAIN_SECTIONS
+    old, new = _with_defaults(old), _with_defaults(new)
     a = _flatten({s: old.get(s, {}) for s in sections})
     b = _flatten({s: new.get(s, {}) for s in sections})
     skip = (*Config.TRAIN_EXCLUDE, *ignore)

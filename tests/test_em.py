@@ -208,6 +208,24 @@ def test_run_from_a_different_config_or_input_is_refused(em_run, em_cohort, tmp_
     assert res.output.count("\n") == 1 and res.output.startswith("error: ") and "stage2.top_k: 4 -> 8" in res.output
 
 
+def test_a_run_made_before_a_setting_existed_resumes(em_run, em_cohort, tmp_path):
+    """A run recorded by a version without some setting (here stage2.init) reads it as its default, which keeps
+    that version's behaviour: the run resumes as it is (nothing retrained), while a real change is still refused."""
+    old = tmp_path / "old"
+    shutil.copytree(em_run, old)
+    meta = json.loads((old / "run.json").read_text())
+    del meta["config"]["stage2"]["init"]
+    meta["train_hash"] = "0123456789abcdef"  # what the older version's hash of its config was
+    (old / "run.json").write_text(json.dumps(meta))
+    before = {p: p.stat().st_mtime_ns for p in old.glob("round_*/*.pt")}
+    s = run_em(em_cohort.stores, em_cohort.labels, old, load_config("tiny"), annotations=list(em_cohort.annotations),
+               rounds=2, progress=False)
+    assert s["rounds_run"] == [] and {p: p.stat().st_mtime_ns for p in old.glob("round_*/*.pt")} == before
+    with pytest.raises(UsageError, match=r"different config \(stage2.init: 'random' -> 'theta1'\)"):
+        run_em(em_cohort.stores, em_cohort.labels, old, load_config("tiny", {"stage2.init": "theta1"}),
+               annotations=list(em_cohort.annotations), rounds=2, progress=False)
+
+
 def _state(path):
     ck = torch.load(path, map_location="cpu", weights_only=False)
     return ck["model"]
