@@ -32,8 +32,15 @@ Usage::
     python bench/em_bench.py --compare --rounds 2
     python bench/em_bench.py --compare --cohort realistic --positives 20 --negatives 20 --annotate 4 \\
         --seeds 3 --config cpu --ablate no_hard_negative_top_up full_slide_annotations hed_jitter t_from_negatives_and_cap
-    python bench/em_bench.py --compare --cohort realistic --positives 20 --negatives 20 --annotate 8 \
+    python bench/em_bench.py --compare --cohort realistic --positives 20 --negatives 20 --annotate 8 \\
         --config cpu --rounds 5 --modes mixed --trainers cellmix scorenet scorenet_scoremix
+    python bench/em_bench.py --compare --cohort realistic --positives 20 --negatives 20 --annotate 8 \
+        --config cpu --rounds 5 --seeds 3 --holdout 20 --holdout-seed 2000003 --per-round --ablate theta2_random
+
+``--holdout N`` scores every run on 2N more held-out slides generated from another cohort seed (eight test
+slides give an AUC in steps of 1/16). A row whose theta1 settings match a finished run of another row (same
+mode and seed) takes that run's theta1 (``em-round --theta1-from``) and trains stage 2 only; its minutes are
+then marked †.
 """
 
 from __future__ import annotations
@@ -158,6 +165,8 @@ ABLATIONS = {
     # item 4: theta2 started from the round's theta1 trunk rather than at random (stage 2 only: theta1 is copied)
     "theta2_from_theta1": {"stage2.init": "theta1"},
     "theta2_random": {"stage2.init": "random"},
+    # the paper's K = 16 tiles per slide for theta2 (the CPU preset takes 8)
+    "top_k_16": {"stage2.top_k": 16},
 }
 
 #: issue #12: the patch-level trainers in the loop, each against the mixed run with the config as given
@@ -173,18 +182,24 @@ TRAINER_VARIANTS = {
 }
 
 
-def theta1_source(base: Path, extra: dict, seed: int) -> Path | None:
-    """A variant that changes only stage 2 takes its theta1 from the run of the same seed and theta1 settings
-    (``em-round --theta1-from``: bit for bit the theta1 it would train, tests/test_em.py), when that run is
-    there; the comparison then costs stage 2 only. None: train theta1 (a variant of theta1, or no source)."""
-    from pipeline.reuse import THETA2_ONLY
+def theta1_source(base: Path, cfg, seed: int, own: Path) -> Path | None:
+    """A finished run of the same mode, seed and theta1 settings as ``cfg`` in another row's folder, whose
+    theta1 this row can take (``em-round --theta1-from``: bit for bit the theta1 it would train,
+    tests/test_em.py): the row then costs stage 2 only. Runs that trained their own theta1 come first, then
+    the one whose settings differ least from ``cfg``. None: train theta1 (no such run)."""
+    import json
 
-    theta1 = {k: v for k, v in extra.items() if not any(k == p or k.startswith(p + ".") for p in THETA2_ONLY)}
-    if theta1 == extra:
-        return None
-    name = "mixed" if not theta1 else next((f"mixed-{n}" for n, e in TRAINER_VARIANTS.items() if e == theta1), None)
-    run = base / name / f"seed{seed}" / "run" if name else None
-    return run if run is not None and (run / "run.json").is_file() else None
+    from pipeline.reuse import THETA2_ONLY
+    from pipeline.run import config_diff
+
+    found = []
+    for rec in sorted(base.glob(f"{cfg.em.mode}*/seed{seed}/run/run.json")):
+        if rec.parent.resolve() == own.resolve():
+            continue
+        meta, new = json.loads(rec.read_text()), cfg.to_dict()
+        if meta.get("mode") == cfg.em.mode and not config_diff(meta.get("config") or {}, new, ignore=THETA2_ONLY):
+            found.append((meta.get("theta1_from") is not None, len(config_diff(meta["config"], new)), rec.parent))
+    return min(found)[-1] if found else None
 
 
 def _realistic_cohort(n_pos: int, n_neg: int, annotate: int, seed: int, config: str, overrides=None, *,
@@ -231,14 +246,24 @@ def holdout_cohort(args) -> Path | None:
                              holdout=True)
 
 
-def score_holdout(h: Path, run: Path, rnd: int, out: Path, cfg) -> dict:
-    """Round ``rnd`` of ``run`` on the held-out cohort ``h`` (classified once into ``out``)."""
+def classified_once(stores: Path, run: Path, rnd: int, out: Path) -> Path:
+    """``predictions.csv`` of round ``rnd`` of ``run`` on ``stores``, classified into ``out`` unless it is there
+    and newer than the round's models (a run trained again in the same folder is classified again)."""
     from pipeline.classify import run_classify
-    from pipeline.evaluate import run_evaluate
 
     pred = out / "predictions.csv"
-    if not pred.is_file():
-        run_classify(h / "stores", run, out, round_=rnd, threshold=0.5, quiet=True, progress=False)
+    models = [run / f"round_{rnd}" / f for f in ("seg.pt", "cls.pt")]
+    if not pred.is_file() or any(m.stat().st_mtime_ns > pred.stat().st_mtime_ns for m in models):
+        shutil.rmtree(out, ignore_errors=True)
+        run_classify(stores, run, out, round_=rnd, threshold=0.5, quiet=True, progress=False)
+    return pred
+
+
+def score_holdout(h: Path, run: Path, rnd: int, out: Path, cfg) -> dict:
+    """Round ``rnd`` of ``run`` on the held-out cohort ``h`` (classified once into ``out``)."""
+    from pipeline.evaluate import run_evaluate
+
+    pred = classified_once(h / "stores", run, rnd, out)
     ev = run_evaluate(pred, h / "cohort" / "labels.csv", split="test", config=cfg, out_dir=out)
     return {"holdout_auc": ev.get("auc"),
             "holdout_spec100": (ev.get("at_full_sensitivity") or {}).get("specificity"),
@@ -389,9 +414,11 @@ def _variant(args, d: Path, ann: list, base: Path, name: str, mode: str, extra: 
     out = base / name.replace(":", "-") / f"seed{seed}"
     if mode == "pixel" and "mixed" in args.modes:
         mixed = load_config(args.config, {**parse_set_options(args.set), "em.mode": "mixed", "em.seed": seed})
-        return _one(d, "mixed", mixed, ann, args.rounds, out, args.fresh, run=base / "mixed" / f"seed{seed}" / "run",
-                    round_=0, holdout=holdout)
-    src = theta1_source(base, extra, seed) if mode == "mixed" and not args.fresh else None
+        run = base / "mixed" / f"seed{seed}" / "run"
+        took = json.loads((run / "run.json").read_text()).get("theta1_from") if (run / "run.json").is_file() else None
+        return _one(d, "mixed", mixed, ann, args.rounds, out, args.fresh, run=run, round_=0, holdout=holdout,
+                    theta1_from=Path(took["run"]) if took else None)
+    src = theta1_source(base, cfg, seed, out / "run") if mode != "pixel" and not args.fresh else None
     made = out / "run" / "run.json"
     if src is not None and made.is_file() and not json.loads(made.read_text()).get("theta1_from"):
         src = None  # made before --theta1-from existed, with its own (the same) theta1: resume it as it is
@@ -404,14 +431,11 @@ def _variant(args, d: Path, ann: list, base: Path, name: str, mode: str, extra: 
 def _classified_round(d: Path, run: Path, rnd: int, out: Path, cfg, done: dict) -> dict:
     """Round ``rnd`` of ``run`` on the held-out test slides: slide AUC and specificity at 100 % sensitivity.
     Classified into ``out`` unless ``done[rnd]`` already holds that round's predictions (the rows above)."""
-    from pipeline.classify import run_classify
     from pipeline.evaluate import run_evaluate
 
     pred = done.get(rnd)
     if pred is None or not pred.is_file():
-        pred = out / "predictions.csv"
-        if not pred.is_file():
-            run_classify(_test_stores(d), run, out, round_=rnd, threshold=0.5, quiet=True, progress=False)
+        pred = classified_once(_test_stores(d), run, rnd, out)
     ev = run_evaluate(pred, d / "cohort" / "labels.csv", split="test", config=cfg, out_dir=out)
     return {"test_auc": ev.get("auc"), "test_spec100": (ev.get("at_full_sensitivity") or {}).get("specificity"),
             "test_auc_theta1_max": theta1_max_auc(pred, ev)}
