@@ -34,7 +34,7 @@ Usage::
         --seeds 3 --config cpu --ablate no_hard_negative_top_up full_slide_annotations hed_jitter t_from_negatives_and_cap
     python bench/em_bench.py --compare --cohort realistic --positives 20 --negatives 20 --annotate 8 \\
         --config cpu --rounds 5 --modes mixed --trainers cellmix scorenet scorenet_scoremix
-    python bench/em_bench.py --compare --cohort realistic --positives 20 --negatives 20 --annotate 8 \
+    python bench/em_bench.py --compare --cohort realistic --positives 20 --negatives 20 --annotate 8 \\
         --config cpu --rounds 5 --seeds 3 --holdout 20 --holdout-seed 2000003 --per-round --ablate theta2_random
 
 ``--holdout N`` scores every run on 2N more held-out slides generated from another cohort seed (eight test
@@ -192,11 +192,11 @@ def theta1_source(base: Path, cfg, seed: int, own: Path) -> Path | None:
     from pipeline.reuse import THETA2_ONLY
     from pipeline.run import config_diff
 
-    found = []
+    found, new = [], cfg.to_dict()
     for rec in sorted(base.glob(f"{cfg.em.mode}*/seed{seed}/run/run.json")):
         if rec.parent.resolve() == own.resolve():
             continue
-        meta, new = json.loads(rec.read_text()), cfg.to_dict()
+        meta = json.loads(rec.read_text())
         if meta.get("mode") == cfg.em.mode and not config_diff(meta.get("config") or {}, new, ignore=THETA2_ONLY):
             found.append((meta.get("theta1_from") is not None, len(config_diff(meta["config"], new)), rec.parent))
     return min(found)[-1] if found else None
